@@ -1,0 +1,442 @@
+"""Building computation graphs that read like numpy.
+
+Every expression becomes a node as soon as it is written, and the engine's
+own shape rule checks it then, so a mistake is reported at the user's line
+with the op and the shapes, not later on a worker. Shapes given by the user
+exclude the batch axis of inputs; inside the graph it is the leading -1.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from protos import gradpool_pb2 as pb
+from worker.engine import Program, graph_id, to_tensor
+from worker.engine.errors import GradpoolError, GraphError
+from worker.engine.ops import BATCH, FLOATS, REQUIRED, Attrs, fmt, get_op
+from worker.engine.program import SOURCES
+from worker.engine.tensors import DTYPE_TO_PROTO, as_dtype
+
+_SDK_DIR = os.path.dirname(os.path.abspath(__file__))
+INITS = ("glorot", "he", "zeros", "ones", "normal")
+Operand = Union["Expr", float, int, np.ndarray]
+
+
+def _user_origin() -> str:
+    """file:line of the first frame outside the SDK: where the user built the node."""
+    frame = sys._getframe(1)
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == _SDK_DIR:
+        frame = frame.f_back
+    if frame is None:
+        return ""
+    return f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
+
+
+@dataclass
+class _Node:
+    name: str
+    op: str
+    inputs: tuple[int, ...]
+    attrs: dict[str, Any]
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    origin: str = ""
+    value: Optional[np.ndarray] = field(default=None, repr=False)
+
+
+class Expr:
+    """A node of a Graph, with numpy-like operators that add more nodes."""
+
+    __array_priority__ = 1000  # numpy array (op) Expr defers to Expr
+
+    def __init__(self, graph: "Graph", index: int):
+        self.graph = graph
+        self.index = index
+
+    @property
+    def _node(self) -> _Node:
+        return self.graph._nodes[self.index]
+
+    @property
+    def name(self) -> str:
+        return self._node.name
+
+    @property
+    def shape(self) -> tuple[Optional[int], ...]:
+        """Static shape; None marks the batch axis."""
+        return tuple(None if d == BATCH else d for d in self._node.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._node.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self._node.shape)
+
+    def named(self, name: str) -> "Expr":
+        """Give this node a name (to ask for its value in `evaluate`)."""
+        self.graph._rename(self.index, name)
+        return self
+
+    def __repr__(self) -> str:
+        return f"<Expr {self.name!r} {self._node.op} {fmt(self._node.shape)} {self.dtype}>"
+
+    def __bool__(self) -> bool:
+        raise GraphError("an Expr has no truth value until the graph runs; use gp.maximum/gp.minimum")
+
+    def _binary(self, op: str, other: Operand, reverse: bool = False) -> "Expr":
+        other_expr = self.graph._lift(other, self.dtype)
+        args = (other_expr, self) if reverse else (self, other_expr)
+        return self.graph._add(op, args)
+
+    def __add__(self, o: Operand) -> "Expr": return self._binary("add", o)
+    def __radd__(self, o: Operand) -> "Expr": return self._binary("add", o, True)
+    def __sub__(self, o: Operand) -> "Expr": return self._binary("sub", o)
+    def __rsub__(self, o: Operand) -> "Expr": return self._binary("sub", o, True)
+    def __mul__(self, o: Operand) -> "Expr": return self._binary("mul", o)
+    def __rmul__(self, o: Operand) -> "Expr": return self._binary("mul", o, True)
+    def __truediv__(self, o: Operand) -> "Expr": return self._binary("div", o)
+    def __rtruediv__(self, o: Operand) -> "Expr": return self._binary("div", o, True)
+    def __matmul__(self, o: Operand) -> "Expr": return self._binary("matmul", o)
+    def __rmatmul__(self, o: Operand) -> "Expr": return self._binary("matmul", o, True)
+    def __neg__(self) -> "Expr": return self.graph._add("neg", (self,))
+
+    def __pow__(self, exponent: Union[int, float]) -> "Expr":
+        if isinstance(exponent, Expr) or not np.isscalar(exponent):
+            raise GraphError(f"** takes a constant number as exponent, got {type(exponent).__name__}")
+        if exponent == 2:
+            return self.graph._add("square", (self,))
+        return self.graph._add("pow", (self,), exponent=float(exponent))
+
+    @property
+    def T(self) -> "Expr":
+        """Swap the last two axes (matrix transpose), like numpy's .T on 2-D arrays."""
+        if self.ndim < 2:
+            return self
+        perm = list(range(self.ndim))
+        perm[-1], perm[-2] = perm[-2], perm[-1]
+        return self.graph._add("transpose", (self,), perm=tuple(perm))
+
+    def sum(self, axis: Union[None, int, Sequence[int]] = None, keepdims: bool = False) -> "Expr":
+        return self.graph._add("sum", (self,), axes=_axes(axis, self.ndim), keepdims=keepdims)
+
+    def mean(self, axis: Union[None, int, Sequence[int]] = None, keepdims: bool = False) -> "Expr":
+        """Mean; over the batch axis it divides by the whole batch, however it is sharded."""
+        return self.graph._add("mean", (self,), axes=_axes(axis, self.ndim), keepdims=keepdims)
+
+    def max(self, axis: int = -1, keepdims: bool = False) -> "Expr":
+        return self.graph._add("max", (self,), axis=axis, keepdims=keepdims)
+
+    def reshape(self, *shape: Union[int, Sequence[int]]) -> "Expr":
+        """New shape; for per-example values give the shape of one example."""
+        dims = tuple(shape[0]) if len(shape) == 1 and not isinstance(shape[0], int) else tuple(shape)
+        per_example = self._node.shape[:1] == (BATCH,)
+        size = math.prod(self._node.shape[1:] if per_example else self._node.shape)
+        if dims.count(-1) == 1 and all(d > 0 for d in dims if d != -1):
+            known = math.prod(d for d in dims if d != -1)
+            dims = tuple(size // known if d == -1 else d for d in dims)
+        return self.graph._add("reshape", (self,), shape=tuple(int(d) for d in dims))
+
+    def __getitem__(self, index: Any) -> "Expr":
+        """Basic slicing of non-batch axes: x[:, 2:5], x[..., :3]."""
+        index = index if isinstance(index, tuple) else (index,)
+        if any(i is Ellipsis for i in index):
+            at = index.index(Ellipsis)
+            index = index[:at] + (slice(None),) * (self.ndim - len(index) + 1) + index[at + 1:]
+        out = self
+        for axis, item in enumerate(index):
+            if not isinstance(item, slice):
+                raise GraphError(f"only slices are supported in indexing, got {item!r} on axis {axis}")
+            if item == slice(None):
+                continue
+            start, stop, step = item.start or 0, item.stop, item.step or 1
+            size = self._node.shape[axis]
+            if start < 0 or (stop is not None and stop < 0):
+                start, stop, _ = slice(start, stop, step).indices(size)
+            attrs = {"axis": axis, "start": start, "step": step}
+            if stop is not None:
+                attrs["stop"] = stop
+            out = out.graph._add("slice", (out,), **attrs)
+        return out
+
+
+def _axes(axis: Union[None, int, Sequence[int]], rank: int) -> tuple[int, ...]:
+    if axis is None:
+        return tuple(range(rank))
+    return (int(axis),) if np.isscalar(axis) else tuple(int(a) for a in axis)  # type: ignore[arg-type]
+
+
+class Graph:
+    """A computation graph under construction; serializes to the wire proto."""
+
+    def __init__(self, name: str = "graph"):
+        self.name = name
+        self._nodes: list[_Node] = []
+        self._names: dict[str, int] = {}
+        self._loss: Optional[int] = None
+        self._program: Optional[Program] = None
+        self._proto: Optional[pb.Graph] = None
+
+    # ---------------------------------------------------------- sources
+
+    def input(self, name: str, shape: Sequence[int] = (), dtype: str = "float32") -> Expr:
+        """Per-example data; `shape` is one example's, the batch axis is implicit."""
+        dims = _check_dims(shape, f"input {name!r}")
+        return self._append(_Node(name, "input", (), {}, (BATCH,) + dims, as_dtype(dtype), _user_origin()))
+
+    def param(self, name: str, shape: Sequence[int] = (), dtype: str = "float32", init: str = "glorot") -> Expr:
+        """A trainable tensor (no batch axis); `init` says how init_params fills it."""
+        dims = _check_dims(shape, f"param {name!r}")
+        if init not in INITS:
+            raise GraphError(f"param {name!r}: unknown init {init!r}; choose one of {INITS}")
+        dt = as_dtype(dtype)
+        if dt not in FLOATS:
+            raise GraphError(f"param {name!r} must be float32 or float64, got {dt}")
+        return self._append(_Node(name, "param", (), {"init": init}, dims, dt, _user_origin()))
+
+    def const(self, value: Any, dtype: Optional[str] = None, name: Optional[str] = None) -> Expr:
+        """A literal tensor in the graph. Python numbers and lists default to float32."""
+        if dtype is not None:
+            array = np.asarray(value, dtype=as_dtype(dtype))
+        elif isinstance(value, np.ndarray):
+            array = value
+        else:
+            array = np.asarray(value)
+            if array.dtype.kind == "f" or array.dtype.kind == "i" and array.ndim == 0:
+                array = array.astype(np.float32)
+        array = np.array(array, dtype=as_dtype(array.dtype))
+        node = _Node(name or self._fresh("const"), "const", (), {}, array.shape, array.dtype, _user_origin(), array)
+        return self._append(node)
+
+    def set_loss(self, expr: Expr) -> None:
+        """Mark the scalar loss; checks at once that it can be sharded."""
+        self._own(expr)
+        self._loss = expr.index
+        self._invalidate()
+        self.program()  # raise now, at the user's line, if it cannot be sharded
+
+    @property
+    def loss(self) -> Optional[Expr]:
+        return None if self._loss is None else Expr(self, self._loss)
+
+    # ---------------------------------------------------------- building
+
+    def _fresh(self, op: str) -> str:
+        name = f"{op}_{len(self._nodes)}"
+        while name in self._names:
+            name += "_"
+        return name
+
+    def _append(self, node: _Node) -> Expr:
+        if not node.name or not isinstance(node.name, str):
+            raise GraphError(f"a node name must be a non-empty string, got {node.name!r}")
+        if node.name in self._names:
+            raise GraphError(f"the name {node.name!r} is already used in this graph")
+        self._names[node.name] = len(self._nodes)
+        self._nodes.append(node)
+        self._invalidate()
+        return Expr(self, len(self._nodes) - 1)
+
+    def _rename(self, index: int, name: str) -> None:
+        if name in self._names and self._names[name] != index:
+            raise GraphError(f"the name {name!r} is already used in this graph")
+        del self._names[self._nodes[index].name]
+        self._nodes[index].name = name
+        self._names[name] = index
+        self._invalidate()
+
+    def _invalidate(self) -> None:
+        self._program = None
+        self._proto = None
+
+    def _own(self, expr: Any) -> Expr:
+        if not isinstance(expr, Expr):
+            raise GraphError(f"expected an expression of this graph, got {type(expr).__name__}")
+        if expr.graph is not self:
+            raise GraphError(f"{expr!r} belongs to another graph")
+        return expr
+
+    def _lift(self, value: Operand, dtype: np.dtype) -> Expr:
+        """Python numbers and arrays become consts of the other operand's float dtype."""
+        if isinstance(value, Expr):
+            return self._own(value)
+        array = np.asarray(value)
+        if array.dtype.kind in "biuf" and dtype in FLOATS:
+            array = array.astype(dtype)
+        return self.const(array)
+
+    def _add(self, op_name: str, args: Sequence[Expr], name: Optional[str] = None, **attrs: Any) -> Expr:
+        """Add an op node, checked by the registry's own shape and dtype rules."""
+        op = get_op(op_name)
+        args = [self._own(a) for a in args]
+        origin = _user_origin()
+        parents = [self._nodes[a.index] for a in args]
+        full = Attrs()
+        for key, (kind, default) in op.attrs.items():
+            if key in attrs:
+                full[key] = attrs[key]
+            elif default is REQUIRED:
+                raise GraphError(f"{op_name} needs the attribute {key!r}")
+            else:
+                full[key] = default
+        full["per_example"] = parents[0].shape[:1] == (BATCH,)
+        try:
+            shape = tuple(op.shape(full, *(p.shape for p in parents)))
+            dtype = op.dtype(full, *(p.dtype for p in parents))
+        except GradpoolError as err:
+            where = f" at {origin}" if origin else ""
+            shapes = ", ".join(f"{p.name} {fmt(p.shape)} {p.dtype}" for p in parents)
+            raise GraphError(f"{op_name}({shapes}){where}: {err}") from None
+        kept = {k: v for k, v in attrs.items() if k in op.attrs}
+        return self._append(_Node(name or self._fresh(op_name), op_name, tuple(a.index for a in args), kept,
+                                  shape, dtype, origin))
+
+    # ---------------------------------------------------------- queries
+
+    def __getitem__(self, name: str) -> Expr:
+        if name not in self._names:
+            raise KeyError(f"graph has no node named {name!r}")
+        return Expr(self, self._names[name])
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    @property
+    def params(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        return {n.name: (n.shape, n.dtype) for n in self._nodes if n.op == "param"}
+
+    @property
+    def inputs(self) -> dict[str, tuple[tuple[Optional[int], ...], np.dtype]]:
+        """Name -> (one example's shape, dtype)."""
+        return {n.name: (n.shape[1:], n.dtype) for n in self._nodes if n.op == "input"}
+
+    def init_params(self, seed: int = 0) -> dict[str, np.ndarray]:
+        """Fresh parameter values, reproducible from `seed`."""
+        rng = np.random.default_rng(seed)
+        out = {}
+        for node in self._nodes:
+            if node.op != "param":
+                continue
+            shape, init = node.shape, node.attrs.get("init", "glorot")
+            fan_in = shape[-2] if len(shape) >= 2 else (shape[0] if shape else 1)
+            fan_out = shape[-1] if shape else 1
+            if init in ("glorot", "he") and len(shape) < 2:
+                value = np.zeros(shape)  # biases and scalars start at zero
+            elif init == "glorot":
+                limit = math.sqrt(6.0 / (fan_in + fan_out))
+                value = rng.uniform(-limit, limit, size=shape)
+            elif init == "he":
+                value = rng.normal(0.0, math.sqrt(2.0 / fan_in), size=shape)
+            elif init == "normal":
+                value = rng.normal(0.0, 0.01, size=shape)
+            elif init == "ones":
+                value = np.ones(shape)
+            else:
+                value = np.zeros(shape)
+            out[node.name] = value.astype(node.dtype)
+        return out
+
+    # ---------------------------------------------------------- wire format
+
+    def to_proto(self) -> pb.Graph:
+        if self._loss is None:
+            raise GraphError("the graph has no loss yet; call set_loss(expr)")
+        if self._proto is None:
+            nodes = []
+            for n in self._nodes:
+                node = pb.Node(name=n.name, op=n.op, inputs=n.inputs, shape=n.shape,
+                               dtype=DTYPE_TO_PROTO[n.dtype], origin=n.origin)
+                for key, value in n.attrs.items():
+                    node.attrs[key].CopyFrom(_attr_to_proto(value))
+                if n.value is not None:
+                    node.attrs["value"].tensor.CopyFrom(to_tensor(n.value))
+                nodes.append(node)
+            self._proto = pb.Graph(name=self.name, nodes=nodes, loss=self._loss)
+        return self._proto
+
+    @property
+    def graph_id(self) -> str:
+        return graph_id(self.to_proto())
+
+    def program(self) -> Program:
+        """The engine's checked form of this graph (cached until it changes)."""
+        if self._program is None:
+            self._program = Program(self.to_proto())
+        return self._program
+
+    @classmethod
+    def from_proto(cls, proto: pb.Graph) -> "Graph":
+        program = Program(proto)  # validates everything first
+        graph = cls(proto.name or "graph")
+        for info, node in zip(program.nodes, proto.nodes):
+            attrs = {k: v for k, v in info.attrs.items() if k in node.attrs and k != "value"}
+            graph._append(_Node(info.name, info.op, info.inputs, attrs, info.shape, info.dtype, info.origin,
+                                info.value if node.op == "const" else None))
+        graph._loss = program.loss
+        graph._program = program
+        return graph
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        Path(path).write_bytes(self.to_proto().SerializeToString(deterministic=True))
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "Graph":
+        proto = pb.Graph()
+        try:
+            proto.ParseFromString(Path(path).read_bytes())
+        except Exception as err:  # protobuf raises its own DecodeError
+            raise GraphError(f"{path} is not a serialized gradpool graph: {err}") from None
+        return cls.from_proto(proto)
+
+    def to_dot(self) -> str:
+        """Graphviz DOT, coloured by sharding class, like the lecture's figures."""
+        colours = {"per-example": "lightblue", "batch-reduced": "orange", "batch-independent": "lightgrey"}
+        kinds = [n.kind for n in self.program().nodes] if self._loss is not None else [""] * len(self._nodes)
+        lines = [f'digraph "{self.name}" {{', "  rankdir=LR;", "  node [shape=box, style=filled];"]
+        for i, (n, kind) in enumerate(zip(self._nodes, kinds)):
+            label = f"{n.name}\\n{n.op} {fmt(n.shape)}"
+            shape = "ellipse" if n.op in SOURCES else "box"
+            pen = ", penwidth=3" if i == self._loss else ""
+            lines.append(f'  n{i} [label="{label}", shape={shape}, fillcolor={colours.get(kind, "white")}{pen}];')
+        for i, n in enumerate(self._nodes):
+            for k in n.inputs:
+                lines.append(f"  n{k} -> n{i};")
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+    def __repr__(self) -> str:
+        return f"<Graph {self.name!r}: {len(self._nodes)} nodes, params {list(self.params)}, inputs {list(self.inputs)}>"
+
+
+def _check_dims(shape: Sequence[int], what: str) -> tuple[int, ...]:
+    if isinstance(shape, (int, np.integer)):
+        shape = (int(shape),)
+    try:
+        dims = tuple(int(d) for d in shape)
+    except (TypeError, ValueError):
+        raise GraphError(f"{what}: shape must be a sequence of sizes, got {shape!r}") from None
+    if any(d < 0 for d in dims):
+        raise GraphError(f"{what}: sizes must be >= 0, got {dims} (the batch axis is implicit)")
+    return dims
+
+
+def _attr_to_proto(value: Any) -> pb.AttrValue:
+    if isinstance(value, bool):
+        return pb.AttrValue(b=value)
+    if isinstance(value, (int, np.integer)):
+        return pb.AttrValue(i=int(value))
+    if isinstance(value, (float, np.floating)):
+        return pb.AttrValue(f=float(value))
+    if isinstance(value, str):
+        return pb.AttrValue(s=value)
+    if isinstance(value, (tuple, list)):
+        return pb.AttrValue(ints=pb.IntList(values=[int(v) for v in value]))
+    raise GraphError(f"cannot store attribute value {value!r}")

@@ -1,0 +1,75 @@
+"""The service's computation, in this process: the reference the service must match."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from worker.engine import OrderedSum, shard_bounds
+from worker.engine.errors import InputError
+
+from .graph import Graph
+
+
+def prepare_arrays(graph: Graph, arrays: Mapping[str, object], what: str) -> dict[str, np.ndarray]:
+    """Arrays in the graph's declared dtypes, where that cast loses no kind.
+
+    float64 data into a float32 model is cast; float labels into an integer
+    input are refused (that is almost always a bug in the caller).
+    """
+    declared = graph.params if what == "param" else graph.inputs
+    if not isinstance(arrays, Mapping):
+        raise InputError(f"{what}s must be a dict of name -> numpy array, got {type(arrays).__name__}")
+    out = {}
+    for name, value in arrays.items():
+        array = np.asarray(value)
+        if name in declared:
+            target = declared[name][1]
+            if array.dtype != target:
+                if not np.can_cast(array.dtype, target, casting="same_kind"):
+                    raise InputError(f"{what} {name!r} is {array.dtype}, but the graph declares {target}")
+                array = array.astype(target)
+        out[name] = array
+    return out
+
+
+def batch_size(inputs: Mapping[str, np.ndarray]) -> int:
+    sizes = {name: (a.shape[0] if a.ndim else 0) for name, a in inputs.items()}
+    if len(set(sizes.values())) > 1:
+        raise InputError(f"inputs disagree on the batch size: {sizes}")
+    return next(iter(sizes.values()), 0)
+
+
+def local_gradients(graph: Graph, params: Mapping[str, np.ndarray], batch: Mapping[str, np.ndarray],
+                    shards: int = 1) -> tuple[float, dict[str, np.ndarray]]:
+    """Loss and parameter gradients of the whole batch, computed as the workers do.
+
+    With `shards` > 1 the batch is cut into that many contiguous pieces (empty
+    ones skipped), each run with the global batch size and the
+    batch-independent terms on the first piece only, and the results summed
+    in shard order: the same arithmetic as the service.
+    """
+    if not isinstance(shards, int) or shards < 1:
+        raise InputError(f"shards must be a positive integer, got {shards!r}")
+    program = graph.program()
+    params = prepare_arrays(graph, params, "param")
+    batch = prepare_arrays(graph, batch, "input")
+    examples = batch_size(batch)
+    bounds = shard_bounds(examples, [1.0] * shards) or [(0, examples)]
+    total = OrderedSum(len(bounds))
+    for shard, (start, stop) in enumerate(bounds):
+        piece = {name: value[start:stop] for name, value in batch.items()}
+        result = program.run(params, piece, global_batch=examples, include_batch_independent=shard == 0)
+        total.add(shard, result.loss, result.grads)
+    assert total.grads is not None
+    return total.loss, total.grads
+
+
+def local_evaluate(graph: Graph, params: Mapping[str, np.ndarray], batch: Mapping[str, np.ndarray],
+                   outputs: Sequence[str]) -> dict[str, np.ndarray]:
+    """Values of per-example nodes (predictions) for a batch, forward only."""
+    program = graph.program()
+    result = program.run(prepare_arrays(graph, params, "param"), prepare_arrays(graph, batch, "input"),
+                         gradients=False, outputs=list(outputs))
+    return result.outputs

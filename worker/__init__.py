@@ -1,0 +1,1 @@
+"""gradpool worker: the engine (worker.engine) and the gRPC worker server."""

@@ -1,0 +1,13 @@
+"""The reverse-mode autodiff engine every worker runs (and the SDK, in-process)."""
+
+from .errors import GradpoolError, GraphError, InputError, ShardingError
+from .ops import REGISTRY, Op, get_op
+from .program import BATCH_INDEPENDENT, BATCH_REDUCED, PER_EXAMPLE, Program, RunResult, graph_id
+from .sharding import OrderedSum, shard_bounds
+from .tensors import as_dtype, from_named, from_tensor, to_named, to_tensor
+
+__all__ = [
+    "GradpoolError", "GraphError", "InputError", "ShardingError", "REGISTRY", "Op", "get_op",
+    "BATCH_INDEPENDENT", "BATCH_REDUCED", "PER_EXAMPLE", "Program", "RunResult", "graph_id",
+    "OrderedSum", "shard_bounds", "as_dtype", "from_named", "from_tensor", "to_named", "to_tensor",
+]

@@ -1,0 +1,454 @@
+"""The op registry: every op is one `Op` entry, defined once.
+
+An entry says everything the engine and the SDK need to know:
+
+* `shape(at, *shapes)` -- static shape rule. Shapes are tuples; a leading -1
+  is the batch axis of a per-example value. Raising `GraphError` here is how
+  an op refuses a batch axis it cannot handle (softmax over the batch, say).
+* `forward(at, *xs)` -- numpy, vectorized over the batch.
+* `vjp(at, g, out, *xs)` -- the lecture's backward step for this node: given
+  g = v_bar (the adjoint of this node's output) returns one adjoint per input,
+  `None` for inputs that take none (labels, indices). The engine sums these
+  over a node's children and unbroadcasts them, once, so rules may return
+  gradients in the broadcast shape.
+* `linear_in` -- how the op may touch batch-reduced values (see program.py):
+  "all" (jointly linear: add, sum, reshape...), "each" (linear in each
+  argument with the others fixed: mul, matmul), "first" (div) or "none".
+
+`at` carries the node's attributes and, at run time, `batch`: the global
+batch size, so that `mean` over the batch axis divides by the whole batch and
+not by a shard's share of it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from .errors import GraphError, InputError
+
+BATCH = -1  # marks the batch axis in static shapes
+FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+INTS = (np.dtype(np.int32), np.dtype(np.int64))
+
+Shape = tuple[int, ...]
+
+
+class Attrs(dict):
+    """Node attributes, readable as `at.axis`; `at.batch` is set per run."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    arity: Optional[int]  # None: any number >= 1 (concat)
+    shape: Callable[..., Shape]
+    forward: Callable[..., np.ndarray]
+    vjp: Optional[Callable[..., tuple]]
+    linear_in: str = "none"
+    dtype: Callable[..., np.dtype] = field(default=None)  # type: ignore[assignment]
+    # attribute name -> (kind, default); kind in int, float, bool, ints, str.
+    # A default of REQUIRED means the attribute must be given.
+    attrs: dict = field(default_factory=dict)
+    doc: str = ""
+    # True when forward/vjp read `at.batch` (the global batch size).
+    needs_batch: bool = False
+
+
+REQUIRED = object()
+REGISTRY: dict[str, Op] = {}
+
+
+def register(op: Op) -> Op:
+    if op.name in REGISTRY:
+        raise ValueError(f"op {op.name!r} registered twice")
+    if op.dtype is None:
+        object.__setattr__(op, "dtype", same_float_dtype)
+    REGISTRY[op.name] = op
+    return op
+
+
+def get_op(name: str) -> Op:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise GraphError(f"unknown op {name!r}; known ops: {', '.join(sorted(REGISTRY))}") from None
+
+
+# ---------------------------------------------------------------- shape helpers
+
+def fmt(shape: Shape) -> str:
+    return "(" + ", ".join("batch" if d == BATCH else str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def is_per_example(shape: Shape) -> bool:
+    return len(shape) > 0 and shape[0] == BATCH
+
+
+def check_batch_leading(shape: Shape, what: str) -> Shape:
+    if BATCH in shape[1:]:
+        raise GraphError(f"{what} would move the batch axis away from the front (result {fmt(shape)})")
+    return shape
+
+
+def broadcast(*shapes: Shape) -> Shape:
+    """numpy broadcasting where the batch axis only meets itself or 1."""
+    rank = max(len(s) for s in shapes)
+    padded = [(1,) * (rank - len(s)) + tuple(s) for s in shapes]
+    out = []
+    for dims in zip(*padded):
+        sizes = set(dims) - {1}
+        if not sizes:
+            out.append(1)
+        elif len(sizes) == 1:
+            out.append(sizes.pop())
+        elif BATCH in sizes:
+            raise GraphError("shapes " + " and ".join(fmt(s) for s in shapes)
+                             + " do not broadcast: a fixed-size axis lines up with the batch axis")
+        else:
+            raise GraphError("shapes " + " and ".join(fmt(s) for s in shapes) + " do not broadcast")
+    return check_batch_leading(tuple(out), "broadcasting " + " and ".join(fmt(s) for s in shapes))
+
+
+def norm_axis(axis: int, rank: int, what: str) -> int:
+    if not -rank <= axis < rank:
+        raise GraphError(f"{what}: axis {axis} is out of range for rank {rank}")
+    return axis % rank
+
+
+def refuse_batch_axis(shape: Shape, axis: int, what: str) -> None:
+    if axis == 0 and is_per_example(shape):
+        raise GraphError(f"{what} along the batch axis would mix examples, so it cannot be split across workers")
+
+
+def same_float_dtype(at: Attrs, *dtypes: np.dtype) -> np.dtype:
+    first = dtypes[0]
+    for d in dtypes:
+        if d not in FLOATS:
+            raise GraphError(f"needs float32 or float64 operands, got {d}")
+        if d != first:
+            raise GraphError(f"operands must share one dtype, got {' and '.join(map(str, dtypes))}")
+    return first
+
+
+def elementwise_shape(at: Attrs, *shapes: Shape) -> Shape:
+    return broadcast(*shapes) if len(shapes) > 1 else shapes[0]
+
+
+def unary(name: str, forward: Callable, vjp: Optional[Callable], doc: str, linear: bool = False, **attrs) -> Op:
+    return register(Op(name, 1, elementwise_shape, forward, vjp,
+                       linear_in="all" if linear else "none", attrs=attrs, doc=doc))
+
+
+def binary(name: str, forward: Callable, vjp: Callable, doc: str, linear_in: str = "none") -> Op:
+    return register(Op(name, 2, elementwise_shape, forward, vjp, linear_in=linear_in, doc=doc))
+
+
+# ---------------------------------------------------------------- elementwise
+
+binary("add", lambda at, a, b: a + b, lambda at, g, out, a, b: (g, g), "a + b", "all")
+binary("sub", lambda at, a, b: a - b, lambda at, g, out, a, b: (g, -g), "a - b", "all")
+binary("mul", lambda at, a, b: a * b, lambda at, g, out, a, b: (g * b, g * a), "a * b", "each")
+binary("div", lambda at, a, b: a / b, lambda at, g, out, a, b: (g / b, -g * out / b), "a / b", "first")
+
+
+def _pick(a: np.ndarray, b: np.ndarray, first: bool) -> np.ndarray:
+    """Subgradient share of `a` in maximum(a, b): 1 where it wins, 1/2 on ties."""
+    wins = (a > b) if first else (a < b)
+    return (wins + 0.5 * (a == b)).astype(a.dtype, copy=False)
+
+
+binary("maximum", lambda at, a, b: np.maximum(a, b),
+       lambda at, g, out, a, b: (g * _pick(a, b, True), g * _pick(b, a, True)), "elementwise max; ties split the gradient")
+binary("minimum", lambda at, a, b: np.minimum(a, b),
+       lambda at, g, out, a, b: (g * _pick(a, b, False), g * _pick(b, a, False)), "elementwise min; ties split the gradient")
+
+unary("neg", lambda at, x: -x, lambda at, g, out, x: (-g,), "-x", linear=True)
+unary("pow", lambda at, x: x ** x.dtype.type(at.exponent),
+      lambda at, g, out, x: (g * x.dtype.type(at.exponent) * x ** x.dtype.type(at.exponent - 1),),
+      "x ** exponent (a constant)", exponent=(float, REQUIRED))
+unary("exp", lambda at, x: np.exp(x), lambda at, g, out, x: (g * out,), "e ** x")
+unary("log", lambda at, x: np.log(x), lambda at, g, out, x: (g / x,), "natural log")
+unary("sqrt", lambda at, x: np.sqrt(x), lambda at, g, out, x: (g * 0.5 / out,), "square root")
+unary("square", lambda at, x: np.square(x), lambda at, g, out, x: (g * 2 * x,), "x ** 2")
+unary("abs", lambda at, x: np.abs(x), lambda at, g, out, x: (g * np.sign(x),), "|x|")
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return np.exp(-np.logaddexp(x.dtype.type(0), -x))  # never overflows
+
+
+unary("sigmoid", lambda at, x: _sigmoid(x), lambda at, g, out, x: (g * out * (1 - out),),
+      "logistic function; its derivative reuses the output: s(1 - s)")
+unary("tanh", lambda at, x: np.tanh(x), lambda at, g, out, x: (g * (1 - out * out),), "tanh; derivative 1 - tanh^2")
+unary("relu", lambda at, x: np.maximum(x, 0), lambda at, g, out, x: (g * (x > 0),), "max(x, 0)")
+unary("leaky_relu", lambda at, x: np.where(x > 0, x, x * x.dtype.type(at.alpha)),
+      lambda at, g, out, x: (g * np.where(x > 0, x.dtype.type(1), x.dtype.type(at.alpha)),),
+      "x if x > 0 else alpha * x", alpha=(float, 0.01))
+unary("softplus", lambda at, x: np.logaddexp(x.dtype.type(0), x),
+      lambda at, g, out, x: (g * -np.expm1(-out),), "log(1 + e^x); derivative sigmoid(x) = 1 - e^-out")
+
+
+# ---------------------------------------------------------------- linear algebra
+
+def _matmul_shape(at: Attrs, a: Shape, b: Shape) -> Shape:
+    if len(a) < 2 or len(b) < 2:
+        raise GraphError(f"matmul needs operands of rank 2 or more, got {fmt(a)} and {fmt(b)}")
+    if a[-1] != b[-2] or BATCH in (a[-1], b[-2]):
+        raise GraphError(f"matmul shapes {fmt(a)} and {fmt(b)} do not align ({a[-1]} vs {b[-2]})"
+                         if BATCH not in (a[-1], b[-2]) else
+                         f"matmul of {fmt(a)} and {fmt(b)} would contract over the batch axis")
+    batch_dims = broadcast(a[:-2], b[:-2]) if (a[:-2] or b[:-2]) else ()
+    return check_batch_leading(batch_dims + (a[-2], b[-1]), f"matmul of {fmt(a)} and {fmt(b)}")
+
+
+register(Op("matmul", 2, _matmul_shape, lambda at, a, b: np.matmul(a, b),
+            lambda at, g, out, a, b: (np.matmul(g, np.swapaxes(b, -1, -2)), np.matmul(np.swapaxes(a, -1, -2), g)),
+            linear_in="each", doc="matrix product, 2-D or batched (leading axes broadcast)"))
+
+
+def _perm(at: Attrs, rank: int) -> tuple[int, ...]:
+    perm = tuple(at.perm) if at.perm else tuple(range(rank))[::-1]
+    if sorted(perm) != list(range(rank)):
+        raise GraphError(f"transpose perm {perm} is not a permutation of the {rank} axes")
+    return perm
+
+
+def _transpose_shape(at: Attrs, x: Shape) -> Shape:
+    perm = _perm(at, len(x))
+    if is_per_example(x) and perm[0] != 0:
+        raise GraphError(f"transpose {perm} of {fmt(x)} would move the batch axis")
+    return tuple(x[p] for p in perm)
+
+
+register(Op("transpose", 1, _transpose_shape, lambda at, x: np.transpose(x, _perm(at, x.ndim)),
+            lambda at, g, out, x: (np.transpose(g, np.argsort(_perm(at, x.ndim))),),
+            linear_in="all", attrs={"perm": ("ints", ())}, doc="permute axes (default: reverse them)"))
+
+
+def _reshape_shape(at: Attrs, x: Shape) -> Shape:
+    target = tuple(int(d) for d in at.shape)
+    if any(d < 0 for d in target):
+        raise GraphError(f"reshape target {target} has a negative size (give every size; the batch axis is implicit)")
+    source = x[1:] if is_per_example(x) else x
+    if math.prod(source) != math.prod(target):
+        raise GraphError(f"cannot reshape {fmt(x)} to {fmt(((BATCH,) if is_per_example(x) else ()) + target)}:"
+                         f" {math.prod(source)} vs {math.prod(target)} elements per example")
+    return ((BATCH,) + target) if is_per_example(x) else target
+
+
+register(Op("reshape", 1, _reshape_shape,
+            lambda at, x: x.reshape(x.shape[:1] + tuple(at.shape)) if at.per_example else x.reshape(tuple(at.shape)),
+            lambda at, g, out, x: (g.reshape(x.shape),),
+            linear_in="all", attrs={"shape": ("ints", REQUIRED)},
+            doc="new shape; for per-example values `shape` excludes the batch axis, which is kept"))
+
+
+# ---------------------------------------------------------------- reductions
+
+def _axes(at: Attrs, rank: int) -> tuple[int, ...]:
+    axes = tuple(sorted({norm_axis(a, rank, "reduction") for a in at.axes})) if at.axes else tuple(range(rank))
+    return axes
+
+
+def _reduce_shape(at: Attrs, x: Shape) -> Shape:
+    axes = _axes(at, len(x))
+    if at.keepdims:
+        return tuple(1 if i in axes else d for i, d in enumerate(x))
+    return tuple(d for i, d in enumerate(x) if i not in axes)
+
+
+def _reduce_vjp_grad(at: Attrs, g: np.ndarray, x: np.ndarray) -> np.ndarray:
+    axes = _axes(at, x.ndim)
+    if not at.keepdims:
+        g = np.expand_dims(g, axes)
+    return np.broadcast_to(g, x.shape)
+
+
+def _mean_count(at: Attrs, x: np.ndarray) -> int:
+    """Elements averaged over: the batch axis counts the *global* batch."""
+    count = 1
+    for a in _axes(at, x.ndim):
+        count *= at.batch if (a == 0 and at.per_example) else x.shape[a]
+    return count
+
+
+_REDUCE_ATTRS = {"axes": ("ints", ()), "keepdims": (bool, False)}
+register(Op("sum", 1, _reduce_shape, lambda at, x: np.sum(x, axis=_axes(at, x.ndim), keepdims=at.keepdims),
+            lambda at, g, out, x: (_reduce_vjp_grad(at, g, x),),
+            linear_in="all", attrs=_REDUCE_ATTRS, doc="sum over `axes` (all when empty)"))
+register(Op("mean", 1, _reduce_shape,
+            lambda at, x: np.sum(x, axis=_axes(at, x.ndim), keepdims=at.keepdims) / x.dtype.type(_mean_count(at, x)),
+            lambda at, g, out, x: (_reduce_vjp_grad(at, g, x) / x.dtype.type(_mean_count(at, x)),),
+            linear_in="all", attrs=_REDUCE_ATTRS, needs_batch=True,
+            doc="mean over `axes`; over the batch axis it divides by the global batch size"))
+
+
+def _axis_shape(name: str) -> Callable[[Attrs, Shape], Shape]:
+    def rule(at: Attrs, x: Shape) -> Shape:
+        axis = norm_axis(at.axis, len(x), name)
+        refuse_batch_axis(x, axis, name)
+        return x
+    return rule
+
+
+def _max_shape(at: Attrs, x: Shape) -> Shape:
+    axis = norm_axis(at.axis, len(x), "max")
+    refuse_batch_axis(x, axis, "max")
+    return tuple(1 if i == axis else d for i, d in enumerate(x)) if at.keepdims else x[:axis] + x[axis + 1:]
+
+
+def _max_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray) -> tuple:
+    axis = at.axis % x.ndim
+    if not at.keepdims:
+        g, out = np.expand_dims(g, axis), np.expand_dims(out, axis)
+    winners = (x == out)
+    return (g * winners / winners.sum(axis=axis, keepdims=True).astype(x.dtype),)
+
+
+register(Op("max", 1, _max_shape, lambda at, x: np.max(x, axis=at.axis, keepdims=at.keepdims), _max_vjp,
+            attrs={"axis": (int, -1), "keepdims": (bool, False)}, doc="max along one axis; ties share the gradient"))
+
+
+def _log_softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    shifted = x - np.max(x, axis=axis, keepdims=True)
+    return shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
+
+
+register(Op("softmax", 1, _axis_shape("softmax"), lambda at, x: np.exp(_log_softmax(x, at.axis)),
+            lambda at, g, out, x: (out * (g - np.sum(g * out, axis=at.axis, keepdims=True)),),
+            attrs={"axis": (int, -1)}, doc="softmax along `axis` (not the batch axis)"))
+register(Op("log_softmax", 1, _axis_shape("log_softmax"), lambda at, x: _log_softmax(x, at.axis),
+            lambda at, g, out, x: (g - np.exp(out) * np.sum(g, axis=at.axis, keepdims=True),),
+            attrs={"axis": (int, -1)}, doc="log of softmax along `axis`, computed stably"))
+
+
+# ---------------------------------------------------------------- losses
+
+def _xent_shape(at: Attrs, logits: Shape, labels: Shape) -> Shape:
+    if len(logits) < 1 or logits[:-1] != labels:
+        raise GraphError(f"softmax_cross_entropy needs labels of shape logits.shape[:-1]; "
+                         f"got logits {fmt(logits)} and labels {fmt(labels)}")
+    return labels
+
+
+def _xent_dtype(at: Attrs, logits: np.dtype, labels: np.dtype) -> np.dtype:
+    if logits not in FLOATS or labels not in INTS:
+        raise GraphError(f"softmax_cross_entropy needs float logits and integer labels, got {logits} and {labels}")
+    return logits
+
+
+def _check_range(values: np.ndarray, size: int, what: str) -> None:
+    if values.size and (values.min() < 0 or values.max() >= size):
+        bad = values[(values < 0) | (values >= size)].flat[0]
+        raise InputError(f"{what} {bad} is out of range [0, {size})")
+
+
+def _xent_forward(at: Attrs, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    _check_range(labels, logits.shape[-1], "label")
+    log_probs = _log_softmax(logits, -1)
+    return -np.take_along_axis(log_probs, labels[..., None].astype(np.intp), axis=-1)[..., 0]
+
+
+def _xent_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> tuple:
+    grad = np.exp(_log_softmax(logits, -1))
+    np.put_along_axis(grad, labels[..., None].astype(np.intp),
+                      np.take_along_axis(grad, labels[..., None].astype(np.intp), axis=-1) - 1, axis=-1)
+    return grad * g[..., None], None
+
+
+register(Op("softmax_cross_entropy", 2, _xent_shape, _xent_forward, _xent_vjp, dtype=_xent_dtype,
+            doc="per-example -log softmax(logits)[label], from logits and integer labels"))
+
+
+def _bce_forward(at: Attrs, logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    return np.logaddexp(logits.dtype.type(0), logits) - logits * targets
+
+
+register(Op("binary_cross_entropy", 2, elementwise_shape, _bce_forward,
+            lambda at, g, out, x, t: (g * (_sigmoid(x) - t), -g * x),
+            doc="elementwise BCE from logits and float targets in [0, 1], computed stably"))
+
+
+# ---------------------------------------------------------------- structure
+
+def _concat_shape(at: Attrs, *shapes: Shape) -> Shape:
+    rank = len(shapes[0])
+    axis = norm_axis(at.axis, rank, "concat")
+    for s in shapes:
+        if len(s) != rank or any(d != e for i, (d, e) in enumerate(zip(s, shapes[0])) if i != axis):
+            raise GraphError("concat needs equal shapes off the joined axis, got " + ", ".join(map(fmt, shapes)))
+        refuse_batch_axis(s, axis, "concat")
+    return tuple(sum(s[axis] for s in shapes) if i == axis else d for i, d in enumerate(shapes[0]))
+
+
+def _concat_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, *xs: np.ndarray) -> tuple:
+    cuts = np.cumsum([x.shape[at.axis] for x in xs])[:-1]
+    return tuple(np.split(g, cuts, axis=at.axis))
+
+
+register(Op("concat", None, _concat_shape, lambda at, *xs: np.concatenate(xs, axis=at.axis), _concat_vjp,
+            linear_in="all", attrs={"axis": (int, -1)}, doc="join along an axis other than the batch axis"))
+
+
+def _slice_index(at: Attrs, rank: int) -> tuple:
+    axis = at.axis % rank
+    return (slice(None),) * axis + (slice(at.start, at.stop, at.step),)
+
+
+def _slice_shape(at: Attrs, x: Shape) -> Shape:
+    axis = norm_axis(at.axis, len(x), "slice")
+    refuse_batch_axis(x, axis, "slice")
+    if at.step < 1:
+        raise GraphError(f"slice step must be >= 1, got {at.step}")
+    length = len(range(*slice(at.start, at.stop, at.step).indices(x[axis])))
+    if length == 0:
+        raise GraphError(f"slice [{at.start}:{at.stop}:{at.step}] of axis {axis} of {fmt(x)} is empty")
+    return x[:axis] + (length,) + x[axis + 1:]
+
+
+def _slice_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray) -> tuple:
+    grad = np.zeros_like(x)
+    grad[_slice_index(at, x.ndim)] = g
+    return (grad,)
+
+
+register(Op("slice", 1, _slice_shape, lambda at, x: x[_slice_index(at, x.ndim)], _slice_vjp, linear_in="all",
+            attrs={"axis": (int, REQUIRED), "start": (int, 0), "stop": (int, 2**62), "step": (int, 1)},
+            doc="x[start:stop:step] along one axis other than the batch axis"))
+
+
+def _embedding_shape(at: Attrs, table: Shape, indices: Shape) -> Shape:
+    if len(table) != 2 or is_per_example(table):
+        raise GraphError(f"embedding needs a (rows, width) table that is not per-example, got {fmt(table)}")
+    return indices + (table[1],)
+
+
+def _embedding_dtype(at: Attrs, table: np.dtype, indices: np.dtype) -> np.dtype:
+    if table not in FLOATS or indices not in INTS:
+        raise GraphError(f"embedding needs a float table and integer indices, got {table} and {indices}")
+    return table
+
+
+def _embedding_forward(at: Attrs, table: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    _check_range(indices, table.shape[0], "index")
+    return table[indices]
+
+
+def _embedding_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, table: np.ndarray, indices: np.ndarray) -> tuple:
+    grad = np.zeros_like(table)
+    np.add.at(grad, indices.reshape(-1), g.reshape(-1, table.shape[1]))
+    return grad, None
+
+
+register(Op("embedding", 2, _embedding_shape, _embedding_forward, _embedding_vjp, dtype=_embedding_dtype,
+            linear_in="first", doc="rows of a table gathered by integer indices"))

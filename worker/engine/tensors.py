@@ -1,0 +1,79 @@
+"""numpy <-> protobuf Tensor, without per-element Python work.
+
+Data travels as raw little-endian C-order bytes; decoding is one
+`numpy.frombuffer` after the byte count has been checked against the shape,
+so a malformed message never makes us allocate or read past its end.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from protos import gradpool_pb2 as pb
+
+from .errors import InputError
+
+DTYPE_TO_PROTO: dict[np.dtype, int] = {
+    np.dtype(np.float32): pb.FLOAT32,
+    np.dtype(np.float64): pb.FLOAT64,
+    np.dtype(np.int32): pb.INT32,
+    np.dtype(np.int64): pb.INT64,
+    np.dtype(np.bool_): pb.BOOL,
+}
+PROTO_TO_DTYPE: dict[int, np.dtype] = {v: k for k, v in DTYPE_TO_PROTO.items()}
+DTYPE_NAMES = {str(d): d for d in DTYPE_TO_PROTO}  # "float32" -> dtype
+MAX_RANK = 8
+
+
+def as_dtype(dtype: object) -> np.dtype:
+    """A supported numpy dtype from a name, numpy dtype or proto enum value."""
+    if isinstance(dtype, int) and not isinstance(dtype, bool) and dtype in PROTO_TO_DTYPE:
+        return PROTO_TO_DTYPE[dtype]
+    try:
+        resolved = np.dtype(dtype)  # type: ignore[call-overload]
+    except TypeError:
+        resolved = None
+    if resolved not in DTYPE_TO_PROTO:
+        supported = ", ".join(DTYPE_NAMES)
+        raise InputError(f"unsupported dtype {dtype!r}; supported: {supported}")
+    return resolved
+
+
+def to_tensor(array: np.ndarray) -> pb.Tensor:
+    array = np.asarray(array)
+    dtype = as_dtype(array.dtype)
+    data = np.ascontiguousarray(array, dtype=dtype.newbyteorder("<")).tobytes()
+    return pb.Tensor(dtype=DTYPE_TO_PROTO[dtype], shape=array.shape, data=data)
+
+
+def from_tensor(tensor: pb.Tensor, what: str = "tensor") -> np.ndarray:
+    """Decode a Tensor (read-only view of the message bytes), checking it first."""
+    if tensor.dtype not in PROTO_TO_DTYPE:
+        raise InputError(f"{what}: unknown dtype enum {tensor.dtype}")
+    dtype = PROTO_TO_DTYPE[tensor.dtype]
+    shape = tuple(int(d) for d in tensor.shape)
+    if len(shape) > MAX_RANK or any(d < 0 for d in shape):
+        raise InputError(f"{what}: invalid shape {shape}")
+    count = 1
+    for d in shape:
+        count *= d
+    if count * dtype.itemsize != len(tensor.data):
+        raise InputError(
+            f"{what}: shape {shape} of {dtype} needs {count * dtype.itemsize} bytes, got {len(tensor.data)}")
+    return np.frombuffer(tensor.data, dtype=dtype.newbyteorder("<")).reshape(shape)
+
+
+def to_named(arrays: Mapping[str, np.ndarray]) -> list[pb.NamedTensor]:
+    return [pb.NamedTensor(name=name, tensor=to_tensor(value)) for name, value in arrays.items()]
+
+
+def from_named(named: "list[pb.NamedTensor] | object", what: str) -> dict[str, np.ndarray]:
+    """Decode repeated NamedTensor into a dict; a repeated name is an error."""
+    out: dict[str, np.ndarray] = {}
+    for item in named:  # type: ignore[attr-defined]
+        if item.name in out:
+            raise InputError(f"{what} {item.name!r} given twice")
+        out[item.name] = from_tensor(item.tensor, f"{what} {item.name!r}")
+    return out
