@@ -219,9 +219,14 @@ class Graph:
     def set_loss(self, expr: Expr) -> None:
         """Mark the scalar loss; checks at once that it can be sharded."""
         self._own(expr)
-        self._loss = expr.index
+        previous, self._loss = self._loss, expr.index
         self._invalidate()
-        self.program()  # raise now, at the user's line, if it cannot be sharded
+        try:
+            self.program()  # raise now, at the user's line, if it cannot be sharded
+        except GradpoolError:
+            self._loss = previous
+            self._invalidate()
+            raise
 
     @property
     def loss(self) -> Optional[Expr]:

@@ -61,6 +61,10 @@ class NodeInfo:
     origin: str = ""
     kind: str = ""
     value: Optional[np.ndarray] = None  # consts
+    # Why this node's value would differ between sharded and whole-batch runs
+    # (empty when it would not). Only fatal for nodes the loss or a requested
+    # output depends on.
+    refusal: str = ""
 
     def where(self) -> str:
         built = f", built at {self.origin}" if self.origin else ""
@@ -221,10 +225,14 @@ class Program:
                 node.kind = BATCH_INDEPENDENT
             else:
                 node.kind = BATCH_REDUCED
+            node.refusal = next((self.nodes[i].refusal for i in node.inputs if self.nodes[i].refusal), "")
+            if node.refusal:
+                continue
             if BATCH_REDUCED in kinds and PER_EXAMPLE in kinds:
-                raise ShardingError(f"{node.where()} combines per-example values with a statistic of the whole "
-                                    "batch (as batch norm does); each shard sees only its own examples, so it "
-                                    "cannot be split across workers")
+                node.refusal = (f"{node.where()} combines per-example values with a statistic of the whole "
+                                "batch (as batch norm does); each shard sees only its own examples, so it "
+                                "cannot be split across workers")
+                continue
             if node.kind != BATCH_REDUCED:
                 continue
             op = get_op(node.op)
@@ -233,15 +241,15 @@ class Program:
                       or (op.linear_in == "each" and len(batchy) == 1)
                       or (op.linear_in == "first" and batchy == [0]))
             if not linear:
-                raise ShardingError(f"{node.where()} is not linear in the batch-reduced value(s) "
-                                    f"{', '.join(repr(self.nodes[node.inputs[k]].name) for k in batchy)}; the loss "
-                                    "must be a sum over examples plus batch-independent terms, so a sum of shard "
-                                    "losses would not equal the whole-batch loss")
-            if op.linear_in == "all":
+                node.refusal = (f"{node.where()} is not linear in the batch-reduced value(s) "
+                                f"{', '.join(repr(self.nodes[node.inputs[k]].name) for k in batchy)}; the loss "
+                                "must be a sum over examples plus batch-independent terms, so a sum of shard "
+                                "losses would not equal the whole-batch loss")
+            elif op.linear_in == "all":
                 cuts.update((node.index, k) for k, kind in enumerate(kinds) if kind == BATCH_INDEPENDENT)
         loss = self.nodes[self.loss]
-        if loss.kind == PER_EXAMPLE:  # unreachable while the loss must be scalar; kept as a guard
-            raise ShardingError(f"the loss {loss.where()} is per-example; sum or average it over the batch")
+        if loss.refusal:
+            raise ShardingError(loss.refusal)
         return frozenset(cuts)
 
     def _gradient_path(self) -> frozenset[int]:
@@ -327,8 +335,11 @@ class Program:
         if global_batch < examples or (self.inputs and global_batch < 1):
             raise InputError(f"global batch size {global_batch} is smaller than this shard ({examples} examples)")
         for name in outputs:
-            if self.node(name).kind != PER_EXAMPLE and self.node(name).index != self.loss:
-                raise InputError(f"output {name!r} is {self.node(name).kind}; only per-example nodes and the "
+            node = self.node(name)
+            if node.refusal:
+                raise ShardingError(f"output {name!r} cannot be computed shard by shard: {node.refusal}")
+            if node.kind != PER_EXAMPLE and node.index != self.loss:
+                raise InputError(f"output {name!r} is {node.kind}; only per-example nodes and the "
                                  "loss can be returned")
 
         values = self._forward(live, cut, params, inputs, global_batch, keep=set(output_ids) | {self.loss},

@@ -32,7 +32,7 @@ def as_dtype(dtype: object) -> np.dtype:
     if isinstance(dtype, int) and not isinstance(dtype, bool) and dtype in PROTO_TO_DTYPE:
         return PROTO_TO_DTYPE[dtype]
     try:
-        resolved = np.dtype(dtype)  # type: ignore[call-overload]
+        resolved = np.dtype(dtype).newbyteorder("=")  # type: ignore[call-overload]
     except TypeError:
         resolved = None
     if resolved not in DTYPE_TO_PROTO:
