@@ -15,6 +15,7 @@ from .functional import (abs, binary_cross_entropy, concat, embedding, exp, leak
                          softmax_cross_entropy, softplus, sqrt, square, sum, tanh, transpose)
 from .graph import Expr, Graph
 from .local import local_evaluate, local_gradients
+from .optim import SGD, Adam, AdamW, ConstantLR, CosineLR, Optimizer, Schedule, StepLR
 
 __version__ = "0.1.0"
 
@@ -23,4 +24,5 @@ __all__ = [
     "local_evaluate", "abs", "binary_cross_entropy", "concat", "embedding", "exp", "leaky_relu", "log",
     "log_softmax", "matmul", "max", "maximum", "mean", "minimum", "power", "relu", "reshape", "sigmoid", "slice",
     "softmax", "softmax_cross_entropy", "softplus", "sqrt", "square", "sum", "tanh", "transpose",
+    "SGD", "Adam", "AdamW", "ConstantLR", "CosineLR", "Optimizer", "Schedule", "StepLR",
 ]

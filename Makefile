@@ -1,0 +1,31 @@
+# One entry point for people and CI. Every target sets up .venv first (once,
+# and again when pyproject.toml changes).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test protos bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/gradpool demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+protos: setup
+	$(BIN)/python scripts/gen_protos.py
+
+bench: setup
+	$(BIN)/python bench/service.py
+
+clean:
+	rm -rf $(VENV) gradpool-out .pytest_cache
