@@ -1,0 +1,654 @@
+"""Training loops over numpy data, with gradients from the service or in-process.
+
+    trainer = gp.Trainer(graph, gp.Adam(graph.init_params(0), lr=1e-3),
+                         backend=gp.Client("localhost:50051"),   # or None: in-process
+                         batch_size=64, checkpoint_dir="ckpt", checkpoint_every=100)
+    trainer.fit({"x": X, "y": Y}, epochs=10, eval_data={"x": Xt, "y": Yt})
+    trainer.evaluate({"x": Xt, "y": Yt})      # {"accuracy": ..., ...}
+
+The loop is the same whichever "gradient source" computes the gradients: a
+remote `Client` and the in-process `LocalBackend` both offer
+`.gradients(graph, params, batch)` and `.evaluate(graph, params, batch, outputs)`.
+Everything that decides the result (params, optimizer state, shuffle order,
+position in the epoch, RNG state) is checkpointed, so a resumed run repeats
+an uninterrupted one bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Protocol, Sequence, Union, runtime_checkable
+
+import numpy as np
+
+from worker.engine.errors import GradpoolError, InputError
+
+from . import optim
+from .checkpoint import (Checkpoint, CheckpointError, PathLike, load_checkpoint, save_checkpoint,
+                         step_checkpoint_path, step_checkpoints)
+from .graph import Graph
+from .local import local_evaluate, local_gradients
+
+__all__ = ["GradientSource", "LocalBackend", "TrainingError", "History", "Trainer", "fit"]
+
+Arrays = Mapping[str, np.ndarray]
+OptimizerSpec = Union[optim.Optimizer, Callable[[dict[str, np.ndarray]], optim.Optimizer], None]
+
+
+class TrainingError(GradpoolError):
+    """Training cannot go on as configured (the loss diverged, a bad setting)."""
+
+
+@runtime_checkable
+class GradientSource(Protocol):
+    """Whatever computes loss, gradients and forward values: a remote Client or LocalBackend."""
+
+    def gradients(self, graph: Graph, params: Arrays, batch: Arrays) -> tuple[float, dict[str, np.ndarray]]: ...
+
+    def evaluate(self, graph: Graph, params: Arrays, batch: Arrays,
+                 outputs: list[str]) -> dict[str, np.ndarray]: ...
+
+
+class LocalBackend:
+    """Gradients in this process, with the service's arithmetic (no server needed).
+
+    `shards` > 1 splits each batch as that many workers would, which gives the
+    same sums in the same order as a service with that many equal workers.
+    """
+
+    def __init__(self, shards: int = 1):
+        self.shards = shards
+
+    def gradients(self, graph: Graph, params: Arrays, batch: Arrays) -> tuple[float, dict[str, np.ndarray]]:
+        return local_gradients(graph, params, batch, shards=self.shards)
+
+    def evaluate(self, graph: Graph, params: Arrays, batch: Arrays, outputs: list[str]) -> dict[str, np.ndarray]:
+        return local_evaluate(graph, params, batch, outputs)
+
+    def __repr__(self) -> str:
+        return f"LocalBackend(shards={self.shards})"
+
+
+@dataclass
+class History:
+    """Metrics as training goes: one record per step and one per epoch.
+
+    Step records: step, epoch, loss, lr, examples, seconds. Epoch records:
+    epoch, steps, loss (batch losses averaged with batch-size weights),
+    examples, seconds, examples_per_s, plus the evaluation's metrics.
+    """
+
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def losses(self) -> list[float]:
+        """The training loss of every step, in order."""
+        return [record["loss"] for record in self.steps]
+
+    def to_dict(self) -> dict[str, list[dict[str, Any]]]:
+        return {"steps": [dict(r) for r in self.steps], "epochs": [dict(r) for r in self.epochs]}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "History":
+        return cls([dict(r) for r in data.get("steps", [])], [dict(r) for r in data.get("epochs", [])])
+
+
+# ------------------------------------------------------------------ data checks
+
+
+def _positive_int(name: str, value: Any, allow_none: bool = False) -> Optional[int]:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InputError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _index_limits(graph: Graph) -> dict[str, tuple[int, str]]:
+    """Integer inputs used as class labels or table rows: name -> (exclusive bound, what they are)."""
+    program = graph.program()
+    limits: dict[str, tuple[int, str]] = {}
+    for node in program.nodes:
+        if node.op not in ("softmax_cross_entropy", "embedding"):
+            continue
+        source, index = program.nodes[node.inputs[0]], program.nodes[node.inputs[1]]
+        if index.op != "input":
+            continue
+        if node.op == "softmax_cross_entropy":
+            bound, what = source.shape[-1], f"class labels for {source.name!r}"
+        else:
+            bound, what = source.shape[0], f"row indices into {source.name!r}"
+        if index.name not in limits or bound < limits[index.name][0]:
+            limits[index.name] = (bound, what)
+    return limits
+
+
+def _check_range(what: str, name: str, values: np.ndarray, bound: int, meaning: str) -> None:
+    bad = np.flatnonzero(((values < 0) | (values >= bound)).reshape(len(values), -1).any(axis=1))
+    if bad.size:
+        example = int(bad[0])
+        value = values[example] if values.ndim == 1 else values[example][(values[example] < 0) |
+                                                                          (values[example] >= bound)][0]
+        raise InputError(f"{what} {name!r} holds {meaning}, which must be in [0, {bound}), "
+                         f"but example {example} has {value}")
+
+
+def prepare_data(graph: Graph, data: Arrays, what: str = "training data",
+                 needed: Optional[set[str]] = None) -> tuple[dict[str, np.ndarray], int]:
+    """Check a dataset (input name -> array with one row per example) against the graph.
+
+    Returns the arrays in the graph's dtypes and the number of examples, or
+    raises one InputError naming the array at fault: unknown or missing
+    inputs, per-example shapes, dtypes that cannot be cast, different
+    lengths, labels out of range. Done once per dataset, before any step.
+    """
+    if not isinstance(data, Mapping) or not data:
+        raise InputError(f"{what} must be a non-empty dict of input name -> numpy array, "
+                         f"got {type(data).__name__ if not isinstance(data, Mapping) else 'an empty dict'}")
+    declared = graph.inputs
+    unknown = sorted(set(data) - set(declared))
+    if unknown:
+        raise InputError(f"{what} has array(s) {unknown} that are not inputs of the graph; "
+                         f"its inputs are {sorted(declared)}")
+    missing = sorted((set(declared) if needed is None else set(needed)) - set(data))
+    if missing:
+        raise InputError(f"{what} is missing input(s) {missing}; the graph's inputs are {sorted(declared)}")
+    arrays: dict[str, np.ndarray] = {}
+    for name, value in data.items():
+        shape, dtype = declared[name]
+        array = np.asarray(value)
+        if array.ndim == 0:
+            raise InputError(f"{what} {name!r} is a single value; give an array with one row per example")
+        if array.shape[1:] != tuple(shape):
+            raise InputError(f"{what} {name!r} has examples of shape {array.shape[1:]}, "
+                             f"but the graph's input {name!r} takes {tuple(shape)}")
+        if array.dtype != dtype:
+            if not np.can_cast(array.dtype, dtype, casting="same_kind"):
+                raise InputError(f"{what} {name!r} is {array.dtype}, but the graph's input {name!r} is {dtype}")
+            array = array.astype(dtype)
+        arrays[name] = array
+    lengths = {name: array.shape[0] for name, array in arrays.items()}
+    if len(set(lengths.values())) > 1:
+        detail = ", ".join(f"{name!r} has {n}" for name, n in lengths.items())
+        raise InputError(f"{what} arrays have different numbers of examples: {detail}")
+    examples = next(iter(lengths.values()))
+    if examples == 0:
+        raise InputError(f"{what} has no examples")
+    for name, (bound, meaning) in _index_limits(graph).items():
+        if name in arrays:
+            _check_range(what, name, arrays[name], bound, meaning)
+    return arrays, examples
+
+
+def _classifier_labels(graph: Graph, logits: str) -> Optional[str]:
+    """The input holding the labels of softmax_cross_entropy(logits, labels), if any."""
+    program = graph.program()
+    if logits not in program.index:
+        return None
+    at = program.index[logits]
+    for node in program.nodes:
+        if node.op == "softmax_cross_entropy" and node.inputs[0] == at:
+            labels = program.nodes[node.inputs[1]]
+            if labels.op == "input":
+                return labels.name
+    return None
+
+
+def _progress_bar(enabled: bool, total: int, initial: int, desc: str) -> Any:
+    """A tqdm bar, or None when disabled or tqdm is not installed (it is optional)."""
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
+
+
+_OPTIMIZERS = {"SGD": optim.SGD, "Adam": optim.Adam, "AdamW": optim.AdamW}
+
+
+def _optimizer_from_state(params: dict[str, np.ndarray], state: Optional[Mapping[str, Any]]) -> optim.Optimizer:
+    """Rebuild a built-in optimizer from its state dict (hyperparameters come from the state)."""
+    kind = state.get("optimizer") if state else None
+    if kind not in _OPTIMIZERS:
+        raise CheckpointError(f"cannot rebuild optimizer {kind!r} from a checkpoint; "
+                              f"build it yourself and use Trainer(...).load_checkpoint(path)")
+    optimizer = _OPTIMIZERS[kind](params, lr=1.0)
+    try:
+        optimizer.load_state_dict(state)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"the checkpoint's {kind} state is damaged: {err}") from None
+    return optimizer
+
+
+# ------------------------------------------------------------------ trainer
+
+
+class Trainer:
+    """Minibatch training of a graph's params with an optimizer from client.optim.
+
+    `optimizer` is an Optimizer built over the params (its arrays are updated
+    in place and become `trainer.params`), or a function params -> Optimizer
+    applied to `params` (default: `graph.init_params(seed)`), or None for
+    Adam(lr=1e-3). `backend` is a Client, an address string ("host:port", a
+    Client is made and closed with the trainer), any GradientSource, or None
+    to compute in this process.
+
+    Epochs shuffle with a generator seeded by `seed`; batches are taken in
+    that order, the last one smaller unless `drop_last`. With
+    `checkpoint_dir`, a checkpoint (`step-NNNNNNNN.npz`) is written every
+    `checkpoint_every` steps and/or `checkpoint_every_epochs` epochs, at the
+    end of `fit`, and when a step fails with a GradpoolError; the newest
+    `keep_checkpoints` are kept.
+    """
+
+    def __init__(self, graph: Graph, optimizer: OptimizerSpec = None, *,
+                 params: Optional[Arrays] = None, backend: Union[GradientSource, str, None] = None,
+                 batch_size: int = 32, shuffle: bool = True, drop_last: bool = False, seed: int = 0,
+                 progress: bool = True, checkpoint_dir: Optional[PathLike] = None,
+                 checkpoint_every: Optional[int] = None, checkpoint_every_epochs: Optional[int] = None,
+                 keep_checkpoints: Optional[int] = 3, eval_batch_size: int = 1024):
+        if not isinstance(graph, Graph):
+            raise InputError(f"Trainer needs a gp.Graph, got {type(graph).__name__}")
+        if graph.loss is None:
+            raise InputError("the graph has no loss yet; call graph.set_loss(expr) before training")
+        self.graph = graph
+        self.batch_size = _positive_int("batch_size", batch_size)
+        self.eval_batch_size = _positive_int("eval_batch_size", eval_batch_size)
+        self.checkpoint_every = _positive_int("checkpoint_every", checkpoint_every, allow_none=True)
+        self.checkpoint_every_epochs = _positive_int("checkpoint_every_epochs", checkpoint_every_epochs,
+                                                     allow_none=True)
+        self.keep_checkpoints = _positive_int("keep_checkpoints", keep_checkpoints, allow_none=True)
+        self.shuffle, self.drop_last, self.progress = bool(shuffle), bool(drop_last), bool(progress)
+        self.seed = int(seed)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self.optimizer = self._make_optimizer(optimizer, params)
+        self.params: dict[str, np.ndarray] = dict(self.optimizer.params)
+        self._owns_backend = False
+        self.backend = self._make_backend(backend)
+
+        self.history = History()
+        self.step = 0  # steps taken in total
+        self.epoch = 0  # epochs completed in total
+        self._rng = np.random.default_rng(self.seed)
+        self._order: Optional[np.ndarray] = None  # this epoch's example order, once drawn
+        self._position = 0  # examples of `_order` already used
+        self._epoch_totals = {"loss_sum": 0.0, "examples": 0, "seconds": 0.0, "steps": 0}
+        self._session = {"steps": 0, "examples": 0, "seconds": 0.0}
+        self._saved_step: Optional[int] = None
+        self.last_checkpoint: Optional[Path] = None
+
+    # -------------------------------------------------------------- construction
+
+    def _make_optimizer(self, optimizer: OptimizerSpec, params: Optional[Arrays]) -> optim.Optimizer:
+        declared = self.graph.params
+        if isinstance(optimizer, optim.Optimizer):
+            live = dict(optimizer.params)
+            if params is not None and (set(params) != set(live) or any(params[k] is not live[k] for k in live)):
+                raise InputError("params are not the arrays the optimizer updates; pass only the optimizer "
+                                 "(it was built over the params)")
+            self._check_params(live, exact_dtype=True)
+            return optimizer
+        if params is None:
+            values = self.graph.init_params(self.seed)
+        else:
+            self._check_params(params, exact_dtype=False)
+            values = {name: np.array(params[name], dtype=declared[name][1]) for name in declared}
+        if optimizer is None:
+            built = optim.Adam(values, lr=1e-3)
+        elif callable(optimizer):
+            built = optimizer(values)
+        else:
+            raise InputError(f"optimizer must be a client.optim Optimizer or a function params -> Optimizer, "
+                             f"got {type(optimizer).__name__}")
+        if not isinstance(built, optim.Optimizer) or any(built.params.get(k) is not v for k, v in values.items()):
+            raise InputError("the optimizer function must return an Optimizer built over the params it is given")
+        return built
+
+    def _check_params(self, params: Arrays, exact_dtype: bool) -> None:
+        declared = self.graph.params
+        if set(params) != set(declared):
+            missing, extra = sorted(set(declared) - set(params)), sorted(set(params) - set(declared))
+            raise InputError(f"params do not match the graph: missing {missing}, unknown {extra}")
+        for name, (shape, dtype) in declared.items():
+            value = np.asarray(params[name])
+            if value.shape != tuple(shape):
+                raise InputError(f"param {name!r} has shape {value.shape}, but the graph declares {tuple(shape)}")
+            if exact_dtype and value.dtype != dtype:
+                raise InputError(f"param {name!r} is {value.dtype}, but the graph declares {dtype}; "
+                                 f"build the optimizer over graph.init_params() or cast the arrays")
+
+    def _make_backend(self, backend: Union[GradientSource, str, None]) -> GradientSource:
+        if backend is None:
+            return LocalBackend()
+        if isinstance(backend, str):
+            from .remote import Client  # only needed for remote training
+            self._owns_backend = True
+            return Client(backend)
+        if not (callable(getattr(backend, "gradients", None)) and callable(getattr(backend, "evaluate", None))):
+            raise InputError(f"backend must be a Client, an address or an object with .gradients and .evaluate, "
+                             f"got {type(backend).__name__}")
+        return backend
+
+    def close(self) -> None:
+        """Close the backend if this trainer opened it (from an address)."""
+        if self._owns_backend:
+            closer = getattr(self.backend, "close", None)
+            if callable(closer):
+                closer()
+            self._owns_backend = False
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -------------------------------------------------------------- training
+
+    def steps_per_epoch(self, examples: int) -> int:
+        return examples // self.batch_size if self.drop_last else -(-examples // self.batch_size)
+
+    @property
+    def throughput(self) -> dict[str, float]:
+        """This session's speed: steps, examples, seconds in steps, examples/s, seconds per step."""
+        steps, examples, seconds = self._session["steps"], self._session["examples"], self._session["seconds"]
+        return {"steps": steps, "examples": examples, "seconds": seconds,
+                "examples_per_s": examples / seconds if seconds else 0.0,
+                "seconds_per_step": seconds / steps if steps else 0.0}
+
+    def fit(self, data: Arrays, epochs: int = 1, *, max_steps: Optional[int] = None,
+            eval_data: Optional[Arrays] = None, eval_every: int = 1,
+            eval_fn: Optional[Callable[["Trainer"], Mapping[str, float]]] = None) -> History:
+        """Train until `epochs` epochs (counted since the start, resumed runs included) are done.
+
+        `max_steps` stops earlier, after that many steps in total, possibly
+        mid-epoch; a later `fit` (or a resumed trainer) continues from there.
+        Every `eval_every` epochs and at the end, `eval_fn(trainer)` (or, with
+        `eval_data`, `trainer.evaluate(eval_data)`) adds metrics to the epoch
+        record. All data is checked before the first step.
+        """
+        epochs = _positive_int("epochs", epochs)
+        max_steps = _positive_int("max_steps", max_steps, allow_none=True)
+        eval_every = _positive_int("eval_every", eval_every)
+        arrays, examples = prepare_data(self.graph, data, "training data")
+        if self.batch_size > examples:
+            raise InputError(f"batch_size {self.batch_size} is larger than the training data "
+                             f"({examples} examples)")
+        if self._order is not None and len(self._order) != examples:
+            raise InputError(f"training stopped mid-epoch over {len(self._order)} examples, but this training "
+                             f"data has {examples}; resume with the same data")
+        evaluate = self._evaluator(eval_data, eval_fn)
+        per_epoch = self.steps_per_epoch(examples)
+        total = epochs * per_epoch if max_steps is None else min(epochs * per_epoch, max_steps)
+        bar = _progress_bar(self.progress and self.step < total, total, min(self.step, total), "training")
+        try:
+            while self.epoch < epochs and (max_steps is None or self.step < max_steps):
+                loss, size = self._train_step(arrays, examples)
+                if bar is not None:
+                    speed = self.throughput["examples_per_s"]
+                    bar.set_postfix(epoch=self.epoch + 1, loss=f"{loss:.4g}", ex_s=f"{speed:,.0f}", refresh=False)
+                    bar.update(1)
+                remaining = examples - self._position
+                if remaining == 0 or (self.drop_last and remaining < self.batch_size):
+                    metrics = self._finish_epoch(evaluate if (self.epoch + 1) % eval_every == 0
+                                                 or self.epoch + 1 == epochs else None)
+                    if bar is not None and metrics:
+                        bar.set_postfix(epoch=self.epoch, loss=f"{loss:.4g}",
+                                        **{k: f"{v:.4g}" for k, v in metrics.items()})
+                    if self.checkpoint_every_epochs and self.epoch % self.checkpoint_every_epochs == 0:
+                        self._autosave()
+                if self.checkpoint_every and self.step % self.checkpoint_every == 0:
+                    self._autosave()
+            if self.step:
+                self._autosave()
+        except GradpoolError:
+            # The failed step changed nothing, so the state is the last good step's: keep it.
+            try:
+                self._autosave()
+            except GradpoolError:
+                pass
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return self.history
+
+    def _train_step(self, arrays: dict[str, np.ndarray], examples: int) -> tuple[float, int]:
+        """One optimizer step on the next batch; the state changes only if it succeeds."""
+        started = time.perf_counter()
+        if self._order is None:  # a new epoch; kept at once, since drawing it advanced the RNG
+            self._order = self._rng.permutation(examples) if self.shuffle else np.arange(examples)
+            self._position = 0
+        order = self._order
+        stop = min(self._position + self.batch_size, examples)
+        rows = order[self._position:stop]
+        batch = {name: array[rows] for name, array in arrays.items()}
+        loss, grads = self.backend.gradients(self.graph, self.params, batch)
+        loss = float(loss)
+        if not math.isfinite(loss):
+            raise TrainingError(f"the loss is {loss} at step {self.step + 1}; lower the learning rate "
+                                f"(the params are left at step {self.step})")
+        lr = self.optimizer.lr
+        self.optimizer.step(grads)
+        seconds = time.perf_counter() - started
+        size = len(rows)
+        self._position = stop
+        self.step += 1
+        self.history.steps.append({"step": self.step, "epoch": self.epoch + 1, "loss": loss, "lr": lr,
+                                   "examples": size, "seconds": seconds})
+        totals = self._epoch_totals
+        totals["loss_sum"] += loss * size
+        totals["examples"] += size
+        totals["seconds"] += seconds
+        totals["steps"] += 1
+        self._session["steps"] += 1
+        self._session["examples"] += size
+        self._session["seconds"] += seconds
+        return loss, size
+
+    def _finish_epoch(self, evaluate: Optional[Callable[[], Mapping[str, float]]]) -> dict[str, float]:
+        totals = self._epoch_totals
+        self.epoch += 1
+        self._order, self._position = None, 0
+        record: dict[str, Any] = {
+            "epoch": self.epoch, "step": self.step, "steps": totals["steps"],
+            "loss": totals["loss_sum"] / totals["examples"], "examples": totals["examples"],
+            "seconds": totals["seconds"],
+            "examples_per_s": totals["examples"] / totals["seconds"] if totals["seconds"] else 0.0}
+        self._epoch_totals = {"loss_sum": 0.0, "examples": 0, "seconds": 0.0, "steps": 0}
+        metrics = {k: float(v) for k, v in (evaluate() if evaluate else {}).items()}
+        record.update(metrics)
+        self.history.epochs.append(record)
+        return metrics
+
+    def _evaluator(self, eval_data: Optional[Arrays],
+                   eval_fn: Optional[Callable[["Trainer"], Mapping[str, float]]]
+                   ) -> Optional[Callable[[], Mapping[str, float]]]:
+        """The end-of-epoch evaluation, checked now so a bad setting fails before training."""
+        if eval_fn is not None:
+            if not callable(eval_fn):
+                raise InputError(f"eval_fn must be a function trainer -> dict of metrics, got {type(eval_fn).__name__}")
+            return lambda: eval_fn(self)
+        if eval_data is None:
+            return None
+        labels = self._labels_for("logits")
+        prepared, _ = prepare_data(self.graph, eval_data, "evaluation data")
+        if labels not in prepared:
+            raise InputError(f"evaluation data is missing the labels {labels!r}")
+
+        def held_out() -> dict[str, float]:
+            result = self.evaluate(prepared, labels=labels)
+            return {"val_accuracy": result["accuracy"], "val_cross_entropy": result["cross_entropy"]}
+        return held_out
+
+    # -------------------------------------------------------------- forward only
+
+    def predict(self, data: Arrays, output: Union[str, Sequence[str]] = "logits", *,
+                batch_size: Optional[int] = None) -> Union[np.ndarray, dict[str, np.ndarray]]:
+        """Values of per-example node(s) for every example, forward only, in batches.
+
+        Computed by the backend (remotely with a Client). Returns one array for
+        one name, a dict for a list of names.
+        """
+        names = [output] if isinstance(output, str) else list(output)
+        for name in names:
+            if name not in self.graph.program().index:
+                raise InputError(f"the graph has no node named {name!r}; name it with expr.named({name!r})")
+        size = _positive_int("batch_size", batch_size or self.eval_batch_size)
+        arrays, examples = prepare_data(self.graph, data, "prediction data", needed=set())
+        pieces: dict[str, list[np.ndarray]] = {name: [] for name in names}
+        for start in range(0, examples, size):
+            chunk = {key: array[start:start + size] for key, array in arrays.items()}
+            values = self.backend.evaluate(self.graph, self.params, chunk, names)
+            for name in names:
+                pieces[name].append(np.asarray(values[name]))
+        result = {name: np.concatenate(parts) for name, parts in pieces.items()}
+        return result[output] if isinstance(output, str) else result
+
+    def _labels_for(self, logits: str) -> str:
+        labels = _classifier_labels(self.graph, logits)
+        if labels is None:
+            raise InputError(f"cannot measure accuracy: no softmax_cross_entropy of a node named {logits!r} "
+                             f"with an input as labels; name the logits with .named({logits!r}), "
+                             f"pass labels=..., or give eval_fn")
+        return labels
+
+    def evaluate(self, data: Arrays, *, logits: str = "logits", labels: Optional[str] = None,
+                 batch_size: Optional[int] = None) -> dict[str, float]:
+        """Classification metrics on held-out data: accuracy, mean cross-entropy, counts.
+
+        The logits come from the backend (`predict`); `labels` defaults to the
+        input the graph's softmax_cross_entropy of `logits` uses.
+        """
+        labels = labels or self._labels_for(logits)
+        arrays, examples = prepare_data(self.graph, data, "evaluation data", needed={labels})
+        truth = arrays[labels]
+        features = {name: array for name, array in arrays.items() if name != labels}
+        scores = np.asarray(self.predict(features, logits, batch_size=batch_size), dtype=np.float64)
+        if scores.ndim != 2 or truth.ndim != 1:
+            raise InputError(f"accuracy needs logits of shape (examples, classes) and one label per example, "
+                             f"got {scores.shape} and {truth.shape}")
+        _check_range("evaluation data", labels, truth, scores.shape[1], "class labels")
+        correct = int(np.count_nonzero(scores.argmax(axis=1) == truth))
+        shifted = scores - scores.max(axis=1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        cross_entropy = float(-log_probs[np.arange(examples), truth].mean())
+        return {"accuracy": correct / examples, "cross_entropy": cross_entropy,
+                "correct": correct, "examples": examples}
+
+    # -------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The trainer's own resumable state as (JSON-able dict, arrays)."""
+        state = {"trainer": {"step": self.step, "epoch": self.epoch, "position": self._position,
+                             "batch_size": self.batch_size, "shuffle": self.shuffle, "drop_last": self.drop_last,
+                             "seed": self.seed, "rng": self._rng.bit_generator.state,
+                             "epoch_totals": dict(self._epoch_totals)},
+                 "history": self.history.to_dict()}
+        arrays = {} if self._order is None else {"order": self._order}
+        return state, arrays
+
+    def save_checkpoint(self, path: Optional[PathLike] = None) -> Path:
+        """Write a checkpoint atomically to `path` (default: checkpoint_dir/step-N.npz)."""
+        if path is None:
+            if self.checkpoint_dir is None:
+                raise CheckpointError("no checkpoint path given and the trainer has no checkpoint_dir")
+            path = step_checkpoint_path(self.checkpoint_dir, self.step)
+        state, arrays = self.state_dict()
+        written = save_checkpoint(path, self.graph, self.params, self.optimizer.state_dict(), state, arrays)
+        self.last_checkpoint = written
+        return written
+
+    def _autosave(self) -> None:
+        """Checkpoint into checkpoint_dir (once per step) and prune the oldest."""
+        if self.checkpoint_dir is None or self._saved_step == self.step or self.step == 0:
+            return
+        self.save_checkpoint()
+        self._saved_step = self.step
+        if self.keep_checkpoints:
+            for old in step_checkpoints(self.checkpoint_dir)[:-self.keep_checkpoints]:
+                old.unlink(missing_ok=True)
+
+    def load_checkpoint(self, path: PathLike) -> "Trainer":
+        """Continue from a checkpoint of this graph: params (in place), optimizer, position, RNG, history.
+
+        Everything is checked before anything changes: a checkpoint of another
+        graph, or one that does not fit, raises CheckpointError and leaves the
+        trainer as it was.
+        """
+        self._restore(load_checkpoint(path, graph=self.graph))
+        return self
+
+    def _restore(self, checkpoint: Checkpoint) -> None:
+        where = checkpoint.path
+        try:
+            saved = checkpoint.state["trainer"]
+            rng = np.random.default_rng()
+            rng.bit_generator.state = saved["rng"]
+            step, epoch, position = int(saved["step"]), int(saved["epoch"]), int(saved["position"])
+            totals = {key: saved["epoch_totals"][key] for key in self._epoch_totals}
+            history = History.from_dict(checkpoint.state.get("history", {}))
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{where} has no usable trainer state ({err})") from None
+        order = checkpoint.arrays.get("order")
+        if order is not None and (order.ndim != 1 or not 0 <= position < len(order)):
+            raise CheckpointError(f"{where} has an inconsistent shuffle position")
+        declared = self.graph.params
+        if set(checkpoint.params) != set(declared):
+            raise CheckpointError(f"{where} has params {sorted(checkpoint.params)}, the graph {sorted(declared)}")
+        for name, value in checkpoint.params.items():
+            if value.shape != self.params[name].shape:
+                raise CheckpointError(f"{where} has {name!r} of shape {value.shape}, "
+                                      f"the graph declares {self.params[name].shape}")
+        if checkpoint.optimizer_state is not None:
+            try:
+                self.optimizer.load_state_dict(checkpoint.optimizer_state)
+            except (TypeError, ValueError) as err:
+                raise CheckpointError(f"{where}: its optimizer state does not fit this trainer's "
+                                      f"{type(self.optimizer).__name__}: {err}") from None
+        for name, value in checkpoint.params.items():
+            np.copyto(self.params[name], value, casting="same_kind")  # in place: the optimizer holds them
+        self.step, self.epoch, self._position = step, epoch, position
+        self._order = None if order is None else order.astype(np.int64)
+        self._rng = rng
+        self._epoch_totals = totals
+        self.history = history
+        self._saved_step = step
+        self.last_checkpoint = where
+
+    @classmethod
+    def from_checkpoint(cls, path: PathLike, *, backend: Union[GradientSource, str, None] = None,
+                        **options: Any) -> "Trainer":
+        """A trainer rebuilt from a checkpoint alone: its graph, params and built-in optimizer.
+
+        For predictions, or to resume without the code that built the model.
+        Other Trainer options (batch_size, ...) default to the checkpoint's.
+        """
+        checkpoint = load_checkpoint(path)
+        graph = checkpoint.graph()
+        params = {name: np.array(value) for name, value in checkpoint.params.items()}
+        optimizer = _optimizer_from_state(params, checkpoint.optimizer_state)
+        saved = checkpoint.state.get("trainer", {})
+        for key in ("batch_size", "shuffle", "drop_last", "seed"):
+            if key in saved:
+                options.setdefault(key, saved[key])
+        trainer = cls(graph, optimizer, backend=backend, **options)
+        trainer._restore(checkpoint)
+        return trainer
+
+
+def fit(graph: Graph, data: Arrays, *, epochs: int = 1, batch_size: int = 32, optimizer: OptimizerSpec = None,
+        params: Optional[Arrays] = None, backend: Union[GradientSource, str, None] = None, seed: int = 0,
+        eval_data: Optional[Arrays] = None, max_steps: Optional[int] = None, progress: bool = True,
+        **trainer_options: Any) -> Trainer:
+    """Train in one call; returns the Trainer (params, history, evaluate, predict)."""
+    trainer = Trainer(graph, optimizer, params=params, backend=backend, batch_size=batch_size, seed=seed,
+                      progress=progress, **trainer_options)
+    trainer.fit(data, epochs=epochs, eval_data=eval_data, max_steps=max_steps)
+    return trainer
