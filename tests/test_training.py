@@ -1,0 +1,359 @@
+"""The training loop and its checkpoints, in-process (LocalBackend).
+
+The claims: training lowers the loss; a run stopped anywhere (mid-epoch, or
+by a failing backend) and resumed from its checkpoint ends bit for bit where
+an uninterrupted run does; a checkpoint write that dies half-way leaves the
+previous checkpoint intact; a checkpoint of another graph is refused; bad
+data gets one clear error before any step; predictions match local_evaluate.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import client as gp
+from client import checkpoint as ckpt_module
+from client.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from client.optim import SGD, Adam, CosineLR
+from client.training import LocalBackend, Trainer, TrainingError, fit
+
+from models import logistic_regression, softmax_mlp
+
+
+def teacher_data(n: int, sample: int = 0, d: int = 8, classes: int = 5) -> dict[str, np.ndarray]:
+    """Labels one fixed linear teacher gives, so a student can learn them; `sample` draws other examples."""
+    teacher = np.random.default_rng(1234).normal(size=(d, classes))
+    x = np.random.default_rng(sample).normal(size=(n, d))
+    return {"x": x, "y": (x @ teacher).argmax(axis=1).astype(np.int64)}
+
+
+def sgd_momentum(params: dict[str, np.ndarray]) -> SGD:
+    return SGD(params, lr=CosineLR(0.2, total_steps=40, warmup_steps=3), momentum=0.9, nesterov=True,
+               weight_decay=1e-3)
+
+
+def make_trainer(graph: gp.Graph | None = None, **options) -> Trainer:
+    graph = graph or softmax_mlp()
+    options.setdefault("batch_size", 16)
+    options.setdefault("progress", False)
+    return Trainer(graph, options.pop("optimizer", sgd_momentum), **options)
+
+
+def assert_same_state(a: Trainer, b: Trainer) -> None:
+    for name in a.params:
+        assert a.params[name].dtype == b.params[name].dtype == np.float64
+        assert np.array_equal(a.params[name], b.params[name]), name
+    sa, sb = a.optimizer.state_dict(), b.optimizer.state_dict()
+    assert sa["step_count"] == sb["step_count"]
+    for name in sa["slots"]:
+        for slot in sa["slots"][name]:
+            assert np.array_equal(sa["slots"][name][slot], sb["slots"][name][slot]), (name, slot)
+    assert a.history.losses == b.history.losses
+    assert [e["loss"] for e in a.history.epochs] == [e["loss"] for e in b.history.epochs]
+    assert (a.step, a.epoch) == (b.step, b.epoch)
+
+
+# ------------------------------------------------------------------ training
+
+
+def test_training_lowers_the_loss_and_learns() -> None:
+    data, held_out = teacher_data(240), teacher_data(200, sample=1)
+    trainer = make_trainer(optimizer=lambda p: Adam(p, lr=0.02), batch_size=32)
+    before = trainer.evaluate(data)
+    history = trainer.fit(data, epochs=8)
+    first_epoch, last_epoch = history.epochs[0]["loss"], history.epochs[-1]["loss"]
+    assert last_epoch < 0.6 * first_epoch
+    after = trainer.evaluate(held_out)
+    assert after["accuracy"] > max(0.8, before["accuracy"] + 0.3)
+    assert len(history.steps) == 8 * 8 and history.steps[-1]["step"] == trainer.step == 64
+    assert trainer.epoch == 8
+    assert trainer.throughput["examples"] == 8 * 240
+
+
+def test_the_lectures_logistic_regression_trains_with_a_sum_loss() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=200)
+    t = (x + 0.3 * rng.normal(size=200) > 0).astype(np.float64)
+    trainer = Trainer(logistic_regression(), lambda p: SGD(p, lr=0.02), batch_size=50, progress=False)
+    history = trainer.fit({"x": x, "t": t}, epochs=20)
+    assert history.epochs[-1]["loss"] < 0.5 * history.epochs[0]["loss"]
+    assert trainer.params["w"] > 1.0  # sigmoid(w x + b) turns up with x
+
+
+def test_fit_function_and_drop_last() -> None:
+    data = teacher_data(50)
+    trainer = fit(softmax_mlp(), data, epochs=2, batch_size=16, drop_last=True, progress=False)
+    assert trainer.step == 2 * 3  # 50 // 16 full batches per epoch
+    assert all(record["examples"] == 16 for record in trainer.history.steps)
+
+
+def test_eval_data_adds_held_out_metrics_to_every_epoch() -> None:
+    data, held_out = teacher_data(100), teacher_data(40, sample=1)
+    trainer = make_trainer()
+    trainer.fit(data, epochs=3, eval_data=held_out)
+    assert all(0.0 <= e["val_accuracy"] <= 1.0 and e["val_cross_entropy"] > 0 for e in trainer.history.epochs)
+    calls = []
+    trainer.fit(data, epochs=5, eval_every=2, eval_fn=lambda t: calls.append(t.epoch) or {"custom": 1.0})
+    assert calls == [4, 5]  # epoch 4 is due (4 % 2 == 0), epoch 5 because it is the last
+    assert trainer.history.epochs[-1]["custom"] == 1.0
+
+
+# ------------------------------------------------------------------ resuming
+
+
+@pytest.mark.parametrize("stop_at", [6, 8, 13])  # mid-epoch, at an epoch's end, mid-epoch later
+def test_resuming_from_a_checkpoint_is_bitwise_identical(tmp_path: Path, stop_at: int) -> None:
+    data = teacher_data(60)  # 4 batches of 16 per epoch, the last of 12
+    uninterrupted = make_trainer()
+    uninterrupted.fit(data, epochs=5)
+
+    first = make_trainer()
+    first.fit(data, epochs=5, max_steps=stop_at)
+    assert first.step == stop_at
+    path = first.save_checkpoint(tmp_path / "run.npz")
+
+    resumed = make_trainer(seed=123)  # other init and shuffle seed: all of it must come from the checkpoint
+    resumed.load_checkpoint(path)
+    assert resumed.step == stop_at
+    resumed.fit(data, epochs=5)
+    assert_same_state(uninterrupted, resumed)
+
+
+def test_a_failing_backend_leaves_a_checkpoint_to_resume_from(tmp_path: Path) -> None:
+    class Unreachable(gp.GradpoolError):
+        pass
+
+    class FailsAtCall(LocalBackend):
+        def __init__(self, fail_at: int):
+            super().__init__()
+            self.calls, self.fail_at = 0, fail_at
+
+        def gradients(self, graph, params, batch):
+            self.calls += 1
+            if self.calls == self.fail_at:
+                raise Unreachable("coordinator at localhost:1 is unreachable")
+            return super().gradients(graph, params, batch)
+
+    data = teacher_data(60)
+    uninterrupted = make_trainer()
+    uninterrupted.fit(data, epochs=3)
+
+    crashing = make_trainer(backend=FailsAtCall(7), checkpoint_dir=tmp_path, checkpoint_every=4)
+    with pytest.raises(Unreachable):
+        crashing.fit(data, epochs=3)
+    latest = latest_checkpoint(tmp_path)
+    assert latest is not None and latest.name == "step-00000006.npz"
+    assert [p.name for p in sorted(tmp_path.iterdir())] == ["step-00000004.npz", "step-00000006.npz"]
+
+    resumed = make_trainer(checkpoint_dir=tmp_path).load_checkpoint(latest)
+    resumed.fit(data, epochs=3)
+    assert_same_state(uninterrupted, resumed)
+
+
+def test_old_checkpoints_are_pruned_and_the_newest_kept(tmp_path: Path) -> None:
+    trainer = make_trainer(checkpoint_dir=tmp_path, checkpoint_every=1, keep_checkpoints=2)
+    trainer.fit(teacher_data(64), epochs=2)
+    assert [p.name for p in sorted(tmp_path.iterdir())] == ["step-00000007.npz", "step-00000008.npz"]
+    assert trainer.last_checkpoint == tmp_path / "step-00000008.npz"
+
+
+def test_from_checkpoint_rebuilds_graph_params_and_optimizer(tmp_path: Path) -> None:
+    data = teacher_data(60)
+    trainer = make_trainer()
+    trainer.fit(data, epochs=1)
+    path = trainer.save_checkpoint(tmp_path / "model.npz")
+    trainer.fit(data, epochs=2)
+
+    rebuilt = Trainer.from_checkpoint(path, progress=False)
+    assert rebuilt.graph.graph_id == trainer.graph.graph_id
+    assert isinstance(rebuilt.optimizer, SGD) and rebuilt.optimizer.hyperparams["nesterov"] is True
+    rebuilt.fit(data, epochs=2)
+    assert_same_state(trainer, rebuilt)
+
+
+def test_checkpoints_hold_no_pickles(tmp_path: Path) -> None:
+    trainer = make_trainer()
+    trainer.fit(teacher_data(40), epochs=1, max_steps=1)
+    path = trainer.save_checkpoint(tmp_path / "c.npz")
+    with np.load(path, allow_pickle=False) as npz:
+        assert all(npz[key].dtype != object for key in npz.files)
+    loaded = load_checkpoint(path)
+    assert loaded.graph_id == trainer.graph.graph_id
+    assert loaded.state["trainer"]["step"] == 1
+
+
+# ------------------------------------------------------------------ atomic writes
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_a_write_that_dies_half_way_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch,
+                                                                 failure: BaseException) -> None:
+    data = teacher_data(40)
+    trainer = make_trainer()
+    trainer.fit(data, epochs=1)
+    path = trainer.save_checkpoint(tmp_path / "latest.npz")
+    good_bytes = path.read_bytes()
+    trainer.fit(data, epochs=2)
+
+    def dies_half_way(file, arrays) -> None:
+        file.write(b"PK\x03\x04 half a zip")
+        file.flush()
+        raise failure
+
+    monkeypatch.setattr(ckpt_module, "_write_npz", dies_half_way)
+    expected = CheckpointError if isinstance(failure, OSError) else KeyboardInterrupt
+    with pytest.raises(expected) as caught:
+        trainer.save_checkpoint(path)
+    if expected is CheckpointError:
+        assert "No space left" in str(caught.value) and "\n" not in str(caught.value)
+    assert os.listdir(tmp_path) == ["latest.npz"]  # no temp file left behind
+    assert path.read_bytes() == good_bytes
+    assert load_checkpoint(path).state["trainer"]["epoch"] == 1
+
+
+def test_a_damaged_file_is_one_clear_error(tmp_path: Path) -> None:
+    damaged = tmp_path / "damaged.npz"
+    damaged.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(CheckpointError, match="not a readable gradpool checkpoint"):
+        make_trainer().load_checkpoint(damaged)
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        make_trainer().load_checkpoint(tmp_path / "missing.npz")
+    plain = tmp_path / "plain.npz"
+    np.savez(plain, x=np.zeros(3))
+    with pytest.raises(CheckpointError, match="not a readable gradpool checkpoint"):
+        make_trainer().load_checkpoint(plain)
+
+
+# ------------------------------------------------------------------ other graphs
+
+
+def test_a_checkpoint_of_another_graph_is_refused_and_nothing_changes(tmp_path: Path) -> None:
+    trainer = make_trainer(softmax_mlp(l2=1e-2))
+    trainer.fit(teacher_data(40), epochs=1)
+    path = trainer.save_checkpoint(tmp_path / "l2.npz")
+
+    other = make_trainer(softmax_mlp(l2=1e-3))  # same params and shapes, another loss
+    before = {k: v.copy() for k, v in other.params.items()}
+    with pytest.raises(CheckpointError) as caught:
+        other.load_checkpoint(path)
+    message = str(caught.value)
+    assert "written for graph" in message and "refusing" in message and "\n" not in message
+    assert all(np.array_equal(before[k], other.params[k]) for k in before)
+    assert other.step == 0 and other.optimizer.step_count == 0
+
+    with pytest.raises(CheckpointError, match="written for graph"):
+        make_trainer(softmax_mlp(h=8)).load_checkpoint(path)
+
+
+def test_the_same_model_built_on_other_lines_is_accepted(tmp_path: Path) -> None:
+    """The graph id hashes where each node was built; moving the code does not change the model."""
+    trainer = make_trainer(softmax_mlp())
+    trainer.fit(teacher_data(40), epochs=1)
+    path = trainer.save_checkpoint(tmp_path / "c.npz")
+
+    moved = softmax_mlp()
+    moved._nodes[0].origin = "elsewhere.py:99"
+    moved._invalidate()
+    assert moved.graph_id != trainer.graph.graph_id
+    resumed = make_trainer(moved).load_checkpoint(path)
+    assert all(np.array_equal(resumed.params[k], trainer.params[k]) for k in trainer.params)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("data, fragment", [
+    ({"x": np.zeros((10, 8)), "y": np.zeros(9, dtype=np.int64)}, "different numbers of examples"),
+    ({"x": np.zeros((10, 8)), "y": np.full(10, 5)}, "must be in [0, 5), but example 0 has 5"),
+    ({"x": np.zeros((10, 8)), "y": np.r_[np.zeros(9, np.int64), -1]}, "example 9 has -1"),
+    ({"x": np.zeros((10, 8))}, "missing input(s) ['y']"),
+    ({"x": np.zeros((10, 8)), "y": np.zeros(10, np.int64), "z": np.zeros(10)}, "not inputs of the graph"),
+    ({"x": np.zeros((10, 7)), "y": np.zeros(10, np.int64)}, "examples of shape (7,)"),
+    ({"x": np.zeros((10, 8)), "y": np.zeros(10)}, "is float64, but the graph's input 'y' is int64"),
+    ({"x": np.zeros((0, 8)), "y": np.zeros(0, np.int64)}, "has no examples"),
+    ({"x": np.zeros((10, 8)), "y": np.zeros(10, np.int64)}, "batch_size 16 is larger than the training data"),
+    ([1, 2, 3], "must be a non-empty dict"),
+])
+def test_bad_training_data_is_one_clear_error_and_loses_nothing(tmp_path: Path, data, fragment: str) -> None:
+    trainer = make_trainer(checkpoint_dir=tmp_path, checkpoint_every=1)
+    trainer.fit(teacher_data(32), epochs=1)
+    saved = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    params = {k: v.copy() for k, v in trainer.params.items()}
+    with pytest.raises(gp.InputError) as caught:
+        trainer.fit(data, epochs=3)
+    assert fragment in str(caught.value) and "\n" not in str(caught.value)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == saved
+    assert all(np.array_equal(params[k], trainer.params[k]) for k in params)
+
+
+def test_resuming_with_other_data_mid_epoch_is_refused(tmp_path: Path) -> None:
+    trainer = make_trainer()
+    trainer.fit(teacher_data(40), epochs=1, max_steps=1)
+    with pytest.raises(gp.InputError, match="stopped mid-epoch over 40 examples"):
+        trainer.fit(teacher_data(41), epochs=1)
+
+
+def test_bad_settings_are_refused_at_construction() -> None:
+    with pytest.raises(gp.InputError, match="batch_size must be a positive integer"):
+        make_trainer(batch_size=0)
+    with pytest.raises(gp.InputError, match="backend must be"):
+        make_trainer(backend=object())
+    graph = softmax_mlp()
+    foreign = graph.init_params(0)
+    with pytest.raises(gp.InputError, match="not the arrays the optimizer updates"):
+        Trainer(graph, SGD(graph.init_params(0), lr=0.1), params=foreign)
+    with pytest.raises(gp.InputError, match="missing"):
+        Trainer(graph, params={"W1": np.zeros((8, 16))})
+    with pytest.raises(gp.InputError, match="eval_fn"):
+        make_trainer(logistic_regression()).fit({"x": np.zeros(20), "t": np.zeros(20)},
+                                                eval_data={"x": np.zeros(5), "t": np.zeros(5)})
+
+
+def test_a_diverging_loss_stops_with_the_last_good_params(tmp_path: Path) -> None:
+    class NanAfterTwo(LocalBackend):
+        calls = 0
+
+        def gradients(self, graph, params, batch):
+            self.calls += 1
+            loss, grads = super().gradients(graph, params, batch)
+            return (float("nan") if self.calls > 2 else loss), grads
+
+    trainer = make_trainer(backend=NanAfterTwo(), checkpoint_dir=tmp_path)
+    with pytest.raises(TrainingError, match="the loss is nan at step 3"):
+        trainer.fit(teacher_data(64), epochs=2)
+    assert trainer.step == 2 and trainer.optimizer.step_count == 2
+    assert latest_checkpoint(tmp_path).name == "step-00000002.npz"
+
+
+# ------------------------------------------------------------------ forward only
+
+
+def test_predict_and_accuracy_match_local_evaluate() -> None:
+    data = teacher_data(103)
+    trainer = make_trainer(eval_batch_size=10)
+    trainer.fit(data, epochs=2)
+    logits = trainer.predict({"x": data["x"]})
+    reference = gp.local_evaluate(trainer.graph, trainer.params, {"x": data["x"]}, ["logits"])["logits"]
+    assert logits.shape == (103, 5)
+    np.testing.assert_allclose(logits, reference, rtol=1e-12, atol=1e-12)
+    both = trainer.predict(data, ["logits"], batch_size=1000)
+    np.testing.assert_array_equal(both["logits"], reference)
+
+    metrics = trainer.evaluate(data)
+    expected = float(np.mean(reference.argmax(axis=1) == data["y"]))
+    assert metrics["accuracy"] == pytest.approx(expected, abs=0)
+    assert metrics["examples"] == 103 and metrics["correct"] == round(expected * 103)
+    shifted = reference - reference.max(axis=1, keepdims=True)
+    xent = -(shifted[np.arange(103), data["y"]] - np.log(np.exp(shifted).sum(axis=1))).mean()
+    assert metrics["cross_entropy"] == pytest.approx(xent, rel=1e-12)
+
+
+def test_predict_names_a_missing_node_clearly() -> None:
+    with pytest.raises(gp.InputError, match="no node named 'scores'"):
+        make_trainer().predict({"x": np.zeros((3, 8))}, "scores")
+    with pytest.raises(gp.InputError, match="cannot measure accuracy"):
+        make_trainer(logistic_regression()).evaluate({"x": np.zeros(3), "t": np.zeros(3)})
