@@ -15,9 +15,10 @@ An entry says everything the engine and the SDK need to know:
   "all" (jointly linear: add, sum, reshape...), "each" (linear in each
   argument with the others fixed: mul, matmul), "first" (div) or "none".
 
-`at` carries the node's attributes and, at run time, `batch`: the global
-batch size, so that `mean` over the batch axis divides by the whole batch and
-not by a shard's share of it.
+`at` carries the node's attributes; `at.wants[k]` says whether input k takes
+a gradient at all (a rule may skip costly work for it and return None); and,
+at run time, `at.batch` is the global batch size, so that `mean` over the
+batch axis divides by the whole batch and not by a shard's share of it.
 """
 
 from __future__ import annotations
@@ -211,8 +212,15 @@ def _matmul_shape(at: Attrs, a: Shape, b: Shape) -> Shape:
     return check_batch_leading(batch_dims + (a[-2], b[-1]), f"matmul of {fmt(a)} and {fmt(b)}")
 
 
-register(Op("matmul", 2, _matmul_shape, lambda at, a, b: np.matmul(a, b),
-            lambda at, g, out, a, b: (np.matmul(g, np.swapaxes(b, -1, -2)), np.matmul(np.swapaxes(a, -1, -2), g)),
+def _matmul_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple:
+    """Skips the product for an operand that takes no gradient (the data in
+    `x @ W`): it is the costliest product of the backward pass."""
+    grad_a = np.matmul(g, np.swapaxes(b, -1, -2)) if at.wants[0] else None
+    grad_b = np.matmul(np.swapaxes(a, -1, -2), g) if at.wants[1] else None
+    return grad_a, grad_b
+
+
+register(Op("matmul", 2, _matmul_shape, lambda at, a, b: np.matmul(a, b), _matmul_vjp,
             linear_in="each", doc="matrix product, 2-D or batched (leading axes broadcast)"))
 
 

@@ -123,6 +123,8 @@ class Program:
         self.params = {n.name: n for n in self.nodes if n.op == "param"}
         self.cuts = self._classify()
         self._grad_set = self._gradient_path()
+        for node in self.nodes:
+            node.attrs["wants"] = tuple(i in self._grad_set for i in node.inputs)
         for j in self._grad_set:
             node = self.nodes[j]
             if node.op not in SOURCES and get_op(node.op).vjp is None:
