@@ -1,0 +1,84 @@
+"""Coordinator settings: flags, each with an environment variable, checked once."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+from worker.server import DEFAULT_MAX_MESSAGE_MB, env_default, message_limit_bytes
+
+
+@dataclass
+class CoordinatorConfig:
+    host: str = "0.0.0.0"
+    port: int = 50051
+    workers: list[str] = field(default_factory=list)
+    token: Optional[str] = None
+    max_message_mb: float = DEFAULT_MAX_MESSAGE_MB
+    heartbeat_seconds: float = 2.0
+    lease_seconds: float = 6.0
+    # Bounds a request whose client set no deadline, so a hung worker cannot
+    # hold a coordinator thread forever.
+    request_timeout_seconds: float = 600.0
+    max_graphs: int = 256
+    threads: int = 32
+    grace_seconds: float = 5.0
+    log_level: str = "INFO"
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "gradpool coordinator") -> CoordinatorConfig:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Run the gradpool coordinator: clients send it graphs and minibatches, it shards "
+        "them over the registered workers and sums their gradients. Every flag can also be set by the "
+        "environment variable shown.")
+    add = parser.add_argument
+    add("--host", default=env_default("GRADPOOL_HOST", "0.0.0.0"),
+        help="interface to listen on (env GRADPOOL_HOST, default %(default)s)")
+    add("--port", type=int, default=env_default("GRADPOOL_PORT", 50051),
+        help="port to listen on, 0 for any free one (env GRADPOOL_PORT, default %(default)s)")
+    add("--workers", default=env_default("GRADPOOL_WORKERS", ""),
+        help="static workers, HOST:PORT,... used besides those that register (env GRADPOOL_WORKERS)")
+    add("--token", default=os.environ.get("GRADPOOL_TOKEN") or None,
+        help="shared secret: every RPC must carry 'authorization: Bearer TOKEN', and it is sent to workers "
+             "(env GRADPOOL_TOKEN)")
+    add("--max-message-mb", type=float, default=env_default("GRADPOOL_MAX_MESSAGE_MB", DEFAULT_MAX_MESSAGE_MB),
+        help="largest gRPC message sent or received, in MB, at most 2047 (env GRADPOOL_MAX_MESSAGE_MB, "
+             "default %(default)s)")
+    add("--heartbeat-seconds", type=float, default=env_default("GRADPOOL_HEARTBEAT_SECONDS", 2.0),
+        help="how often workers heartbeat (env GRADPOOL_HEARTBEAT_SECONDS, default %(default)s)")
+    add("--lease-seconds", type=float, default=env_default("GRADPOOL_LEASE_SECONDS", 6.0),
+        help="a worker silent this long is dropped (env GRADPOOL_LEASE_SECONDS, default %(default)s)")
+    add("--request-timeout-seconds", type=float, default=env_default("GRADPOOL_REQUEST_TIMEOUT_SECONDS", 600.0),
+        help="deadline for requests whose client set none (env GRADPOOL_REQUEST_TIMEOUT_SECONDS, "
+             "default %(default)s)")
+    add("--max-graphs", type=int, default=env_default("GRADPOOL_MAX_GRAPHS", 256),
+        help="registered graphs kept (LRU; an evicted graph is registered again by the client) "
+             "(env GRADPOOL_MAX_GRAPHS, default %(default)s)")
+    add("--threads", type=int, default=env_default("GRADPOOL_THREADS", 32),
+        help="concurrent RPCs served (env GRADPOOL_THREADS, default %(default)s)")
+    add("--grace-seconds", type=float, default=env_default("GRADPOOL_GRACE_SECONDS", 5.0),
+        help="on SIGTERM, how long running requests may finish (env GRADPOOL_GRACE_SECONDS, "
+             "default %(default)s)")
+    add("--log-level", default=env_default("GRADPOOL_LOG_LEVEL", "INFO"), type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log verbosity on stderr (env GRADPOOL_LOG_LEVEL, default %(default)s)")
+    args = parser.parse_args(argv)
+    workers = [w.strip() for w in args.workers.split(",") if w.strip()]
+    for address in workers:
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            parser.error(f"--workers: {address!r} is not HOST:PORT")
+    if not 0 < args.heartbeat_seconds < args.lease_seconds:
+        parser.error(f"need 0 < --heartbeat-seconds ({args.heartbeat_seconds}) < --lease-seconds "
+                     f"({args.lease_seconds})")
+    if not args.request_timeout_seconds > 0 or args.max_graphs < 1 or args.threads < 1:
+        parser.error("--request-timeout-seconds, --max-graphs and --threads must be positive")
+    try:
+        message_limit_bytes(args.max_message_mb)
+    except ValueError as err:
+        parser.error(str(err))
+    values = vars(args)
+    values["workers"] = workers
+    return CoordinatorConfig(**values)

@@ -1,0 +1,362 @@
+"""The gradpool coordinator: graphs in, exact summed gradients out.
+
+Clients register a graph once (checked with the engine's `Program`, cached
+by content id) and then send params and a minibatch by graph id. The
+coordinator checks the request against the graph, cuts the batch into
+contiguous shards in proportion to worker capacity, sends every shard at
+once, and folds the shard gradients into an `OrderedSum` as they arrive, so
+the result is bitwise the same whatever order the workers answer in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import grpc
+
+from protos import gradpool_pb2 as pb
+from protos import gradpool_pb2_grpc as pb_grpc
+from worker.engine import OrderedSum, Program, from_named, from_tensor, graph_id, to_named
+from worker.engine.errors import GradpoolError
+from worker.engine.tensors import DTYPE_TO_PROTO
+from worker.server import (VERSION, RpcFailure, add_health_and_reflection, announce, auth_metadata, bind,
+                           channel_options, configure_logging, interceptors, server_options, translate_errors,
+                           wait_for_shutdown)
+
+from .config import CoordinatorConfig, parse_args
+from .fanout import FanOut, GraphRecord, Shard, ShardFailed, plan, shard_requests
+from .registry import WorkerRegistry
+from .validation import check_inputs, check_outputs, check_params, sources_needed_for
+
+log = logging.getLogger("gradpool.coordinator")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
+
+
+class GraphStore:
+    """Registered graphs by id: checked once, bounded LRU (an evicted graph
+    answers NOT_FOUND and the SDK registers it again)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._records: OrderedDict[str, GraphRecord] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> Optional[GraphRecord]:
+        with self._lock:
+            record = self._records.get(key)
+            if record is not None:
+                self._records.move_to_end(key)
+            return record
+
+    def add(self, graph: pb.Graph) -> GraphRecord:
+        key = graph_id(graph)
+        record = self.get(key)
+        if record is not None:
+            return record
+        program = Program(graph)  # GraphError/ShardingError -> INVALID_ARGUMENT, the engine's message
+        record = GraphRecord(key, program, pb.LoadGraphRequest(graph_id=key, graph=graph))
+        with self._lock:
+            self._records[key] = record
+            while len(self._records) > self.capacity:
+                self._records.popitem(last=False)
+        log.info("registered graph %s (%s, %d nodes)", key[:12], program.name, len(program.nodes))
+        return record
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._records)
+
+
+@dataclass
+class Totals:
+    requests_served: int = 0
+    requests_failed: int = 0
+    examples_served: int = 0
+
+
+class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+    """The Coordinator service: graph registry, worker registry, fan-out and reduction."""
+
+    def __init__(self, config: CoordinatorConfig):
+        self.config = config
+        self.registry = WorkerRegistry(config.lease_seconds, channel_options(config.max_message_mb))
+        for address in config.workers:
+            self.registry.add_static(address)
+        self.graphs = GraphStore(config.max_graphs)
+        self.totals = Totals()
+        self._totals_lock = threading.Lock()
+        self._metadata = auth_metadata(config.token)
+        self._started = time.monotonic()
+
+    # ------------------------------------------------------------ clients
+
+    @translate_errors
+    def RegisterGraph(self, request: pb.RegisterGraphRequest,
+                      context: grpc.ServicerContext) -> pb.RegisterGraphResponse:
+        return pb.RegisterGraphResponse(graph_id=self.graphs.add(request.graph).graph_id)
+
+    @translate_errors
+    def ComputeGradients(self, request: pb.GradientsRequest, context: grpc.ServicerContext) -> pb.GradientsResponse:
+        started = time.perf_counter()
+        with self._tally() as tally:
+            record = self._graph(request.graph_id)
+            program = record.program
+            check_params(program, request.params)
+            examples = check_inputs(program, request.inputs, set(program.inputs))
+            shards = self._shards(record, request.params, request.inputs, examples)
+            total = OrderedSum(len(shards))
+            for shard, response in self._run(shards, record, context, request.request_id):
+                total.add(shard.index, response.loss, self._shard_grads(program, shard, response))
+            assert total.grads is not None
+            tally.examples = examples
+            return pb.GradientsResponse(loss=total.loss, grads=to_named(total.grads), examples=examples,
+                                        shards=[s.stats() for s in shards], seconds=time.perf_counter() - started)
+
+    @translate_errors
+    def Evaluate(self, request: pb.EvaluateRequest, context: grpc.ServicerContext) -> pb.EvaluateResponse:
+        started = time.perf_counter()
+        with self._tally() as tally:
+            record = self._graph(request.graph_id)
+            program = record.program
+            outputs = list(request.outputs)
+            check_outputs(program, outputs)
+            needed_inputs, needed_params = sources_needed_for(program, outputs)
+            check_params(program, request.params, needed_params)
+            examples = check_inputs(program, request.inputs, needed_inputs)
+            shards = self._shards(record, request.params, request.inputs, examples,
+                                  mode=pb.ShardRequest.FORWARD, outputs=outputs)
+            pieces: list[Optional[pb.ShardResponse]] = [None] * len(shards)
+            for shard, response in self._run(shards, record, context, request.request_id):
+                self._check_examples(shard, response)
+                pieces[shard.index] = response
+            tally.examples = examples
+            return pb.EvaluateResponse(outputs=self._concat_outputs(program, outputs, shards, pieces),
+                                       examples=examples, shards=[s.stats() for s in shards],
+                                       seconds=time.perf_counter() - started)
+
+    @translate_errors
+    def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusResponse:
+        now = time.monotonic()
+        with self._totals_lock:
+            totals = Totals(**vars(self.totals))
+        return pb.StatusResponse(workers=[w.info(now) for w in self.registry.all()],
+                                 requests_served=totals.requests_served, requests_failed=totals.requests_failed,
+                                 examples_served=totals.examples_served, graphs_registered=len(self.graphs),
+                                 uptime_seconds=now - self._started, version=VERSION)
+
+    # ------------------------------------------------------------ workers
+
+    @translate_errors
+    def RegisterWorker(self, request: pb.RegisterWorkerRequest,
+                       context: grpc.ServicerContext) -> pb.RegisterWorkerResponse:
+        address = request.address.strip()
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"worker address {address!r} is not HOST:PORT")
+        if not 0 < request.capacity < float("inf"):
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"worker capacity must be a positive number, got {request.capacity}")
+        entry = self.registry.register(address, request.capacity, request.worker_id or address)
+        return pb.RegisterWorkerResponse(worker_id=entry.worker_id, heartbeat_seconds=self.config.heartbeat_seconds,
+                                         lease_seconds=self.config.lease_seconds)
+
+    @translate_errors
+    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
+        return pb.HeartbeatResponse(known=self.registry.heartbeat(request.worker_id))
+
+    @translate_errors
+    def DeregisterWorker(self, request: pb.DeregisterWorkerRequest,
+                         context: grpc.ServicerContext) -> pb.DeregisterWorkerResponse:
+        self.registry.deregister(request.worker_id)
+        return pb.DeregisterWorkerResponse()
+
+    # ------------------------------------------------------------ helpers
+
+    @contextlib.contextmanager
+    def _tally(self) -> Iterator[Totals]:
+        """Count the request as served (with its examples) or failed."""
+        tally = Totals()
+        try:
+            yield tally
+        except BaseException:
+            with self._totals_lock:
+                self.totals.requests_failed += 1
+            raise
+        with self._totals_lock:
+            self.totals.requests_served += 1
+            self.totals.examples_served += tally.examples
+
+    def _graph(self, key: str) -> GraphRecord:
+        record = self.graphs.get(key)
+        if record is None:
+            raise RpcFailure(grpc.StatusCode.NOT_FOUND,
+                             f"graph {key!r} not registered (the coordinator may have restarted): register it again")
+        return record
+
+    def _shards(self, record: GraphRecord, params: Sequence[pb.NamedTensor], inputs: Sequence[pb.NamedTensor],
+                examples: int, mode: int = pb.ShardRequest.GRADIENTS, outputs: Sequence[str] = ()) -> list[Shard]:
+        pool = self.registry.pool()
+        if not pool:
+            raise RpcFailure(grpc.StatusCode.UNAVAILABLE,
+                             "no live workers: start one with `gradpool worker --coordinator HOST:PORT`")
+        assignment = plan(pool, examples)
+        requests = shard_requests(record.graph_id, params, inputs, [(a, b) for _, a, b in assignment], examples,
+                                  mode, outputs)
+        return [Shard(i, start, stop, request, worker)
+                for i, ((worker, start, stop), request) in enumerate(zip(assignment, requests))]
+
+    def _run(self, shards: list[Shard], record: GraphRecord, context: grpc.ServicerContext,
+             request_id: str) -> Iterator[tuple[Shard, pb.ShardResponse]]:
+        """Fan out under the client's deadline (or ours); worker failures become statuses."""
+        remaining = context.time_remaining()
+        limit = self.config.request_timeout_seconds
+        timeout = limit if remaining is None or remaining > limit else remaining
+        log.debug("request %s: %d shard(s), %.1fs to go", request_id or "-", len(shards), timeout)
+        with FanOut(shards, record, self.registry, time.monotonic() + timeout, self._metadata) as fan:
+            context.add_callback(fan.cancel)
+            try:
+                yield from fan.results()
+            except ShardFailed as failure:
+                log.warning("request %s failed: %s", request_id or "-", failure)
+                raise failure.status() from None
+
+    @staticmethod
+    def _check_examples(shard: Shard, response: pb.ShardResponse) -> None:
+        if response.examples != shard.examples:
+            raise RpcFailure(grpc.StatusCode.INTERNAL, f"{shard.describe()} reported {response.examples} examples")
+
+    def _shard_grads(self, program: Program, shard: Shard, response: pb.ShardResponse) -> dict:
+        """A shard's gradients, checked against the graph before they are summed."""
+        self._check_examples(shard, response)
+        try:
+            grads = from_named(response.grads, "gradient")
+        except GradpoolError as err:
+            raise RpcFailure(grpc.StatusCode.INTERNAL, f"{shard.describe()} sent bad gradients: {err}") from None
+        if set(grads) != set(program.params) or any(
+                grads[name].shape != node.shape or grads[name].dtype != node.dtype
+                for name, node in program.params.items()):
+            raise RpcFailure(grpc.StatusCode.INTERNAL,
+                             f"{shard.describe()} sent gradients that do not match the graph's params")
+        return grads
+
+    @staticmethod
+    def _concat_outputs(program: Program, outputs: list[str], shards: list[Shard],
+                        pieces: list[Optional[pb.ShardResponse]]) -> list[pb.NamedTensor]:
+        """Each output's rows from every shard, joined along the batch axis as raw bytes."""
+        joined = []
+        for name in outputs:
+            node = program.node(name)
+            datas = []
+            for shard, response in zip(shards, pieces):
+                assert response is not None
+                tensor = next((o.tensor for o in response.outputs if o.name == name), None)
+                if tensor is None:
+                    raise RpcFailure(grpc.StatusCode.INTERNAL, f"{shard.describe()} did not return {name!r}")
+                try:
+                    value = from_tensor(tensor, f"output {name!r}")
+                except GradpoolError as err:
+                    raise RpcFailure(grpc.StatusCode.INTERNAL, f"{shard.describe()}: {err}") from None
+                if value.dtype != node.dtype or value.shape != (shard.examples, *node.shape[1:]):
+                    raise RpcFailure(grpc.StatusCode.INTERNAL,
+                                     f"{shard.describe()} returned {name!r} as {value.shape} of {value.dtype}")
+                datas.append(tensor.data)
+            rows = sum(s.examples for s in shards)
+            joined.append(pb.NamedTensor(name=name, tensor=pb.Tensor(
+                dtype=DTYPE_TO_PROTO[node.dtype], shape=(rows, *node.shape[1:]), data=b"".join(datas))))
+        return joined
+
+
+class Maintenance:
+    """Background upkeep: drop lapsed leases, probe unreachable static workers."""
+
+    def __init__(self, registry: WorkerRegistry, period: float, metadata: tuple[tuple[str, str], ...]):
+        self._registry = registry
+        self._period = period
+        self._metadata = metadata
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="maintenance", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._period):
+            try:
+                self._registry.expire()
+                for entry in self._registry.unreachable_static():
+                    try:
+                        entry.stub.GetWorkerStatus(pb.WorkerStatusRequest(), timeout=1.0, metadata=self._metadata)
+                    except grpc.RpcError:
+                        continue
+                    except ValueError:  # channel closed under us
+                        continue
+                    log.info("static worker %s is reachable again", entry.describe())
+                    self._registry.mark_reachable(entry)
+            except Exception:  # keep the upkeep alive whatever happens
+                log.exception("maintenance pass failed")
+
+
+@dataclass
+class RunningCoordinator:
+    server: grpc.Server
+    servicer: CoordinatorServicer
+    port: int
+    health: object
+    maintenance: Maintenance
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop taking requests, let running ones finish, then close worker channels."""
+        self.health.enter_graceful_shutdown()  # type: ignore[attr-defined]
+        self.server.stop(grace).wait()
+        self.maintenance.stop()
+        self.servicer.registry.close()
+
+
+def start(config: CoordinatorConfig) -> RunningCoordinator:
+    """Start serving without blocking."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="coordinator"),
+                         options=server_options(config.max_message_mb), interceptors=interceptors(config.token))
+    servicer = CoordinatorServicer(config)
+    pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
+    health = add_health_and_reflection(server, [SERVICE_NAME])
+    port = bind(server, config.host, config.port)
+    server.start()
+    maintenance = Maintenance(servicer.registry, min(config.heartbeat_seconds, config.lease_seconds / 4),
+                              auth_metadata(config.token))
+    maintenance.start()
+    return RunningCoordinator(server, servicer, port, health, maintenance)
+
+
+def serve(config: CoordinatorConfig) -> None:
+    """Run the coordinator until SIGTERM/SIGINT, then stop gracefully."""
+    running = start(config)
+    announce("coordinator", config.host, running.port)
+    log.info("coordinator %s serving on port %d (heartbeat %.3gs, lease %.3gs, messages up to %g MB%s)", VERSION,
+             running.port, config.heartbeat_seconds, config.lease_seconds, config.max_message_mb,
+             ", token required" if config.token else "")
+    reason = wait_for_shutdown()
+    log.info("shutting down (%s)", reason)
+    running.stop(config.grace_seconds)
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: str = "gradpool coordinator") -> int:
+    config = parse_args(argv, prog)
+    configure_logging(config.log_level)
+    try:
+        serve(config)
+    except OSError as err:
+        log.error("%s", err)
+        return 1
+    return 0

@@ -1,0 +1,240 @@
+"""One request's shards: planned, sliced, sent to workers concurrently, and
+handed back one by one as they arrive.
+
+Per shard, the retry decision lives in one place (`FanOut._retry`): today a
+worker that lost the graph (NOT_FOUND: restarted or evicted it) is sent the
+graph again and the shard retried there, invisibly to the client; every
+other failure ends the request with a status naming the worker and shard.
+Retrying a failed shard on another live worker slots into `_retry` by
+setting `shard.worker` before re-dispatching: the shard's request bytes do
+not depend on the worker.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
+
+import grpc
+
+from protos import gradpool_pb2 as pb
+from worker.engine import Program, shard_bounds
+from worker.engine.tensors import PROTO_TO_DTYPE
+from worker.server import RpcFailure
+
+from .registry import WorkerEntry, WorkerRegistry
+
+# Including the first: one NOT_FOUND -> LoadGraph -> retry cycle, plus one
+# in case the worker evicted the graph again in between.
+MAX_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class GraphRecord:
+    """A registered graph: checked once, and its LoadGraph message built once."""
+    graph_id: str
+    program: Program
+    load_request: pb.LoadGraphRequest
+
+
+@dataclass(eq=False)
+class Shard:
+    index: int
+    start: int
+    stop: int
+    request: bytes  # a serialized ShardRequest, worker-independent
+    worker: WorkerEntry
+    attempts: int = 0
+    first_sent: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def examples(self) -> int:
+        return self.stop - self.start
+
+    def describe(self) -> str:
+        return f"worker {self.worker.describe()} on shard {self.index} (examples {self.start}:{self.stop})"
+
+    def stats(self) -> pb.ShardStats:
+        return pb.ShardStats(worker=self.worker.describe(), start=self.start, examples=self.examples,
+                             seconds=self.seconds, attempts=self.attempts)
+
+
+class ShardFailed(Exception):
+    """A shard could not be computed; says where and why."""
+
+    def __init__(self, shard: Shard, code: grpc.StatusCode, details: str):
+        super().__init__(f"{shard.describe()}: {code.name}: {details}")
+        self.shard, self.code, self.details = shard, code, details
+
+    def status(self) -> RpcFailure:
+        """The status the client sees: worker and shard named, the worker's message kept."""
+        where = self.shard.describe()
+        if self.code == grpc.StatusCode.INVALID_ARGUMENT:
+            return RpcFailure(self.code, f"{where} rejected the input: {self.details}")
+        if self.code == grpc.StatusCode.UNAVAILABLE:
+            return RpcFailure(self.code, f"{where} is unreachable: {self.details}")
+        if self.code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
+                         grpc.StatusCode.RESOURCE_EXHAUSTED):
+            return RpcFailure(self.code, f"{where}: {self.details}")
+        # The worker's own status (NOT_FOUND twice, UNAUTHENTICATED: a token
+        # mismatch between coordinator and worker, INTERNAL) is the service's
+        # fault, not the client's.
+        return RpcFailure(grpc.StatusCode.INTERNAL, f"{where} failed with {self.code.name}: {self.details}")
+
+
+def plan(pool: Sequence[WorkerEntry], examples: int) -> list[tuple[WorkerEntry, int, int]]:
+    """(worker, start, stop) per shard: `shard_bounds` by capacity.
+
+    `shard_bounds` drops empty shards (fewer examples than workers); the
+    shards then go to the fastest workers (ties: pool order), kept in pool
+    order. A batch with no examples still gets one (empty) shard, as in
+    `local_gradients`.
+    """
+    bounds = shard_bounds(examples, [w.capacity for w in pool]) or [(0, examples)]
+    if len(bounds) < len(pool):
+        fastest = sorted(range(len(pool)), key=lambda i: (-pool[i].capacity, i))[: len(bounds)]
+        pool = [pool[i] for i in sorted(fastest)]
+    return [(worker, start, stop) for worker, (start, stop) in zip(pool, bounds)]
+
+
+def shard_requests(graph_id: str, params: Sequence[pb.NamedTensor], inputs: Sequence[pb.NamedTensor],
+                   bounds: Sequence[tuple[int, int]], examples: int, mode: int = pb.ShardRequest.GRADIENTS,
+                   outputs: Sequence[str] = ()) -> list[bytes]:
+    """Serialized ShardRequests, one per (start, stop).
+
+    The params are serialized once and appended to every shard's bytes
+    (protobuf concatenation appends repeated fields), never re-encoded from
+    numpy. Inputs are cut by row stride from the raw bytes, never decoded.
+    """
+    params_bytes = pb.ShardRequest(params=params).SerializeToString()
+    sources = []
+    for item in inputs:
+        row_shape = tuple(item.tensor.shape[1:])
+        row_bytes = PROTO_TO_DTYPE[item.tensor.dtype].itemsize * math.prod(row_shape)
+        sources.append((item.name, item.tensor.dtype, row_shape, row_bytes, item.tensor.data))
+    requests = []
+    for index, (start, stop) in enumerate(bounds):
+        header = pb.ShardRequest(graph_id=graph_id, global_batch=examples, include_batch_independent=index == 0,
+                                 mode=mode, outputs=outputs)
+        for name, dtype, row_shape, row_bytes, data in sources:
+            header.inputs.add(name=name, tensor=pb.Tensor(dtype=dtype, shape=(stop - start, *row_shape),
+                                                          data=data[start * row_bytes:stop * row_bytes]))
+        requests.append(header.SerializeToString() + params_bytes)
+    return requests
+
+
+@dataclass(eq=False)
+class FanOut:
+    """Runs shards concurrently (one RunShard future each) under one deadline.
+
+    Use as a context manager: leaving it cancels whatever is still running
+    (a failed shard, the client gone, an exception in the caller).
+    """
+
+    shards: Sequence[Shard]
+    graph: GraphRecord
+    registry: WorkerRegistry
+    deadline: float  # time.monotonic()
+    metadata: tuple[tuple[str, str], ...] = ()
+    _done: "queue.SimpleQueue[tuple[Shard, grpc.Future]]" = field(default_factory=queue.SimpleQueue)
+    _futures: dict[int, grpc.Future] = field(default_factory=dict)
+
+    def __enter__(self) -> "FanOut":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cancel()
+
+    def cancel(self) -> None:
+        for future in list(self._futures.values()):
+            future.cancel()
+
+    def results(self) -> Iterator[tuple[Shard, pb.ShardResponse]]:
+        """(shard, response) in arrival order; raises ShardFailed on the first failure."""
+        for shard in self.shards:
+            shard.first_sent = time.perf_counter()
+            self._dispatch(shard)
+        pending = len(self.shards)
+        while pending:
+            shard, future = self._next_done()
+            try:
+                response = future.result()
+            except (grpc.RpcError, grpc.FutureCancelledError) as err:
+                code = err.code() if isinstance(err, grpc.RpcError) else grpc.StatusCode.CANCELLED
+                details = err.details() if isinstance(err, grpc.RpcError) else "cancelled"
+                self._retry(shard, code, details or "")
+                continue
+            del self._futures[shard.index]
+            shard.seconds = time.perf_counter() - shard.first_sent
+            shard.worker.served(shard.examples)
+            pending -= 1
+            yield shard, response
+
+    def _remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def _next_done(self) -> tuple[Shard, grpc.Future]:
+        # Every future carries the deadline, so this wait is a safety net.
+        try:
+            return self._done.get(timeout=max(0.0, self._remaining()) + 5.0)
+        except queue.Empty:
+            raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded waiting for workers") from None
+
+    def _retry(self, shard: Shard, code: grpc.StatusCode, details: str) -> None:
+        """Send the shard again where that can help; otherwise fail the request."""
+        if code == grpc.StatusCode.NOT_FOUND and shard.attempts < MAX_ATTEMPTS:
+            shard.worker.forget_graph(self.graph.graph_id)
+            self._dispatch(shard)
+            return
+        self._failed(shard, code, details)
+
+    def _failed(self, shard: Shard, code: grpc.StatusCode, details: str) -> None:
+        shard.worker.failed()
+        if code == grpc.StatusCode.UNAVAILABLE:
+            self.registry.mark_unreachable(shard.worker, details)
+        raise ShardFailed(shard, code, details)
+
+    def _dispatch(self, shard: Shard) -> None:
+        remaining = self._remaining()
+        if remaining <= 0:
+            raise ShardFailed(shard, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the shard was sent")
+        worker = shard.worker
+        self._ensure_graph(shard, remaining)
+        shard.attempts += 1
+        worker.acquire()
+        try:
+            future = worker.run_shard.future(shard.request, timeout=self._remaining(), metadata=self.metadata)
+        except ValueError:  # the channel closed: the worker left the pool just now
+            worker.release()
+            self._failed(shard, grpc.StatusCode.UNAVAILABLE, "the worker left the pool")
+            return
+        self._futures[shard.index] = future
+
+        def on_done(done: grpc.Future) -> None:
+            worker.release()
+            self._done.put((shard, done))
+
+        future.add_done_callback(on_done)
+
+    def _ensure_graph(self, shard: Shard, remaining: float) -> None:
+        """LoadGraph once per worker and graph (a 1,000-step loop sends it once)."""
+        worker, key = shard.worker, self.graph.graph_id
+        if worker.has_graph(key):
+            return
+        with worker.load_lock:
+            if worker.has_graph(key):
+                return
+            worker.acquire()
+            try:
+                worker.stub.LoadGraph(self.graph.load_request, timeout=remaining, metadata=self.metadata)
+            except grpc.RpcError as err:
+                self._failed(shard, err.code(), f"sending graph {key[:12]}: {err.details()}")
+            except ValueError:
+                self._failed(shard, grpc.StatusCode.UNAVAILABLE, "the worker left the pool")
+            finally:
+                worker.release()
+            worker.graph_sent(key)

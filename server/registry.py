@@ -1,0 +1,235 @@
+"""The coordinator's view of the worker pool.
+
+Workers register (address, capacity, stable id) and heartbeat; one silent
+for longer than its lease is dropped. Static workers (`--workers`) never
+expire. A worker that fails a call with UNAVAILABLE is marked unreachable
+and left out of new requests until it heartbeats again (static ones until a
+probe answers). Every request takes `pool()` as it is at that moment, so
+workers join and leave at any time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import grpc
+
+from protos import gradpool_pb2 as pb
+from protos import gradpool_pb2_grpc as pb_grpc
+
+log = logging.getLogger("gradpool.coordinator")
+
+LIVE = "live"
+UNREACHABLE = "unreachable"
+RUN_SHARD_METHOD = "/{}/RunShard".format(pb.DESCRIPTOR.services_by_name["Worker"].full_name)
+
+
+@dataclass(eq=False)
+class WorkerEntry:
+    """One worker: its channel, what it has been sent, and what it has served."""
+
+    worker_id: str
+    address: str
+    capacity: float
+    static: bool
+    channel: grpc.Channel
+    stub: pb_grpc.WorkerStub
+    # RunShard taking an already serialized ShardRequest, so that the params'
+    # bytes are serialized once per request, not once per shard.
+    run_shard: grpc.UnaryUnaryMultiCallable
+    last_contact: float = field(default_factory=time.monotonic)
+    state: str = LIVE
+    graphs: set[str] = field(default_factory=set)
+    shards_served: int = 0
+    examples_served: int = 0
+    graphs_sent: int = 0
+    errors: int = 0
+    in_flight: int = 0
+    retired: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Held while sending a graph, so concurrent requests send it once.
+    load_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def describe(self) -> str:
+        return f"{self.worker_id} ({self.address})" if self.worker_id != self.address else self.address
+
+    def acquire(self) -> None:
+        with self.lock:
+            self.in_flight += 1
+
+    def release(self) -> None:
+        with self.lock:
+            self.in_flight -= 1
+            close = self.retired and self.in_flight == 0
+        if close:
+            self.channel.close()
+
+    def retire(self) -> None:
+        """Close the channel once no call is using it."""
+        with self.lock:
+            self.retired = True
+            close = self.in_flight == 0
+        if close:
+            self.channel.close()
+
+    def has_graph(self, graph_id: str) -> bool:
+        with self.lock:
+            return graph_id in self.graphs
+
+    def graph_sent(self, graph_id: str) -> None:
+        with self.lock:
+            self.graphs.add(graph_id)
+            self.graphs_sent += 1
+
+    def forget_graph(self, graph_id: str) -> None:
+        """The worker answered NOT_FOUND: it restarted or evicted the graph."""
+        with self.lock:
+            self.graphs.discard(graph_id)
+
+    def served(self, examples: int) -> None:
+        with self.lock:
+            self.shards_served += 1
+            self.examples_served += examples
+            if self.static:  # no heartbeats: a served shard is the sign of life
+                self.last_contact = time.monotonic()
+
+    def failed(self) -> None:
+        with self.lock:
+            self.errors += 1
+
+    def info(self, now: float) -> pb.WorkerInfo:
+        with self.lock:
+            return pb.WorkerInfo(worker_id=self.worker_id, address=self.address, capacity=self.capacity,
+                                 state=self.state, seconds_since_heartbeat=max(0.0, now - self.last_contact),
+                                 shards_served=self.shards_served, examples_served=self.examples_served,
+                                 graphs_sent=self.graphs_sent, errors=self.errors, static=self.static)
+
+
+class WorkerRegistry:
+    """Thread-safe set of workers, keyed by worker id."""
+
+    def __init__(self, lease_seconds: float, channel_options: Sequence[tuple[str, int]]):
+        self.lease_seconds = lease_seconds
+        self._options = list(channel_options)
+        self._workers: dict[str, WorkerEntry] = {}
+        self._lock = threading.Lock()
+
+    def _connect(self, worker_id: str, address: str, capacity: float, static: bool) -> WorkerEntry:
+        channel = grpc.insecure_channel(address, options=self._options)
+        run_shard = channel.unary_unary(RUN_SHARD_METHOD, request_serializer=None,
+                                        response_deserializer=pb.ShardResponse.FromString)
+        return WorkerEntry(worker_id, address, capacity, static, channel, pb_grpc.WorkerStub(channel), run_shard,
+                           last_contact=time.monotonic())
+
+    def add_static(self, address: str, capacity: float = 1.0) -> None:
+        with self._lock:
+            self._workers[address] = self._connect(address, address, capacity, static=True)
+        log.info("static worker %s", address)
+
+    def register(self, address: str, capacity: float, worker_id: str) -> WorkerEntry:
+        """Add or refresh a worker. A registration at a static worker's address
+        refreshes that entry; a new id at a known address replaces the stale
+        process that was there."""
+        retired = []
+        with self._lock:
+            static = next((w for w in self._workers.values() if w.static and w.address == address), None)
+            if static is not None:
+                with static.lock:
+                    static.capacity, static.state, static.last_contact = capacity, LIVE, time.monotonic()
+                return static
+            entry = self._workers.get(worker_id)
+            if entry is not None and entry.address == address:
+                with entry.lock:
+                    entry.capacity, entry.state, entry.last_contact = capacity, LIVE, time.monotonic()
+                return entry
+            for other_id, other in list(self._workers.items()):
+                if other_id == worker_id or other.address == address:
+                    retired.append(self._workers.pop(other_id))
+            entry = self._connect(worker_id, address, capacity, static=False)
+            self._workers[worker_id] = entry
+        for old in retired:
+            log.info("worker %s replaced by %s", old.describe(), entry.describe())
+            old.retire()
+        log.info("worker %s joined (capacity %g)", entry.describe(), capacity)
+        return entry
+
+    def heartbeat(self, worker_id: str) -> bool:
+        """Renew a lease; False when the worker is unknown (it must register)."""
+        with self._lock:
+            entry = self._workers.get(worker_id)
+        if entry is None:
+            return False
+        with entry.lock:
+            entry.last_contact = time.monotonic()
+            if entry.state != LIVE:
+                log.info("worker %s is reachable again", entry.describe())
+            entry.state = LIVE
+        return True
+
+    def deregister(self, worker_id: str) -> bool:
+        with self._lock:
+            entry = self._workers.get(worker_id)
+            if entry is None or entry.static:
+                return entry is not None
+            del self._workers[worker_id]
+        log.info("worker %s left", entry.describe())
+        entry.retire()
+        return True
+
+    def mark_unreachable(self, entry: WorkerEntry, why: str) -> None:
+        with entry.lock:
+            was = entry.state
+            entry.state = UNREACHABLE
+        if was != UNREACHABLE:
+            log.warning("worker %s unreachable: %s", entry.describe(), why)
+
+    def mark_reachable(self, entry: WorkerEntry) -> None:
+        with entry.lock:
+            entry.state = LIVE
+            entry.last_contact = time.monotonic()
+
+    def expire(self) -> list[WorkerEntry]:
+        """Drop registered workers whose lease lapsed; return them."""
+        now = time.monotonic()
+        with self._lock:
+            lapsed = [w for w in self._workers.values()
+                      if not w.static and now - w.last_contact > self.lease_seconds]
+            for entry in lapsed:
+                del self._workers[entry.worker_id]
+        for entry in lapsed:
+            log.warning("worker %s dropped: no heartbeat for %.1fs (lease %.1fs)", entry.describe(),
+                        now - entry.last_contact, self.lease_seconds)
+            entry.retire()
+        return lapsed
+
+    def pool(self) -> list[WorkerEntry]:
+        """Live workers in a stable order (by id), so that the same worker set
+        splits the same batch the same way every time."""
+        self.expire()
+        with self._lock:
+            entries = list(self._workers.values())
+        return sorted((w for w in entries if w.state == LIVE), key=lambda w: w.worker_id)
+
+    def all(self) -> list[WorkerEntry]:
+        self.expire()
+        with self._lock:
+            return sorted(self._workers.values(), key=lambda w: w.worker_id)
+
+    def unreachable_static(self) -> list[WorkerEntry]:
+        with self._lock:
+            return [w for w in self._workers.values() if w.static and w.state == UNREACHABLE]
+
+    def close(self) -> None:
+        with self._lock:
+            entries = list(self._workers.values())
+            self._workers.clear()
+        for entry in entries:
+            entry.retire()
+
+    def find(self, worker_id: str) -> Optional[WorkerEntry]:
+        with self._lock:
+            return self._workers.get(worker_id)
