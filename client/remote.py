@@ -1,0 +1,363 @@
+"""The SDK's connection to a gradpool coordinator.
+
+    with gp.Client("localhost:50051") as service:
+        loss, grads = service.gradients(graph, params, batch)
+
+`Client` registers each graph once per connection (and again, invisibly,
+when the coordinator has forgotten it), casts arrays to the graph's dtypes,
+and returns numpy arrays. Every gRPC error becomes a `ServiceError` carrying
+the status code and the server's message; transient failures (the
+coordinator restarting, no worker up yet) are retried with backoff by one
+decorator, `retried`, which never retries the codes in `NEVER_RETRIED`.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
+
+import grpc
+import numpy as np
+
+from protos import gradpool_pb2 as pb
+from protos import gradpool_pb2_grpc as pb_grpc
+from worker.engine import from_named, to_named
+from worker.engine.errors import GradpoolError
+from worker.server import DEFAULT_MAX_MESSAGE_MB, auth_metadata, channel_options
+
+from .graph import Graph
+from .local import prepare_arrays
+
+# Retrying these cannot help: the request itself is wrong, or the caller may
+# not make it, or it already ran out of time (the deadline bounds all tries).
+NEVER_RETRIED: tuple[grpc.StatusCode, ...] = (
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,  # mostly "message larger than max": the same message fails again
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.DATA_LOSS,
+    grpc.StatusCode.UNKNOWN,
+)
+
+
+# How the coordinator's own UNAVAILABLE messages begin (no workers, a worker
+# down); any other UNAVAILABLE means the coordinator itself was not reached.
+COORDINATOR_UNAVAILABLE_PREFIXES = ("no live workers", "worker ")
+
+
+class ServiceError(GradpoolError):
+    """The service refused or failed a request; `.code` is the gRPC status code
+    and `.details` the server's own message."""
+
+    def __init__(self, message: str, code: Optional[grpc.StatusCode] = None, details: str = ""):
+        super().__init__(message)
+        self.code = code
+        self.details = details
+
+
+class ServiceUnavailable(ServiceError):
+    """The coordinator could not be reached, or has no live workers, even after retrying."""
+
+
+def service_error(err: grpc.RpcError, address: str) -> ServiceError:
+    """A gRPC error as the SDK's own exception, with a message a user can act on."""
+    code = err.code() if callable(getattr(err, "code", None)) else grpc.StatusCode.UNKNOWN
+    details = (err.details() if callable(getattr(err, "details", None)) else "") or ""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        if details.startswith(COORDINATOR_UNAVAILABLE_PREFIXES):  # the coordinator answered, its pool did not
+            return ServiceUnavailable(f"gradpool coordinator at {address}: {details}", code, details)
+        return ServiceUnavailable(f"cannot reach the gradpool coordinator at {address} (is it running?): {details}",
+                                  code, details)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return ServiceError(f"deadline exceeded: {details}", code, details)
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return ServiceError(f"the coordinator at {address} refused the token: {details}", code, details)
+    return ServiceError(f"{code.name}: {details}", code, details)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How transient failures are retried; the call's deadline bounds all attempts."""
+    attempts: int = 6
+    initial_backoff: float = 0.1
+    max_backoff: float = 2.0
+    multiplier: float = 2.0
+
+
+T = TypeVar("T")
+
+
+def retried(method: Callable[..., T]) -> Callable[..., T]:
+    """The SDK's one retry loop: backoff with jitter on retryable codes, the
+    deadline (`timeout=`) shared by all attempts, every RpcError turned into
+    a ServiceError. Wraps methods of classes with `.retry` and `.address`."""
+
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> T:
+        policy: RetryPolicy = self.retry
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = policy.initial_backoff
+        for attempt in range(1, policy.attempts + 1):
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                return method(self, *args, timeout=remaining, **kwargs)
+            except grpc.RpcError as err:
+                sleep = delay * random.uniform(0.8, 1.2)
+                out_of_time = deadline is not None and time.monotonic() + sleep >= deadline
+                if err.code() in NEVER_RETRIED or attempt == policy.attempts or out_of_time:
+                    raise service_error(err, self.address) from None
+            time.sleep(sleep)
+            delay = min(delay * policy.multiplier, policy.max_backoff)
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+class CoordinatorRpc:
+    """The Coordinator stub with typed methods, retries and error translation."""
+
+    def __init__(self, channel: grpc.Channel, address: str, token: Optional[str] = None,
+                 retry: RetryPolicy = RetryPolicy()):
+        self.address = address
+        self.retry = retry
+        self._stub = pb_grpc.CoordinatorStub(channel)
+        self._metadata = auth_metadata(token)
+
+    @retried
+    def register_graph(self, graph: pb.Graph, *, timeout: Optional[float] = None) -> str:
+        request = pb.RegisterGraphRequest(graph=graph)
+        return self._stub.RegisterGraph(request, timeout=timeout, metadata=self._metadata).graph_id
+
+    @retried
+    def compute_gradients(self, request: pb.GradientsRequest, *,
+                          timeout: Optional[float] = None) -> pb.GradientsResponse:
+        return self._stub.ComputeGradients(request, timeout=timeout, metadata=self._metadata)
+
+    @retried
+    def evaluate(self, request: pb.EvaluateRequest, *, timeout: Optional[float] = None) -> pb.EvaluateResponse:
+        return self._stub.Evaluate(request, timeout=timeout, metadata=self._metadata)
+
+    @retried
+    def get_status(self, *, timeout: Optional[float] = None) -> pb.StatusResponse:
+        return self._stub.GetStatus(pb.StatusRequest(), timeout=timeout, metadata=self._metadata)
+
+
+# ---------------------------------------------------------------- results
+
+@dataclass(frozen=True)
+class ShardStat:
+    """Where one shard ran and how long it took (attempts > 1: the graph was re-sent)."""
+    worker: str
+    start: int
+    examples: int
+    seconds: float
+    attempts: int
+
+    @classmethod
+    def from_proto(cls, s: pb.ShardStats) -> "ShardStat":
+        return cls(s.worker, s.start, s.examples, s.seconds, s.attempts)
+
+
+@dataclass
+class GradientsResult:
+    loss: float
+    grads: dict[str, np.ndarray]
+    examples: int
+    shards: list[ShardStat]
+    seconds: float  # on the coordinator, from request to reduced result
+
+
+@dataclass
+class EvaluateResult:
+    outputs: dict[str, np.ndarray]
+    examples: int
+    shards: list[ShardStat]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    worker_id: str
+    address: str
+    capacity: float
+    state: str
+    seconds_since_heartbeat: float
+    shards_served: int
+    examples_served: int
+    graphs_sent: int
+    errors: int
+    static: bool
+
+
+@dataclass
+class ClusterStatus:
+    workers: list[WorkerStatus]
+    requests_served: int
+    requests_failed: int
+    examples_served: int
+    graphs_registered: int
+    uptime_seconds: float
+    version: str
+
+    @classmethod
+    def from_proto(cls, s: pb.StatusResponse) -> "ClusterStatus":
+        workers = [WorkerStatus(w.worker_id, w.address, w.capacity, w.state, w.seconds_since_heartbeat,
+                                w.shards_served, w.examples_served, w.graphs_sent, w.errors, w.static)
+                   for w in s.workers]
+        return cls(workers, s.requests_served, s.requests_failed, s.examples_served, s.graphs_registered,
+                   s.uptime_seconds, s.version)
+
+    @property
+    def live_workers(self) -> list[WorkerStatus]:
+        return [w for w in self.workers if w.state == "live"]
+
+    def table(self) -> str:
+        """The status as a readable table (what `gradpool status` prints)."""
+        header = ("WORKER", "ADDRESS", "CAPACITY", "STATE", "HEARTBEAT", "SHARDS", "EXAMPLES", "GRAPHS", "ERRORS")
+        rows = [(w.worker_id + (" (static)" if w.static else ""), w.address, f"{w.capacity:g}", w.state,
+                 f"{w.seconds_since_heartbeat:.1f}s ago", str(w.shards_served), str(w.examples_served),
+                 str(w.graphs_sent), str(w.errors)) for w in self.workers]
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+                 for row in [header, *rows]]
+        if not rows:
+            lines.append("(no workers)")
+        lines += ["",
+                  f"{len(self.live_workers)} live of {len(self.workers)} worker(s); "
+                  f"{self.requests_served} request(s) served, {self.requests_failed} failed, "
+                  f"{self.examples_served} example(s); {self.graphs_registered} graph(s) registered; "
+                  f"up {self.uptime_seconds:.0f}s; gradpool {self.version}"]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the client
+
+class Client:
+    """A connection to a gradpool coordinator.
+
+    `timeout` (seconds) bounds every call, retries included; each method also
+    takes its own `timeout=`. `token` is sent as `authorization: Bearer`.
+    """
+
+    def __init__(self, address: str, token: Optional[str] = None, timeout: Optional[float] = None, *,
+                 max_message_mb: float = DEFAULT_MAX_MESSAGE_MB, retry: RetryPolicy = RetryPolicy()):
+        self.address = address
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(address, options=channel_options(max_message_mb))
+        self._rpc = CoordinatorRpc(self._channel, address, token, retry)
+        self._registered: set[str] = set()
+        self.last_result: Optional[GradientsResult | EvaluateResult] = None
+
+    # ------------------------------------------------------------ graphs
+
+    def register(self, graph: Graph, *, timeout: Optional[float] = None) -> str:
+        """Send the graph to the coordinator (checked there); returns its id."""
+        proto = graph.to_proto()
+        key = graph.graph_id
+        server_key = self._rpc.register_graph(proto, timeout=self._timeout(timeout))
+        if server_key != key:
+            raise ServiceError(f"the coordinator names this graph {server_key[:12]}, the SDK {key[:12]}: "
+                               "client and coordinator versions differ", grpc.StatusCode.FAILED_PRECONDITION)
+        self._registered.add(key)
+        return key
+
+    def _with_graph(self, graph: Graph, call: Callable[[str], T], timeout: Optional[float]) -> T:
+        """Run `call(graph_id)`, registering the graph first if this connection
+        has not, and once more if the coordinator forgot it (restart, eviction)."""
+        key = graph.graph_id
+        if key not in self._registered:
+            self.register(graph, timeout=timeout)
+        try:
+            return call(key)
+        except ServiceError as err:
+            if err.code != grpc.StatusCode.NOT_FOUND:
+                raise
+        self._registered.discard(key)
+        self.register(graph, timeout=timeout)
+        return call(key)
+
+    # ------------------------------------------------------------ computing
+
+    def gradients(self, graph: Graph, params: Mapping[str, Any], batch: Mapping[str, Any], *,
+                  timeout: Optional[float] = None) -> tuple[float, dict[str, np.ndarray]]:
+        """Loss and parameter gradients of the whole batch, as `local_gradients` computes them."""
+        result = self.gradients_with_stats(graph, params, batch, timeout=timeout)
+        return result.loss, result.grads
+
+    def gradients_with_stats(self, graph: Graph, params: Mapping[str, Any], batch: Mapping[str, Any], *,
+                             timeout: Optional[float] = None) -> GradientsResult:
+        """Like `gradients`, with where each shard ran and how long it took."""
+        timeout = self._timeout(timeout)
+        named_params = to_named(prepare_arrays(graph, params, "param"))
+        named_inputs = to_named(prepare_arrays(graph, batch, "input"))
+        request_id = uuid.uuid4().hex
+
+        def call(key: str) -> pb.GradientsResponse:
+            request = pb.GradientsRequest(graph_id=key, params=named_params, inputs=named_inputs,
+                                          request_id=request_id)
+            return self._rpc.compute_gradients(request, timeout=timeout)
+
+        response = self._with_graph(graph, call, timeout)
+        result = GradientsResult(response.loss, _arrays(response.grads, "gradient"), response.examples,
+                                 [ShardStat.from_proto(s) for s in response.shards], response.seconds)
+        self.last_result = result
+        return result
+
+    def evaluate(self, graph: Graph, params: Mapping[str, Any], batch: Mapping[str, Any], outputs: Sequence[str],
+                 *, timeout: Optional[float] = None) -> dict[str, np.ndarray]:
+        """Values of per-example nodes (e.g. predictions) for the batch, forward only."""
+        timeout = self._timeout(timeout)
+        if isinstance(outputs, str):
+            outputs = [outputs]
+        named_params = to_named(prepare_arrays(graph, params, "param"))
+        named_inputs = to_named(prepare_arrays(graph, batch, "input"))
+        request_id = uuid.uuid4().hex
+
+        def call(key: str) -> pb.EvaluateResponse:
+            request = pb.EvaluateRequest(graph_id=key, params=named_params, inputs=named_inputs,
+                                         outputs=list(outputs), request_id=request_id)
+            return self._rpc.evaluate(request, timeout=timeout)
+
+        response = self._with_graph(graph, call, timeout)
+        result = EvaluateResult(_arrays(response.outputs, "output"), response.examples,
+                                [ShardStat.from_proto(s) for s in response.shards], response.seconds)
+        self.last_result = result
+        return result.outputs
+
+    def status(self, *, timeout: Optional[float] = None) -> ClusterStatus:
+        """The coordinator's workers and totals."""
+        return ClusterStatus.from_proto(self._rpc.get_status(timeout=self._timeout(timeout)))
+
+    # ------------------------------------------------------------ lifetime
+
+    def _timeout(self, timeout: Optional[float]) -> Optional[float]:
+        return self.timeout if timeout is None else timeout
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<gradpool.Client {self.address}>"
+
+
+def _arrays(named: Sequence[pb.NamedTensor], what: str) -> dict[str, np.ndarray]:
+    """Writable arrays (the decoded views are read-only and tie up the response)."""
+    return {name: np.array(value) for name, value in from_named(named, what).items()}
