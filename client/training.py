@@ -209,6 +209,17 @@ def _progress_bar(enabled: bool, total: int, initial: int, desc: str) -> Any:
     return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
 
 
+def _short_metrics(metrics: Mapping[str, float]) -> dict[str, str]:
+    """Metrics as short progress-bar fields: val_accuracy=0.9689 -> val_acc=0.969."""
+    short = {"accuracy": "acc", "cross_entropy": "xent"}
+    out = {}
+    for key, value in metrics.items():
+        for long, abbreviation in short.items():
+            key = key.replace(long, abbreviation)
+        out[key] = f"{value:.3g}"
+    return out
+
+
 _OPTIMIZERS = {"SGD": optim.SGD, "Adam": optim.Adam, "AdamW": optim.AdamW}
 
 
@@ -386,25 +397,24 @@ class Trainer:
         evaluate = self._evaluator(eval_data, eval_fn)
         per_epoch = self.steps_per_epoch(examples)
         total = epochs * per_epoch if max_steps is None else min(epochs * per_epoch, max_steps)
+        shown: dict[str, str] = {}  # the last evaluation, on the progress bar
         bar = _progress_bar(self.progress and self.step < total, total, min(self.step, total), "training")
         try:
             while self.epoch < epochs and (max_steps is None or self.step < max_steps):
                 loss, size = self._train_step(arrays, examples)
-                if bar is not None:
-                    speed = self.throughput["examples_per_s"]
-                    bar.set_postfix(epoch=self.epoch + 1, loss=f"{loss:.4g}", ex_s=f"{speed:,.0f}", refresh=False)
-                    bar.update(1)
+                epoch = self.epoch + 1
                 remaining = examples - self._position
                 if remaining == 0 or (self.drop_last and remaining < self.batch_size):
-                    metrics = self._finish_epoch(evaluate if (self.epoch + 1) % eval_every == 0
-                                                 or self.epoch + 1 == epochs else None)
-                    if bar is not None and metrics:
-                        bar.set_postfix(epoch=self.epoch, loss=f"{loss:.4g}",
-                                        **{k: f"{v:.4g}" for k, v in metrics.items()})
+                    due = self.epoch + 1 == epochs or (self.epoch + 1) % eval_every == 0
+                    shown.update(_short_metrics(self._finish_epoch(evaluate if due else None)))
                     if self.checkpoint_every_epochs and self.epoch % self.checkpoint_every_epochs == 0:
                         self._autosave()
                 if self.checkpoint_every and self.step % self.checkpoint_every == 0:
                     self._autosave()
+                if bar is not None:
+                    speed = self.throughput["examples_per_s"]
+                    bar.set_postfix(epoch=epoch, loss=f"{loss:.4g}", ex_s=f"{speed:,.0f}", **shown, refresh=False)
+                    bar.update(1)
             if self.step:
                 self._autosave()
         except GradpoolError:

@@ -1,0 +1,295 @@
+"""`gradpool demo`: train a digits classifier on a gradpool cluster and report how it went.
+
+With no arguments it starts a LocalCluster (a coordinator and two worker
+processes on localhost), builds a 64-64-10 MLP with the SDK, trains it with
+Adam on scikit-learn's bundled 8x8 handwritten digits (no download), and
+prints test accuracy and speed. A loss/accuracy plot, the metrics as JSON and
+the trained model's checkpoint go to the output folder (`gradpool-out/`).
+
+scikit-learn, matplotlib and tqdm are imported here only, inside functions:
+the SDK itself needs none of them (`pip install 'gradpool[demo]'`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+
+from worker.engine.errors import GradpoolError
+
+from . import optim
+from .checkpoint import atomic_write
+from .graph import Graph
+from .training import LocalBackend, Trainer
+
+PROG = "gradpool demo"
+DEMO_EXTRAS = "pip install 'gradpool[demo]'"
+
+
+class DemoError(GradpoolError):
+    """The demo cannot run as asked (missing extras, unwritable output folder, low accuracy)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Train an MLP on scikit-learn's handwritten digits through a gradpool cluster: "
+                    "a local one (coordinator + workers on this machine) unless --coordinator names one. "
+                    "Reports test accuracy and speed; writes a plot, metrics JSON and the model checkpoint.")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--coordinator", metavar="ADDR",
+                       help="host:port of a running coordinator to use instead of starting a local cluster")
+    where.add_argument("--local", action="store_true",
+                       help="no servers at all: compute gradients in this process (same arithmetic)")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="worker processes of the local cluster (default 2)")
+    parser.add_argument("--epochs", type=int, default=12, help="passes over the training set (default 12)")
+    parser.add_argument("--batch-size", type=int, default=64, metavar="N", help="examples per step (default 64)")
+    parser.add_argument("--lr", type=float, default=0.01,
+                        help="Adam's peak learning rate, decayed by a cosine schedule (default 0.01)")
+    parser.add_argument("--hidden", type=int, default=64, metavar="N", help="hidden units per layer (default 64)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split, the init and the shuffle (default 0)")
+    parser.add_argument("--train-examples", type=int, default=None, metavar="N",
+                        help="use only the first N training examples (quicker, less accurate)")
+    parser.add_argument("--out", default="gradpool-out", metavar="DIR",
+                        help="folder for curves.png, metrics.json and model.npz (default gradpool-out)")
+    parser.add_argument("--min-accuracy", type=float, default=None, metavar="FRACTION",
+                        help="exit with status 1 if the test accuracy ends below this (e.g. 0.95)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+# ------------------------------------------------------------------ data and model
+
+
+def load_digits_split(seed: int, test_fraction: float = 0.25,
+                      train_examples: Optional[int] = None) -> tuple[dict, dict, dict]:
+    """Digits as float32 features standardized with the training set's statistics, a stratified split."""
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError:
+        raise DemoError(f"the demo needs scikit-learn: {DEMO_EXTRAS}") from None
+    digits = load_digits()
+    x_train, x_test, y_train, y_test = train_test_split(
+        digits.data, digits.target, test_size=test_fraction, random_state=seed, stratify=digits.target)
+    if train_examples is not None:
+        x_train, y_train = x_train[:train_examples], y_train[:train_examples]
+    mean = x_train.mean(axis=0)
+    std = x_train.std(axis=0)
+    std[std == 0] = 1.0  # pixels that are always blank in the training set
+    standardize = lambda x: ((x - mean) / std).astype(np.float32)  # noqa: E731
+    train = {"x": standardize(x_train), "y": y_train.astype(np.int64)}
+    test = {"x": standardize(x_test), "y": y_test.astype(np.int64)}
+    info = {"dataset": "sklearn.datasets.load_digits", "features": int(digits.data.shape[1]),
+            "classes": int(len(digits.target_names)), "train_examples": int(len(y_train)),
+            "test_examples": int(len(y_test))}
+    return train, test, info
+
+
+def build_mlp(features: int, hidden: int, classes: int, l2: float = 1e-4) -> Graph:
+    """features-hidden-classes relu MLP: mean softmax cross-entropy plus a small L2 on the weights."""
+    import client as gp
+
+    g = gp.Graph("digits_mlp")
+    x = g.input("x", (features,))
+    y = g.input("y", (), dtype="int64")
+    W1, b1 = g.param("W1", (features, hidden), init="he"), g.param("b1", (hidden,))
+    W2, b2 = g.param("W2", (hidden, classes)), g.param("b2", (classes,))
+    logits = (gp.relu(x @ W1 + b1) @ W2 + b2).named("logits")
+    g.set_loss(gp.softmax_cross_entropy(logits, y).mean() + l2 * ((W1 ** 2).sum() + (W2 ** 2).sum()))
+    return g
+
+
+# ------------------------------------------------------------------ backends
+
+
+@contextlib.contextmanager
+def open_backend(args: argparse.Namespace) -> Iterator[tuple[Any, str, Optional[int]]]:
+    """(gradient source, description, workers) for --local, --coordinator or a new LocalCluster."""
+    if args.local:
+        shards = args.workers or 1
+        yield LocalBackend(shards=shards), f"in this process ({shards} simulated shard(s))", None
+        return
+    from .remote import Client
+
+    if args.coordinator:
+        with Client(args.coordinator) as client:
+            yield client, f"coordinator {args.coordinator}", live_workers(client)
+        return
+    from .cluster import LocalCluster
+
+    workers = args.workers or 2
+    with LocalCluster(workers=workers) as cluster, Client(cluster.address) as client:
+        yield client, f"LocalCluster at {cluster.address}", live_workers(client) or workers
+
+
+def live_workers(client: Any) -> Optional[int]:
+    """How many workers the coordinator reports live; also the first contact, so an
+    unreachable coordinator fails here, before any data is loaded into it."""
+    status = client.status()
+    workers = status.get("workers") if isinstance(status, dict) else getattr(status, "workers", None)
+    if workers is None:
+        return None
+    states = [w.get("state") if isinstance(w, dict) else getattr(w, "state", "live") for w in workers]
+    return sum(1 for state in states if state in ("live", None, ""))
+
+
+# ------------------------------------------------------------------ outputs
+
+
+def write_json(path: Path, data: Any) -> None:
+    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def plot_curves(path: Path, history: dict, title: str) -> None:
+    """Training loss per step (and per epoch) and test accuracy per epoch, side by side."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise DemoError(f"the demo needs matplotlib for its plot: {DEMO_EXTRAS}") from None
+    steps, epochs = history["steps"], history["epochs"]
+    figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_axes.plot([s["step"] for s in steps], [s["loss"] for s in steps], lw=0.8, alpha=0.6, label="per step")
+    loss_axes.plot([e["step"] for e in epochs], [e["loss"] for e in epochs], "o-", label="epoch mean")
+    loss_axes.set(xlabel="step", ylabel="training loss", yscale="log", title="loss")
+    loss_axes.legend()
+    accuracy_axes.plot([e["epoch"] for e in epochs], [100 * e.get("val_accuracy", np.nan) for e in epochs], "o-")
+    accuracy_axes.set(xlabel="epoch", ylabel="test accuracy (%)", title="held-out accuracy")
+    accuracy_axes.grid(alpha=0.3)
+    figure.suptitle(title)
+    figure.tight_layout()
+
+    def save(f: Any) -> None:
+        figure.savefig(f, format="png", dpi=110)
+    try:
+        atomic_write(path, save)
+    finally:
+        plt.close(figure)
+
+
+# ------------------------------------------------------------------ the run
+
+
+def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    for name in ("epochs", "batch_size", "hidden"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
+    if args.workers is not None and args.coordinator:
+        parser.error("--workers sizes the local cluster; with --coordinator the cluster has its own workers")
+    if not args.lr > 0:
+        parser.error(f"--lr must be > 0, got {args.lr}")
+    if args.train_examples is not None and args.train_examples < 1:
+        parser.error(f"--train-examples must be >= 1, got {args.train_examples}")
+
+
+def prepare_out(folder: str) -> Path:
+    out = Path(folder)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DemoError(f"cannot create the output folder {out}: {err.strerror or err}") from None
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Train and write the outputs; returns the report (also written as metrics.json)."""
+    out = prepare_out(args.out)  # before training, so a bad --out costs nothing
+    train, test, data_info = load_digits_split(args.seed, train_examples=args.train_examples)
+    graph = build_mlp(data_info["features"], args.hidden, data_info["classes"])
+    params = graph.init_params(args.seed)
+    steps = args.epochs * -(-data_info["train_examples"] // args.batch_size)
+    schedule = optim.CosineLR(args.lr, total_steps=steps, min_lr=args.lr / 20)
+    optimizer = optim.Adam(params, lr=schedule)
+    started = time.perf_counter()
+    with open_backend(args) as (backend, where, workers):
+        trainer = Trainer(graph, optimizer, backend=backend, batch_size=min(args.batch_size, len(train["y"])),
+                          seed=args.seed, progress=not args.no_progress)
+        trainer.fit(train, epochs=args.epochs, eval_data=test)
+        final = trainer.evaluate(test)
+    seconds = time.perf_counter() - started
+    speed = trainer.throughput
+    report = {
+        "model": f"MLP {data_info['features']}-{args.hidden}-{data_info['classes']} (relu)",
+        "backend": where, "workers": workers,
+        "data": data_info,
+        "config": {"epochs": args.epochs, "batch_size": trainer.batch_size, "optimizer": "Adam",
+                   "lr": args.lr, "schedule": schedule.config(), "seed": args.seed, "hidden": args.hidden},
+        "test_accuracy": final["accuracy"], "test_correct": final["correct"],
+        "test_cross_entropy": final["cross_entropy"],
+        "final_train_loss": trainer.history.epochs[-1]["loss"],
+        "steps": speed["steps"], "examples_per_s": speed["examples_per_s"],
+        "seconds_per_step": speed["seconds_per_step"], "training_seconds": speed["seconds"],
+        "total_seconds": seconds,
+        "outputs": {"curves": str(out / "curves.png"), "metrics": str(out / "metrics.json"),
+                    "model": str(out / "model.npz")},
+    }
+    trainer.save_checkpoint(out / "model.npz")
+    plot_curves(out / "curves.png", trainer.history.to_dict(),
+                f"gradpool demo: digits, {report['model']}, {where}")
+    write_json(out / "metrics.json", {**report, "history": trainer.history.to_dict()})
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    data = report["data"]
+    workers = f", {report['workers']} worker(s)" if report["workers"] else ""
+    accuracy = report["test_accuracy"]
+    outputs = report["outputs"]
+    return "\n".join([
+        f"{PROG}: {report['model']} on handwritten digits",
+        f"  gradients   {report['backend']}{workers}",
+        f"  data        {data['train_examples']} train / {data['test_examples']} test images "
+        f"({data['features']} pixels, standardized), {data['classes']} classes",
+        f"  training    {report['config']['epochs']} epochs, {report['steps']} steps of "
+        f"{report['config']['batch_size']}, Adam lr {report['config']['lr']:g} (cosine), "
+        f"{report['total_seconds']:.1f} s in all",
+        f"  accuracy    {100 * accuracy:.1f}% on the test set ({report['test_correct']}/{data['test_examples']})",
+        f"  speed       {report['examples_per_s']:,.0f} examples/s, "
+        f"{1000 * report['seconds_per_step']:.1f} ms per step",
+        f"  outputs     {outputs['curves']}, {outputs['metrics']}, {outputs['model']}",
+    ])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of `gradpool demo`; returns the exit status (errors: one line, no traceback)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+        check_args(args, parser)
+    except SystemExit as exit_:  # --help, or a usage error already printed by argparse
+        return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
+    try:
+        report = run(args)
+    except GradpoolError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"{PROG}: error: {err.strerror or err}" + (f": {err.filename}" if err.filename else ""),
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    print(format_report(report))
+    if args.min_accuracy is not None and report["test_accuracy"] < args.min_accuracy:
+        print(f"{PROG}: error: test accuracy {report['test_accuracy']:.3f} is below --min-accuracy "
+              f"{args.min_accuracy}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
