@@ -357,3 +357,49 @@ def test_predict_names_a_missing_node_clearly() -> None:
         make_trainer().predict({"x": np.zeros((3, 8))}, "scores")
     with pytest.raises(gp.InputError, match="cannot measure accuracy"):
         make_trainer(logistic_regression()).evaluate({"x": np.zeros(3), "t": np.zeros(3)})
+
+
+# ------------------------------------------------------------------ through the service
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from client.cluster import LocalCluster
+
+    with LocalCluster(workers=2) as running:
+        yield running
+
+
+def test_remote_training_equals_local_training_with_as_many_shards(cluster) -> None:
+    """The trainer's code path is the same; two equal workers split batches as shards=2 does."""
+    from client.remote import Client
+
+    data, held_out = teacher_data(60), teacher_data(30, sample=1)
+    local = make_trainer(backend=LocalBackend(shards=2))
+    local.fit(data, epochs=2, eval_data=held_out)
+    with Client(cluster.address) as service:
+        remote = make_trainer(backend=service)
+        remote.fit(data, epochs=2, eval_data=held_out)
+        logits = remote.predict(held_out)
+    assert_same_state(local, remote)
+    assert [e["val_accuracy"] for e in local.history.epochs] == [e["val_accuracy"] for e in remote.history.epochs]
+    reference = gp.local_evaluate(local.graph, local.params, {"x": held_out["x"]}, ["logits"])["logits"]
+    np.testing.assert_allclose(logits, reference, rtol=1e-12, atol=1e-12)
+
+
+def test_an_unreachable_coordinator_is_one_clear_error_and_keeps_checkpoints(tmp_path: Path) -> None:
+    from client.remote import Client, ServiceUnavailable
+
+    data = teacher_data(40)
+    trainer = make_trainer(checkpoint_dir=tmp_path)
+    trainer.fit(data, epochs=1)
+    saved = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert saved
+
+    with Client("127.0.0.1:1", timeout=1.0) as nowhere:
+        resumed = make_trainer(backend=nowhere, checkpoint_dir=tmp_path).load_checkpoint(latest_checkpoint(tmp_path))
+        with pytest.raises(ServiceUnavailable) as caught:
+            resumed.fit(data, epochs=2)
+    assert "cannot reach the gradpool coordinator at 127.0.0.1:1" in str(caught.value)
+    assert "\n" not in str(caught.value)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == saved
