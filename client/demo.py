@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="host:port of a running coordinator to use instead of starting a local cluster")
     where.add_argument("--local", action="store_true",
                        help="no servers at all: compute gradients in this process (same arithmetic)")
+    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                        help="give up on a coordinator call after this long, retries included (default: no limit)")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
                         help="worker processes of the local cluster (default 2)")
     parser.add_argument("--epochs", type=int, default=12, help="passes over the training set (default 12)")
@@ -121,13 +123,13 @@ def open_backend(args: argparse.Namespace) -> Iterator[tuple[Any, str, Optional[
     from .remote import Client
 
     if args.coordinator:
-        with Client(args.coordinator) as client:
+        with Client(args.coordinator, timeout=args.timeout) as client:
             yield client, f"coordinator {args.coordinator}", live_workers(client)
         return
     from .cluster import LocalCluster
 
     workers = args.workers or 2
-    with LocalCluster(workers=workers) as cluster, Client(cluster.address) as client:
+    with LocalCluster(workers=workers) as cluster, Client(cluster.address, timeout=args.timeout) as client:
         yield client, f"LocalCluster at {cluster.address}", live_workers(client) or workers
 
 
@@ -189,6 +191,8 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error(f"--workers must be >= 1, got {args.workers}")
     if args.workers is not None and args.coordinator:
         parser.error("--workers sizes the local cluster; with --coordinator the cluster has its own workers")
+    if args.timeout is not None and not args.timeout > 0:
+        parser.error(f"--timeout must be > 0 seconds, got {args.timeout}")
     if not args.lr > 0:
         parser.error(f"--lr must be > 0, got {args.lr}")
     if args.train_examples is not None and args.train_examples < 1:
