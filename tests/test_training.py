@@ -91,6 +91,19 @@ def test_fit_function_and_drop_last() -> None:
     assert all(record["examples"] == 16 for record in trainer.history.steps)
 
 
+def test_training_without_tqdm_installed_just_has_no_bar(monkeypatch, capsys) -> None:
+    monkeypatch.setitem(__import__("sys").modules, "tqdm", None)  # `import tqdm` now raises ImportError
+    trainer = make_trainer(progress=True)
+    trainer.fit(teacher_data(40), epochs=1)
+    assert trainer.step == 3 and capsys.readouterr().err == ""
+
+
+def test_the_progress_bar_shows_loss_and_speed(capsys) -> None:
+    make_trainer(progress=True).fit(teacher_data(40), epochs=2, eval_data=teacher_data(20, sample=1))
+    bar = capsys.readouterr().err
+    assert "6/6" in bar and "loss=" in bar and "ex_s=" in bar and "val_acc=" in bar
+
+
 def test_eval_data_adds_held_out_metrics_to_every_epoch() -> None:
     data, held_out = teacher_data(100), teacher_data(40, sample=1)
     trainer = make_trainer()
@@ -382,6 +395,9 @@ def test_remote_training_equals_local_training_with_as_many_shards(cluster) -> N
         remote.fit(data, epochs=2, eval_data=held_out)
         logits = remote.predict(held_out)
     assert_same_state(local, remote)
+    with make_trainer(backend=cluster.address) as by_address:  # the trainer opens and closes a Client
+        by_address.fit(data, epochs=1, max_steps=2)
+        assert type(by_address.backend).__name__ == "Client" and by_address.step == 2
     assert [e["val_accuracy"] for e in local.history.epochs] == [e["val_accuracy"] for e in remote.history.epochs]
     reference = gp.local_evaluate(local.graph, local.params, {"x": held_out["x"]}, ["logits"])["logits"]
     np.testing.assert_allclose(logits, reference, rtol=1e-12, atol=1e-12)
