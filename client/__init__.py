@@ -15,7 +15,11 @@ from .functional import (abs, binary_cross_entropy, concat, embedding, exp, leak
                          softmax_cross_entropy, softplus, sqrt, square, sum, tanh, transpose)
 from .graph import Expr, Graph
 from .local import local_evaluate, local_gradients
+from .checkpoint import Checkpoint, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .cluster import ClusterError, LocalCluster
 from .optim import SGD, Adam, AdamW, ConstantLR, CosineLR, Optimizer, Schedule, StepLR
+from .remote import Client, ClusterStatus, GradientsResult, RetryPolicy, ServiceError, ServiceUnavailable
+from .training import GradientSource, History, LocalBackend, Trainer, TrainingError, fit
 
 __version__ = "0.1.0"
 
@@ -25,4 +29,7 @@ __all__ = [
     "log_softmax", "matmul", "max", "maximum", "mean", "minimum", "power", "relu", "reshape", "sigmoid", "slice",
     "softmax", "softmax_cross_entropy", "softplus", "sqrt", "square", "sum", "tanh", "transpose",
     "SGD", "Adam", "AdamW", "ConstantLR", "CosineLR", "Optimizer", "Schedule", "StepLR",
+    "Checkpoint", "CheckpointError", "latest_checkpoint", "load_checkpoint", "save_checkpoint",
+    "ClusterError", "LocalCluster", "Client", "ClusterStatus", "GradientsResult", "RetryPolicy", "ServiceError",
+    "ServiceUnavailable", "GradientSource", "History", "LocalBackend", "Trainer", "TrainingError", "fit",
 ]
