@@ -25,9 +25,9 @@ import numpy as np
 
 from protos import gradpool_pb2 as pb
 from protos import gradpool_pb2_grpc as pb_grpc
-from worker.engine import from_named, to_named
+from worker.engine import from_named
 from worker.engine.errors import GradpoolError
-from worker.server import DEFAULT_MAX_MESSAGE_MB, auth_metadata, channel_options
+from worker.server import DEFAULT_MAX_MESSAGE_MB, add_named, auth_metadata, channel_options
 
 from .graph import Graph
 from .local import prepare_arrays
@@ -300,13 +300,12 @@ class Client:
                              timeout: Optional[float] = None) -> GradientsResult:
         """Like `gradients`, with where each shard ran and how long it took."""
         timeout = self._timeout(timeout)
-        named_params = to_named(prepare_arrays(graph, params, "param"))
-        named_inputs = to_named(prepare_arrays(graph, batch, "input"))
-        request_id = uuid.uuid4().hex
+        request = pb.GradientsRequest(request_id=uuid.uuid4().hex)
+        add_named(request.params, prepare_arrays(graph, params, "param"))
+        add_named(request.inputs, prepare_arrays(graph, batch, "input"))
 
         def call(key: str) -> pb.GradientsResponse:
-            request = pb.GradientsRequest(graph_id=key, params=named_params, inputs=named_inputs,
-                                          request_id=request_id)
+            request.graph_id = key
             return self._rpc.compute_gradients(request, timeout=timeout)
 
         response = self._with_graph(graph, call, timeout)
@@ -321,13 +320,12 @@ class Client:
         timeout = self._timeout(timeout)
         if isinstance(outputs, str):
             outputs = [outputs]
-        named_params = to_named(prepare_arrays(graph, params, "param"))
-        named_inputs = to_named(prepare_arrays(graph, batch, "input"))
-        request_id = uuid.uuid4().hex
+        request = pb.EvaluateRequest(outputs=list(outputs), request_id=uuid.uuid4().hex)
+        add_named(request.params, prepare_arrays(graph, params, "param"))
+        add_named(request.inputs, prepare_arrays(graph, batch, "input"))
 
         def call(key: str) -> pb.EvaluateResponse:
-            request = pb.EvaluateRequest(graph_id=key, params=named_params, inputs=named_inputs,
-                                         outputs=list(outputs), request_id=request_id)
+            request.graph_id = key
             return self._rpc.evaluate(request, timeout=timeout)
 
         response = self._with_graph(graph, call, timeout)

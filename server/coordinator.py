@@ -23,17 +23,17 @@ import grpc
 
 from protos import gradpool_pb2 as pb
 from protos import gradpool_pb2_grpc as pb_grpc
-from worker.engine import OrderedSum, Program, from_named, from_tensor, graph_id, to_named
+from worker.engine import OrderedSum, Program, from_named, graph_id
 from worker.engine.errors import GradpoolError
 from worker.engine.tensors import DTYPE_TO_PROTO
-from worker.server import (VERSION, RpcFailure, add_health_and_reflection, announce, auth_metadata, bind,
-                           channel_options, configure_logging, interceptors, server_options, translate_errors,
-                           wait_for_shutdown)
+from worker.server import (VERSION, RpcFailure, add_health_and_reflection, add_named, announce, auth_metadata,
+                           bind, channel_options, configure_logging, interceptors, server_options,
+                           translate_errors, wait_for_shutdown)
 
 from .config import CoordinatorConfig, parse_args
-from .fanout import FanOut, GraphRecord, Shard, ShardFailed, plan, shard_requests
+from .fanout import FanOut, GraphRecord, Shard, ShardFailed, params_bytes, plan, shard_requests
 from .registry import WorkerRegistry
-from .validation import check_inputs, check_outputs, check_params, sources_needed_for
+from .validation import CheckedInput, check_inputs, check_outputs, check_params, sources_needed_for, tensor_bytes
 
 log = logging.getLogger("gradpool.coordinator")
 
@@ -109,16 +109,19 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         with self._tally() as tally:
             record = self._graph(request.graph_id)
             program = record.program
+            request_id = request.request_id
             check_params(program, request.params)
-            examples = check_inputs(program, request.inputs, set(program.inputs))
-            shards = self._shards(record, request.params, request.inputs, examples)
+            examples, inputs = check_inputs(program, request.inputs, set(program.inputs))
+            shards = self._shards(record, params_bytes(request), inputs, examples)
             total = OrderedSum(len(shards))
-            for shard, response in self._run(shards, record, context, request.request_id):
+            for shard, response in self._run(shards, record, context, request_id):
                 total.add(shard.index, response.loss, self._shard_grads(program, shard, response))
             assert total.grads is not None
             tally.examples = examples
-            return pb.GradientsResponse(loss=total.loss, grads=to_named(total.grads), examples=examples,
-                                        shards=[s.stats() for s in shards], seconds=time.perf_counter() - started)
+            reply = pb.GradientsResponse(loss=total.loss, examples=examples, shards=[s.stats() for s in shards])
+            add_named(reply.grads, total.grads)
+            reply.seconds = time.perf_counter() - started
+            return reply
 
     @translate_errors
     def Evaluate(self, request: pb.EvaluateRequest, context: grpc.ServicerContext) -> pb.EvaluateResponse:
@@ -126,15 +129,15 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         with self._tally() as tally:
             record = self._graph(request.graph_id)
             program = record.program
-            outputs = list(request.outputs)
+            outputs, request_id = list(request.outputs), request.request_id
             check_outputs(program, outputs)
             needed_inputs, needed_params = sources_needed_for(program, outputs)
             check_params(program, request.params, needed_params)
-            examples = check_inputs(program, request.inputs, needed_inputs)
-            shards = self._shards(record, request.params, request.inputs, examples,
+            examples, inputs = check_inputs(program, request.inputs, needed_inputs)
+            shards = self._shards(record, params_bytes(request), inputs, examples,
                                   mode=pb.ShardRequest.FORWARD, outputs=outputs)
             pieces: list[Optional[pb.ShardResponse]] = [None] * len(shards)
-            for shard, response in self._run(shards, record, context, request.request_id):
+            for shard, response in self._run(shards, record, context, request_id):
                 self._check_examples(shard, response)
                 pieces[shard.index] = response
             tally.examples = examples
@@ -201,8 +204,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                              f"graph {key!r} not registered (the coordinator may have restarted): register it again")
         return record
 
-    def _shards(self, record: GraphRecord, params: Sequence[pb.NamedTensor], inputs: Sequence[pb.NamedTensor],
-                examples: int, mode: int = pb.ShardRequest.GRADIENTS, outputs: Sequence[str] = ()) -> list[Shard]:
+    def _shards(self, record: GraphRecord, params: bytes, inputs: Sequence[CheckedInput], examples: int,
+                mode: int = pb.ShardRequest.GRADIENTS, outputs: Sequence[str] = ()) -> list[Shard]:
         pool = self.registry.pool()
         if not pool:
             raise RpcFailure(grpc.StatusCode.UNAVAILABLE,
@@ -261,13 +264,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 if tensor is None:
                     raise RpcFailure(grpc.StatusCode.INTERNAL, f"{shard.describe()} did not return {name!r}")
                 try:
-                    value = from_tensor(tensor, f"output {name!r}")
+                    dtype, shape, data = tensor_bytes(tensor, f"output {name!r}")
                 except GradpoolError as err:
                     raise RpcFailure(grpc.StatusCode.INTERNAL, f"{shard.describe()}: {err}") from None
-                if value.dtype != node.dtype or value.shape != (shard.examples, *node.shape[1:]):
+                if dtype != node.dtype or shape != (shard.examples, *node.shape[1:]):
                     raise RpcFailure(grpc.StatusCode.INTERNAL,
-                                     f"{shard.describe()} returned {name!r} as {value.shape} of {value.dtype}")
-                datas.append(tensor.data)
+                                     f"{shard.describe()} returned {name!r} as {shape} of {dtype}")
+                datas.append(data)
             rows = sum(s.examples for s in shards)
             joined.append(pb.NamedTensor(name=name, tensor=pb.Tensor(
                 dtype=DTYPE_TO_PROTO[node.dtype], shape=(rows, *node.shape[1:]), data=b"".join(datas))))

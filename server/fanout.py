@@ -12,7 +12,6 @@ not depend on the worker.
 
 from __future__ import annotations
 
-import math
 import queue
 import time
 from dataclasses import dataclass, field
@@ -22,10 +21,10 @@ import grpc
 
 from protos import gradpool_pb2 as pb
 from worker.engine import Program, shard_bounds
-from worker.engine.tensors import PROTO_TO_DTYPE
 from worker.server import RpcFailure
 
 from .registry import WorkerEntry, WorkerRegistry
+from .validation import CheckedInput
 
 # Including the first: one NOT_FOUND -> LoadGraph -> retry cycle, plus one
 # in case the worker evicted the graph again in between.
@@ -101,29 +100,44 @@ def plan(pool: Sequence[WorkerEntry], examples: int) -> list[tuple[WorkerEntry, 
     return [(worker, start, stop) for worker, (start, stop) in zip(pool, bounds)]
 
 
-def shard_requests(graph_id: str, params: Sequence[pb.NamedTensor], inputs: Sequence[pb.NamedTensor],
-                   bounds: Sequence[tuple[int, int]], examples: int, mode: int = pb.ShardRequest.GRADIENTS,
-                   outputs: Sequence[str] = ()) -> list[bytes]:
+def params_bytes(request: "pb.GradientsRequest | pb.EvaluateRequest") -> bytes:
+    """The request's params, serialized once as ShardRequest field bytes.
+
+    Every other field is cleared and the request serialized as it is: its
+    `params` field has the same number and type as ShardRequest's (checked
+    below), so the bytes are valid ShardRequest bytes holding only params.
+    The caller must be done with the other fields.
+    """
+    for field in request.DESCRIPTOR.fields:
+        if field.name != "params":
+            request.ClearField(field.name)
+    return request.SerializeToString()
+
+
+for _request in (pb.GradientsRequest, pb.EvaluateRequest):
+    _ours, _theirs = _request.DESCRIPTOR.fields_by_name["params"], pb.ShardRequest.DESCRIPTOR.fields_by_name["params"]
+    assert (_ours.number, _ours.message_type) == (_theirs.number, _theirs.message_type), "proto params fields differ"
+
+
+def shard_requests(graph_id: str, params: bytes, inputs: Sequence[CheckedInput], bounds: Sequence[tuple[int, int]],
+                   examples: int, mode: int = pb.ShardRequest.GRADIENTS, outputs: Sequence[str] = ()) -> list[bytes]:
     """Serialized ShardRequests, one per (start, stop).
 
-    The params are serialized once and appended to every shard's bytes
-    (protobuf concatenation appends repeated fields), never re-encoded from
-    numpy. Inputs are cut by row stride from the raw bytes, never decoded.
+    `params` (from `params_bytes`) is appended to every shard's bytes:
+    protobuf concatenation appends repeated fields, so the params are never
+    re-encoded. Inputs are cut by row stride from their raw bytes, never
+    decoded.
     """
-    params_bytes = pb.ShardRequest(params=params).SerializeToString()
-    sources = []
-    for item in inputs:
-        row_shape = tuple(item.tensor.shape[1:])
-        row_bytes = PROTO_TO_DTYPE[item.tensor.dtype].itemsize * math.prod(row_shape)
-        sources.append((item.name, item.tensor.dtype, row_shape, row_bytes, item.tensor.data))
     requests = []
     for index, (start, stop) in enumerate(bounds):
         header = pb.ShardRequest(graph_id=graph_id, global_batch=examples, include_batch_independent=index == 0,
                                  mode=mode, outputs=outputs)
-        for name, dtype, row_shape, row_bytes, data in sources:
-            header.inputs.add(name=name, tensor=pb.Tensor(dtype=dtype, shape=(stop - start, *row_shape),
-                                                          data=data[start * row_bytes:stop * row_bytes]))
-        requests.append(header.SerializeToString() + params_bytes)
+        for item in inputs:
+            tensor = header.inputs.add(name=item.name).tensor
+            tensor.dtype = item.dtype
+            tensor.shape.extend((stop - start, *item.row_shape))
+            tensor.data = item.data[start * item.row_bytes:stop * item.row_bytes]
+        requests.append(header.SerializeToString() + params)
     return requests
 
 

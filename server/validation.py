@@ -1,21 +1,51 @@
 """Checks a request against its graph before any worker sees it.
 
 Everything is checked on the wire messages themselves: names, dtype enums,
-shapes and byte lengths (`from_tensor` compares the byte count with the
-shape before it touches the data, and returns a view, so this copies
-nothing). Value-level checks (label ranges) stay with the engine on the
-workers.
+shapes and byte lengths, the way `from_tensor` checks them, but without
+decoding: each tensor's bytes are read once (with upb every read of a bytes
+field is a copy), and the inputs' bytes are handed on for slicing.
+Value-level checks (label ranges) stay with the engine on the workers.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
+import numpy as np
+
 from protos import gradpool_pb2 as pb
-from worker.engine import Program, from_tensor
+from worker.engine import Program
 from worker.engine.errors import InputError
 from worker.engine.ops import fmt
 from worker.engine.program import PER_EXAMPLE
+from worker.engine.tensors import MAX_RANK, PROTO_TO_DTYPE
+
+
+@dataclass(frozen=True)
+class CheckedInput:
+    """An input's raw bytes and what it takes to cut them into row ranges."""
+    name: str
+    dtype: int  # proto enum
+    row_shape: tuple[int, ...]
+    row_bytes: int
+    data: bytes
+
+
+def tensor_bytes(tensor: pb.Tensor, what: str) -> tuple[np.dtype, tuple[int, ...], bytes]:
+    """dtype, shape and data of a wire tensor whose byte count fits its shape."""
+    if tensor.dtype not in PROTO_TO_DTYPE:
+        raise InputError(f"{what}: unknown dtype enum {tensor.dtype}")
+    dtype = PROTO_TO_DTYPE[tensor.dtype]
+    shape = tuple(int(d) for d in tensor.shape)
+    if len(shape) > MAX_RANK or any(d < 0 for d in shape):
+        raise InputError(f"{what}: invalid shape {shape}")
+    data = tensor.data
+    needed = math.prod(shape) * dtype.itemsize
+    if needed != len(data):
+        raise InputError(f"{what}: shape {shape} of {dtype} needs {needed} bytes, got {len(data)}")
+    return dtype, shape, data
 
 
 def _check_names(given: Sequence[str], declared: Iterable[str], required: set[str], what: str) -> None:
@@ -40,33 +70,37 @@ def check_params(program: Program, params: Sequence[pb.NamedTensor], required: O
     _check_names([p.name for p in params], program.params, required, "param")
     for item in params:
         node = program.params[item.name]
-        value = from_tensor(item.tensor, f"param {item.name!r}")
-        if value.dtype != node.dtype:
-            raise InputError(f"param {item.name!r} is {value.dtype}, but the graph declares {node.dtype}")
-        if value.shape != node.shape:
-            raise InputError(f"param {item.name!r} has shape {value.shape}, but the graph declares "
-                             f"{fmt(node.shape)}")
+        dtype, shape, _ = tensor_bytes(item.tensor, f"param {item.name!r}")
+        if dtype != node.dtype:
+            raise InputError(f"param {item.name!r} is {dtype}, but the graph declares {node.dtype}")
+        if shape != node.shape:
+            raise InputError(f"param {item.name!r} has shape {shape}, but the graph declares {fmt(node.shape)}")
 
 
-def check_inputs(program: Program, inputs: Sequence[pb.NamedTensor], required: set[str]) -> int:
-    """The inputs fit the graph and agree on the batch size, which is returned."""
+def check_inputs(program: Program, inputs: Sequence[pb.NamedTensor],
+                 required: set[str]) -> tuple[int, list[CheckedInput]]:
+    """The inputs fit the graph and agree on the batch size; returns that size
+    and each input's bytes, ready to slice."""
     _check_names([i.name for i in inputs], program.inputs, required, "input")
     sizes: dict[str, int] = {}
+    checked = []
     for item in inputs:
         node = program.inputs[item.name]
-        value = from_tensor(item.tensor, f"input {item.name!r}")
-        if value.dtype != node.dtype:
-            raise InputError(f"input {item.name!r} is {value.dtype}, but the graph declares {node.dtype}")
-        if value.ndim == 0 or value.shape[1:] != node.shape[1:]:
-            raise InputError(f"input {item.name!r} has shape {value.shape}, but the graph declares "
+        dtype, shape, data = tensor_bytes(item.tensor, f"input {item.name!r}")
+        if dtype != node.dtype:
+            raise InputError(f"input {item.name!r} is {dtype}, but the graph declares {node.dtype}")
+        if len(shape) == 0 or shape[1:] != node.shape[1:]:
+            raise InputError(f"input {item.name!r} has shape {shape}, but the graph declares "
                              f"{fmt(node.shape)} (the batch axis first)")
-        sizes[item.name] = value.shape[0]
+        sizes[item.name] = shape[0]
+        checked.append(CheckedInput(item.name, item.tensor.dtype, shape[1:],
+                                    dtype.itemsize * math.prod(shape[1:]), data))
     if len(set(sizes.values())) > 1:
         raise InputError(f"inputs disagree on the batch size: {sizes}")
     examples = next(iter(sizes.values()), 0)
     if examples == 0 and program.inputs:
         raise InputError("the batch is empty: send at least one example")
-    return examples
+    return examples, checked
 
 
 def sources_needed_for(program: Program, outputs: Sequence[str]) -> tuple[set[str], set[str]]:

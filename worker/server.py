@@ -29,14 +29,16 @@ import uuid
 from collections import OrderedDict
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import grpc
+import numpy as np
 
 from protos import gradpool_pb2 as pb
 from protos import gradpool_pb2_grpc as pb_grpc
-from worker.engine import Program, from_named, graph_id, to_named
+from worker.engine import Program, as_dtype, from_named, graph_id
 from worker.engine.errors import GradpoolError
+from worker.engine.tensors import DTYPE_TO_PROTO
 
 log = logging.getLogger("gradpool.worker")
 
@@ -194,6 +196,21 @@ def wait_for_shutdown(stop: Optional[threading.Event] = None) -> str:
     return reason[0]
 
 
+def add_named(field, arrays: Mapping[str, np.ndarray]) -> None:  # type: ignore[no-untyped-def]
+    """Encode arrays straight into a repeated NamedTensor field of a message.
+
+    Same bytes as `to_named`, but each tensor's data is copied once into the
+    message instead of being built as a separate message and copied again:
+    for 100 MB tensors every copy counts.
+    """
+    for name, array in arrays.items():
+        dtype = as_dtype(array.dtype)
+        tensor = field.add(name=name).tensor
+        tensor.dtype = DTYPE_TO_PROTO[dtype]
+        tensor.shape.extend(array.shape)
+        tensor.data = np.ascontiguousarray(array, dtype=dtype.newbyteorder("<")).tobytes()
+
+
 class RpcFailure(Exception):
     """Raised inside a servicer method to end the RPC with `code` and a message."""
 
@@ -309,8 +326,11 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         with self._lock:
             self.shards_served += 1
             self.examples_served += result.examples
-        return pb.ShardResponse(loss=result.loss, grads=to_named(result.grads), outputs=to_named(result.outputs),
-                                examples=result.examples, seconds=time.perf_counter() - started)
+        response = pb.ShardResponse(loss=result.loss, examples=result.examples)
+        add_named(response.grads, result.grads)
+        add_named(response.outputs, result.outputs)
+        response.seconds = time.perf_counter() - started
+        return response
 
     @translate_errors
     def GetWorkerStatus(self, request: pb.WorkerStatusRequest,
