@@ -273,15 +273,18 @@ class LocalCluster:
         raise ClusterError(f"expected {count} live worker(s) {expected} within {timeout:.0f}s, the coordinator "
                            f"lists {seen}")
 
-    def add_worker(self, capacity: Optional[float] = None, args: Sequence[str] = ()) -> ChildProcess:
-        """Start one more worker and wait until the coordinator uses it."""
+    def add_worker(self, capacity: Optional[float] = None, args: Sequence[str] = (), *,
+                   wait: bool = True) -> ChildProcess:
+        """Start one more worker; with `wait`, block until the coordinator uses it
+        (without, only until it listens)."""
         process = self._spawn_worker(self.capacity if capacity is None else capacity, args)
         try:
             process.ready(self.startup_timeout)
         except BaseException:
             self.workers.remove(process)
             raise
-        self.wait_for_workers()
+        if wait:
+            self.wait_for_workers()
         return process
 
     def stop_worker(self, index: int = -1, *, kill: bool = False, wait: bool = True) -> ChildProcess:
