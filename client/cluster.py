@@ -113,6 +113,16 @@ class ChildProcess:
         return f"<{self.role} pid {self.pid} at {getattr(self, 'address', '?')}>"
 
 
+def child_env() -> dict[str, str]:
+    """This process's environment without GRADPOOL_* settings (the flags say
+    everything), with the repo on PYTHONPATH and our pid to exit with."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRADPOOL_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p)
+    env[PARENT_PID_ENV] = str(os.getpid())
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
 def _stop_all(processes: list[ChildProcess]) -> None:
     """Last-resort cleanup (garbage collection or interpreter exit)."""
     for process in processes:
@@ -190,15 +200,6 @@ class LocalCluster:
         _stop_all(self._all)
         self._all.clear()
 
-    def _env(self) -> dict[str, str]:
-        """The parent's environment without GRADPOOL_* settings (the flags say
-        everything), the repo on PYTHONPATH, and our pid to exit with."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GRADPOOL_")}
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p)
-        env[PARENT_PID_ENV] = str(os.getpid())
-        env["PYTHONUNBUFFERED"] = "1"
-        return env
-
     def _common_args(self) -> list[str]:
         args = ["--host", self.host, "--log-level", self.log_level]
         if self.token:
@@ -210,7 +211,7 @@ class LocalCluster:
     def _start_coordinator(self, port: int) -> None:
         args = ["--port", str(port), "--heartbeat-seconds", str(self.heartbeat_seconds),
                 "--lease-seconds", str(self.lease_seconds), *self._common_args(), *self.coordinator_args]
-        self.coordinator = ChildProcess("coordinator", args, self._env())
+        self.coordinator = ChildProcess("coordinator", args, child_env())
         self._all.append(self.coordinator)
         self.coordinator.ready(self.startup_timeout)
 
@@ -220,7 +221,7 @@ class LocalCluster:
             raise ClusterError("the cluster is not started")
         args = ["--coordinator", self.coordinator.address, "--port", "0", "--capacity", str(capacity),
                 *self._common_args(), *self.worker_args, *extra_args]
-        process = ChildProcess("worker", args, self._env())
+        process = ChildProcess("worker", args, child_env())
         self._all.append(process)
         self.workers.append(process)
         return process

@@ -114,8 +114,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             examples, inputs = check_inputs(program, request.inputs, set(program.inputs))
             shards = self._shards(record, params_bytes(request), inputs, examples)
             total = OrderedSum(len(shards))
-            for shard, response in self._run(shards, record, context, request_id):
-                total.add(shard.index, response.loss, self._shard_grads(program, shard, response))
+            with self._fan_out(shards, record, context, request_id) as results:
+                for shard, response in results:
+                    total.add(shard.index, response.loss, self._shard_grads(program, shard, response))
             assert total.grads is not None
             tally.examples = examples
             reply = pb.GradientsResponse(loss=total.loss, examples=examples, shards=[s.stats() for s in shards])
@@ -137,9 +138,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             shards = self._shards(record, params_bytes(request), inputs, examples,
                                   mode=pb.ShardRequest.FORWARD, outputs=outputs)
             pieces: list[Optional[pb.ShardResponse]] = [None] * len(shards)
-            for shard, response in self._run(shards, record, context, request_id):
-                self._check_examples(shard, response)
-                pieces[shard.index] = response
+            with self._fan_out(shards, record, context, request_id) as results:
+                for shard, response in results:
+                    self._check_examples(shard, response)
+                    pieces[shard.index] = response
             tally.examples = examples
             return pb.EvaluateResponse(outputs=self._concat_outputs(program, outputs, shards, pieces),
                                        examples=examples, shards=[s.stats() for s in shards],
@@ -216,17 +218,20 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return [Shard(i, start, stop, request, worker)
                 for i, ((worker, start, stop), request) in enumerate(zip(assignment, requests))]
 
-    def _run(self, shards: list[Shard], record: GraphRecord, context: grpc.ServicerContext,
-             request_id: str) -> Iterator[tuple[Shard, pb.ShardResponse]]:
-        """Fan out under the client's deadline (or ours); worker failures become statuses."""
+    @contextlib.contextmanager
+    def _fan_out(self, shards: list[Shard], record: GraphRecord, context: grpc.ServicerContext,
+                 request_id: str) -> Iterator[Iterator[tuple[Shard, pb.ShardResponse]]]:
+        """The shard results as they arrive, under the client's deadline (or
+        ours); a failed shard becomes the request's status, and leaving the
+        block for any reason cancels what is still running."""
         remaining = context.time_remaining()
         limit = self.config.request_timeout_seconds
         timeout = limit if remaining is None or remaining > limit else remaining
         log.debug("request %s: %d shard(s), %.1fs to go", request_id or "-", len(shards), timeout)
         with FanOut(shards, record, self.registry, time.monotonic() + timeout, self._metadata) as fan:
-            context.add_callback(fan.cancel)
+            context.add_callback(fan.cancel)  # the client went away
             try:
-                yield from fan.results()
+                yield fan.results()
             except ShardFailed as failure:
                 log.warning("request %s failed: %s", request_id or "-", failure)
                 raise failure.status() from None

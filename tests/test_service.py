@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -133,6 +134,20 @@ def test_a_20_step_loop_sends_the_graph_once_per_worker(cluster, service):
         status = worker_stub(address).GetWorkerStatus(pb.WorkerStatusRequest())
         assert status.graphs_loaded - loaded_before[address] == 1
     assert key in service._registered
+
+
+def test_concurrent_first_requests_send_the_graph_once_and_all_match(cluster):
+    cluster.scale_to(2)
+    graph = two_layer_net(h=7)  # a graph no other test registers
+    params = params_for(graph)
+    batches = [batch_for(graph, 33, seed=i) for i in range(8)]
+    before = {w.address: w.graphs_sent for w in cluster.status().workers}
+    with cluster.client(timeout=60) as client, ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda b: client.gradients_with_stats(graph, params, b), batches))
+    for result, batch in zip(results, batches):
+        assert_matches_local(result, graph, params, batch, RTOL["float64"])
+    after = {w.address: w.graphs_sent for w in cluster.status().workers}
+    assert {a: after[a] - before[a] for a in after} == {a: 1 for a in cluster.worker_addresses}
 
 
 def test_a_worker_that_lost_the_graph_is_sent_it_again(cluster, service):

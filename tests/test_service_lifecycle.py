@@ -13,10 +13,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import client as gp
-from client.cluster import LocalCluster
+from client.cluster import ChildProcess, LocalCluster, child_env
 from client.remote import Client, RetryPolicy, ServiceError
 from protos import gradpool_pb2 as pb
 from protos import gradpool_pb2_grpc as pb_grpc
+from server.config import parse_args as coordinator_args
+from worker.server import parse_args as worker_args
 
 from models import batch_for, params_for, softmax_mlp
 
@@ -92,7 +94,7 @@ def test_a_restarted_coordinator_is_rejoined_by_workers_and_clients(cluster):
 
 def test_a_worker_waits_for_a_coordinator_that_starts_late(cluster):
     """Registration retries with backoff until the coordinator is up."""
-    cluster.coordinator.stop()
+    assert cluster.coordinator.stop() == 0  # SIGTERM: a graceful exit
     late = cluster.add_worker(wait=False)  # the coordinator is down while it starts
     cluster.restart_coordinator(wait=False)
     cluster.wait_for_workers(3)
@@ -117,3 +119,47 @@ def test_an_unreachable_coordinator_is_a_clear_service_unavailable():
             nowhere.status()
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
     assert str(caught.value).startswith("cannot reach the gradpool coordinator at 127.0.0.1:1")
+
+
+def test_static_workers_listed_on_the_command_line():
+    quiet = ["--host", "127.0.0.1", "--port", "0", "--log-level", "WARNING"]
+    worker = ChildProcess("worker", quiet, child_env()).ready(30)  # no --coordinator: static only
+    try:
+        coordinator = ChildProcess("coordinator", [*quiet, "--workers", worker.address], child_env()).ready(30)
+        try:
+            with Client(coordinator.address, timeout=30) as service:
+                [listed] = service.status().workers
+                assert (listed.address, listed.static, listed.state) == (worker.address, True, "live")
+                graph = softmax_mlp()
+                params, batch = params_for(graph), batch_for(graph, 6)
+                loss, grads = service.gradients(graph, params, batch)
+                assert_matches_local(loss, grads, graph, params, batch)
+                assert service.status().workers[0].shards_served == 1
+        finally:
+            assert coordinator.stop() == 0
+    finally:
+        assert worker.stop() == 0
+
+
+def test_every_flag_has_an_environment_variable(monkeypatch):
+    monkeypatch.setenv("GRADPOOL_PORT", "6001")
+    monkeypatch.setenv("GRADPOOL_HOST", "127.0.0.2")
+    monkeypatch.setenv("GRADPOOL_WORKERS", "a:1, b:2")
+    monkeypatch.setenv("GRADPOOL_MAX_MESSAGE_MB", "300")
+    monkeypatch.setenv("GRADPOOL_HEARTBEAT_SECONDS", "0.5")
+    monkeypatch.setenv("GRADPOOL_LEASE_SECONDS", "4")
+    monkeypatch.setenv("GRADPOOL_TOKEN", "t")
+    monkeypatch.setenv("GRADPOOL_LOG_LEVEL", "debug")
+    config = coordinator_args([])
+    assert (config.port, config.host, config.workers, config.max_message_mb, config.heartbeat_seconds,
+            config.lease_seconds, config.token, config.log_level) == (
+        6001, "127.0.0.2", ["a:1", "b:2"], 300.0, 0.5, 4.0, "t", "DEBUG")
+    assert coordinator_args(["--port", "7"]).port == 7  # a flag beats its variable
+    monkeypatch.setenv("GRADPOOL_COORDINATOR", "c:9")
+    monkeypatch.setenv("GRADPOOL_ADVERTISE", "me:5")
+    monkeypatch.setenv("GRADPOOL_CAPACITY", "2.5")
+    config = worker_args([])
+    assert (config.coordinator, config.advertise, config.capacity, config.token) == ("c:9", "me:5", 2.5, "t")
+    monkeypatch.setenv("GRADPOOL_LEASE_SECONDS", "0.1")
+    with pytest.raises(SystemExit):
+        coordinator_args([])  # a lease shorter than the heartbeat is refused
