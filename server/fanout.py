@@ -183,6 +183,7 @@ class FanOut:
                 self._retry(shard, code, details or "")
                 continue
             del self._futures[shard.index]
+            shard.request = b""  # kept only for retries: free the params' copy now
             shard.seconds = time.perf_counter() - shard.first_sent
             shard.worker.served(shard.examples)
             pending -= 1

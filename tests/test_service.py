@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -375,15 +376,44 @@ def test_a_worker_rejects_bad_input_and_keeps_serving(cluster, service):
     assert_matches_local(service.gradients_with_stats(small, params, batch), small, params, batch, 1e-10)
 
 
-def test_the_client_deadline_bounds_the_request(cluster, service):
+def deep_tanh_chain(layers: int = 20, width: int = 256) -> gp.Graph:
+    """Much arithmetic per byte sent: slow to compute, quick to transfer."""
+    g = gp.Graph("deep_tanh_chain")
+    h = g.input("x", (width,))
+    W = g.param("W", (width, width))
+    for _ in range(layers):
+        h = gp.tanh(h @ W)
+    g.set_loss((h ** 2).mean())
+    return g
+
+
+def test_the_client_deadline_bounds_the_request_and_the_worker_calls(cluster, service):
     cluster.scale_to(2)
-    graph = softmax_mlp(d=256, h=512)
-    params, batch = params_for(graph), batch_for(graph, 20_000)
+    graph = deep_tanh_chain()
+    params = {"W": np.random.default_rng(0).normal(scale=0.06, size=(256, 256)).astype(np.float32)}
+    rows, local_seconds = 1024, 0.0
+    while local_seconds < 1.0 and rows < 16384:  # big enough that each worker needs longer than the deadline
+        rows *= 2
+        batch = {"x": np.random.default_rng(rows).normal(size=(rows, 256)).astype(np.float32)}
+        started = time.perf_counter()
+        gp.local_gradients(graph, params, batch)
+        local_seconds = time.perf_counter() - started
+    before = cluster.status()
+    started = time.perf_counter()
     with pytest.raises(ServiceError) as caught:
-        service.gradients(graph, params, batch, timeout=0.05)
+        service.gradients(graph, params, batch, timeout=0.3)
     assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-    small = batch_for(graph, 5)
-    assert_matches_local(service.gradients_with_stats(graph, params, small), graph, params, small, 1e-10)
+    assert time.perf_counter() - started < 1.0
+    # Had the coordinator waited for the workers, it would count the request
+    # served once they finished. Its worker calls carry the client's deadline
+    # (and are cancelled when the client's call ends), so it counts it failed.
+    give_up = time.monotonic() + 10
+    while (status := cluster.status()).requests_failed == before.requests_failed and time.monotonic() < give_up:
+        time.sleep(0.05)
+    assert (status.requests_failed, status.requests_served) == (before.requests_failed + 1,
+                                                                before.requests_served)
+    small = {"x": batch["x"][:5]}
+    assert_matches_local(service.gradients_with_stats(graph, params, small), graph, params, small, RTOL["float32"])
 
 
 # ---------------------------------------------------------------- large tensors

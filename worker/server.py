@@ -309,6 +309,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             raise RpcFailure(grpc.StatusCode.NOT_FOUND,
                              f"graph {request.graph_id[:12]!r} is not loaded on worker {self.worker_id}; "
                              "send it with LoadGraph")
+        if not context.is_active():  # the caller gave up (deadline, cancel) while this waited for a thread
+            raise RpcFailure(grpc.StatusCode.CANCELLED, "the caller gave up before the shard started")
         params = from_named(request.params, "param")
         inputs = from_named(request.inputs, "input")
         global_batch = request.global_batch or None
