@@ -15,7 +15,7 @@ from __future__ import annotations
 import queue
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Sequence
 
 import grpc
 
@@ -114,9 +114,17 @@ def params_bytes(request: "pb.GradientsRequest | pb.EvaluateRequest") -> bytes:
     return request.SerializeToString()
 
 
-for _request in (pb.GradientsRequest, pb.EvaluateRequest):
-    _ours, _theirs = _request.DESCRIPTOR.fields_by_name["params"], pb.ShardRequest.DESCRIPTOR.fields_by_name["params"]
-    assert (_ours.number, _ours.message_type) == (_theirs.number, _theirs.message_type), "proto params fields differ"
+def _check_params_fields_agree() -> None:
+    """params_bytes relies on this; a proto change that breaks it must fail loudly at import."""
+    theirs = pb.ShardRequest.DESCRIPTOR.fields_by_name["params"]
+    for message in (pb.GradientsRequest, pb.EvaluateRequest):
+        ours = message.DESCRIPTOR.fields_by_name["params"]
+        if (ours.number, ours.message_type) != (theirs.number, theirs.message_type):
+            raise ImportError(f"{message.DESCRIPTOR.name}.params no longer matches ShardRequest.params; "
+                              "update server.fanout.params_bytes")
+
+
+_check_params_fields_agree()
 
 
 def shard_requests(graph_id: str, params: bytes, inputs: Sequence[CheckedInput], bounds: Sequence[tuple[int, int]],

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Sequence
 
 import grpc
 
@@ -58,6 +58,7 @@ class WorkerEntry:
         return f"{self.worker_id} ({self.address})" if self.worker_id != self.address else self.address
 
     def acquire(self) -> None:
+        """Count a call in flight, so that `retire` closes the channel only after it."""
         with self.lock:
             self.in_flight += 1
 
@@ -229,7 +230,3 @@ class WorkerRegistry:
             self._workers.clear()
         for entry in entries:
             entry.retire()
-
-    def find(self, worker_id: str) -> Optional[WorkerEntry]:
-        with self._lock:
-            return self._workers.get(worker_id)
