@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="1,2", help="worker counts, comma separated (default %(default)s)")
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per case (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default %(default)s)")
+    parser.add_argument("--threads-per-worker", type=int, default=0,
+                        help="BLAS threads per worker; 0: the machine's cores split evenly (default)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
@@ -84,21 +86,25 @@ def main(argv: list[str] | None = None) -> int:
     baseline = {n: median_seconds(lambda n=n: gp.local_gradients(graph, params, data[n]), args.repeats,
                                   args.warmup) for n in batches}
     remote: dict[tuple[int, int], float] = {}
-    with LocalCluster(workers=worker_counts[0]) as cluster, cluster.client(timeout=600) as service:
-        for workers in worker_counts:
-            cluster.scale_to(workers)
+    threads: dict[int, int] = {}
+    for workers in worker_counts:  # a fresh cluster per size: thread caps are set at start
+        threads[workers] = args.threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
+        with LocalCluster(workers=workers, threads_per_worker=threads[workers]) as cluster, \
+                cluster.client(timeout=600) as service:
             for n in batches:
                 check_same(service.gradients(graph, params, data[n]), local[n])
                 remote[workers, n] = median_seconds(lambda n=n: service.gradients(graph, params, data[n]),
                                                     args.repeats, args.warmup)
 
     print(f"MLP 784-256-256-10 (relu, softmax cross-entropy mean, float32); {os.cpu_count()} CPU core(s); "
-          f"median of {args.repeats} steps after {args.warmup} warm-up")
+          f"median of {args.repeats} steps after {args.warmup} warm-up; worker rows go through a LocalCluster "
+          f"(client, coordinator and workers as processes on this machine)")
     header = f"{'batch':>6}  {'where':<22}  {'median step':>12}  {'examples/s':>11}  {'time vs in-process':>18}"
     print(header)
     print("-" * len(header))
     for n in batches:
-        rows = [("in-process", baseline[n])] + [(f"LocalCluster, {w} worker{'s' if w > 1 else ''}", remote[w, n])
+        rows = [("in-process", baseline[n])] + [(f"{w} worker{'s' if w > 1 else ''} x {threads[w]} thread"
+                                                 f"{'s' if threads[w] > 1 else ''}", remote[w, n])
                                                 for w in worker_counts]
         for where, seconds in rows:
             print(f"{n:>6}  {where:<22}  {seconds * 1e3:>9.1f} ms  {n / seconds:>11,.0f}  "

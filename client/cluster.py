@@ -137,13 +137,15 @@ class LocalCluster:
     Short heartbeats and leases by default, so joins, leaves and restarts
     show up quickly. `capacity` is every worker's (equal capacities make the
     service's shards those of `local_gradients(..., shards=k)`).
+    `threads_per_worker` caps each worker's BLAS/OpenMP threads: workers on
+    one machine otherwise each start a thread per core and fight over them.
     """
 
     def __init__(self, workers: int = 2, *, capacity: float = 1.0, token: Optional[str] = None,
                  host: str = "127.0.0.1", heartbeat_seconds: float = 0.25, lease_seconds: float = 3.0,
                  max_message_mb: Optional[float] = None, log_level: str = "WARNING",
                  coordinator_args: Sequence[str] = (), worker_args: Sequence[str] = (),
-                 startup_timeout: float = 60.0):
+                 threads_per_worker: Optional[int] = None, startup_timeout: float = 60.0):
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
         self.initial_workers = workers
@@ -156,6 +158,7 @@ class LocalCluster:
         self.log_level = log_level
         self.coordinator_args = list(coordinator_args)
         self.worker_args = list(worker_args)
+        self.threads_per_worker = threads_per_worker
         self.startup_timeout = startup_timeout
         self.coordinator: Optional[ChildProcess] = None
         self.workers: list[ChildProcess] = []
@@ -221,7 +224,11 @@ class LocalCluster:
             raise ClusterError("the cluster is not started")
         args = ["--coordinator", self.coordinator.address, "--port", "0", "--capacity", str(capacity),
                 *self._common_args(), *self.worker_args, *extra_args]
-        process = ChildProcess("worker", args, child_env())
+        env = child_env()
+        if self.threads_per_worker:
+            for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+                env[name] = str(self.threads_per_worker)
+        process = ChildProcess("worker", args, env)
         self._all.append(process)
         self.workers.append(process)
         return process
