@@ -18,7 +18,8 @@ from .local import local_evaluate, local_gradients
 from .checkpoint import Checkpoint, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from .cluster import ClusterError, LocalCluster
 from .optim import SGD, Adam, AdamW, ConstantLR, CosineLR, Optimizer, Schedule, StepLR
-from .remote import Client, ClusterStatus, GradientsResult, RetryPolicy, ServiceError, ServiceUnavailable
+from .remote import (Client, ClusterStatus, EvaluateResult, GradientsResult, RetryPolicy, ServiceError,
+                     ServiceUnavailable, ShardStat, WorkerStatus)
 from .training import GradientSource, History, LocalBackend, Trainer, TrainingError, fit
 
 __version__ = "0.1.0"
@@ -31,5 +32,5 @@ __all__ = [
     "SGD", "Adam", "AdamW", "ConstantLR", "CosineLR", "Optimizer", "Schedule", "StepLR",
     "Checkpoint", "CheckpointError", "latest_checkpoint", "load_checkpoint", "save_checkpoint",
     "ClusterError", "LocalCluster", "Client", "ClusterStatus", "GradientsResult", "RetryPolicy", "ServiceError",
-    "ServiceUnavailable", "GradientSource", "History", "LocalBackend", "Trainer", "TrainingError", "fit",
+    "ServiceUnavailable", "EvaluateResult", "ShardStat", "WorkerStatus", "GradientSource", "History", "LocalBackend", "Trainer", "TrainingError", "fit",
 ]

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from worker.engine.errors import GradpoolError
-from worker.server import PARENT_PID_ENV
+from worker.rpc import PARENT_PID_ENV
 
 from .remote import Client, ClusterStatus, RetryPolicy, ServiceError
 

@@ -27,7 +27,7 @@ from protos import gradpool_pb2 as pb
 from protos import gradpool_pb2_grpc as pb_grpc
 from worker.engine import from_named
 from worker.engine.errors import GradpoolError
-from worker.server import DEFAULT_MAX_MESSAGE_MB, add_named, auth_metadata, channel_options
+from worker.rpc import DEFAULT_MAX_MESSAGE_MB, add_named, auth_metadata, channel_options
 
 from .graph import Graph
 from .local import prepare_arrays

@@ -26,7 +26,7 @@ from protos import gradpool_pb2_grpc as pb_grpc
 from worker.engine import OrderedSum, Program, from_named, graph_id
 from worker.engine.errors import GradpoolError
 from worker.engine.tensors import DTYPE_TO_PROTO
-from worker.server import (VERSION, RpcFailure, add_health_and_reflection, add_named, announce, auth_metadata,
+from worker.rpc import (VERSION, RpcFailure, add_health_and_reflection, add_named, announce, auth_metadata,
                            bind, channel_options, configure_logging, interceptors, server_options,
                            translate_errors, wait_for_shutdown)
 

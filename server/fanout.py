@@ -21,7 +21,7 @@ import grpc
 
 from protos import gradpool_pb2 as pb
 from worker.engine import Program, shard_bounds
-from worker.server import RpcFailure
+from worker.rpc import RpcFailure
 
 from .registry import WorkerEntry, WorkerRegistry
 from .validation import CheckedInput

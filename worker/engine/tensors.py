@@ -59,10 +59,10 @@ def from_tensor(tensor: pb.Tensor, what: str = "tensor") -> np.ndarray:
     count = 1
     for d in shape:
         count *= d
-    if count * dtype.itemsize != len(tensor.data):
-        raise InputError(
-            f"{what}: shape {shape} of {dtype} needs {count * dtype.itemsize} bytes, got {len(tensor.data)}")
-    return np.frombuffer(tensor.data, dtype=dtype.newbyteorder("<")).reshape(shape)
+    data = tensor.data  # each read of a bytes field copies it: read once
+    if count * dtype.itemsize != len(data):
+        raise InputError(f"{what}: shape {shape} of {dtype} needs {count * dtype.itemsize} bytes, got {len(data)}")
+    return np.frombuffer(data, dtype=dtype.newbyteorder("<")).reshape(shape)
 
 
 def to_named(arrays: Mapping[str, np.ndarray]) -> list[pb.NamedTensor]:

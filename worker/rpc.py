@@ -1,0 +1,223 @@
+"""gRPC plumbing shared by the worker, the coordinator and the SDK.
+
+Message limits, the token interceptor, health and reflection, binding and
+announcing, shutdown signals, and the translation of engine errors into
+gRPC statuses. It lives in `worker` because `worker` may not import `server`
+or `client`, while both of those may import `worker`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import logging
+import os
+import signal
+import threading
+from concurrent import futures
+from typing import Callable, Iterable, Mapping, Optional
+
+import grpc
+import numpy as np
+
+from worker.engine import as_dtype
+from worker.engine.errors import GradpoolError
+from worker.engine.tensors import DTYPE_TO_PROTO
+
+log = logging.getLogger("gradpool.rpc")
+
+VERSION = "0.1.0"
+
+# ---------------------------------------------------------------- shared gRPC plumbing
+
+# gRPC's default limit is 4 MB received per message. Tensors travel inside
+# one message each way (streaming in chunks is a later optimisation), so the
+# limit is raised on purpose, on every server and channel, to something that
+# fits 100 MB of params plus a 100 MB batch with room to spare. gRPC lengths
+# are signed 32-bit, so 2 GiB - 1 byte is the hard cap.
+DEFAULT_MAX_MESSAGE_MB = 1024.0
+GRPC_HARD_LIMIT_BYTES = 2**31 - 1
+AUTH_HEADER = "authorization"
+# Liveness probes (docker, grpc_health_probe) need no token; they learn nothing.
+UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.Health/",)
+PARENT_PID_ENV = "GRADPOOL_EXIT_WITH_PARENT"
+
+
+def message_limit_bytes(max_message_mb: float) -> int:
+    """The message size limit in bytes, refusing values gRPC cannot honour."""
+    if not max_message_mb > 0:
+        raise ValueError(f"max message size must be positive, got {max_message_mb} MB")
+    limit = int(max_message_mb * 1024 * 1024)
+    if limit > GRPC_HARD_LIMIT_BYTES:
+        raise ValueError(f"max message size {max_message_mb} MB exceeds gRPC's hard cap of 2047 MB")
+    return limit
+
+
+def channel_options(max_message_mb: float = DEFAULT_MAX_MESSAGE_MB) -> list[tuple[str, int]]:
+    """Options for every server and channel: raised send/receive limits."""
+    limit = message_limit_bytes(max_message_mb)
+    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit)]
+
+
+def server_options(max_message_mb: float = DEFAULT_MAX_MESSAGE_MB) -> list[tuple[str, int]]:
+    # No SO_REUSEPORT: a second server on a taken port must fail, not share it.
+    return channel_options(max_message_mb) + [("grpc.so_reuseport", 0)]
+
+
+def auth_metadata(token: Optional[str]) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying the shared token, or nothing without one."""
+    return ((AUTH_HEADER, f"Bearer {token}"),) if token else ()
+
+
+class TokenInterceptor(grpc.ServerInterceptor):
+    """Rejects every RPC (except health checks) without `authorization: Bearer <token>`."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        if handler_call_details.method.startswith(UNAUTHENTICATED_PREFIXES):
+            return continuation(handler_call_details)
+        given = dict(handler_call_details.invocation_metadata or ()).get(AUTH_HEADER, "")
+        if hmac.compare_digest(str(given).encode(), self._expected):
+            return continuation(handler_call_details)
+        handler = continuation(handler_call_details)
+        return _rejecting_handler(handler, "missing or wrong token: send metadata 'authorization: Bearer <token>'")
+
+
+def _rejecting_handler(handler: Optional[grpc.RpcMethodHandler], message: str) -> Optional[grpc.RpcMethodHandler]:
+    """A handler of the same streaming shape as `handler` that answers UNAUTHENTICATED."""
+    if handler is None:
+        return None
+
+    def reject(request_or_iterator, context):  # type: ignore[no-untyped-def]
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(reject)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(reject)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(reject)
+    return grpc.unary_unary_rpc_method_handler(reject)
+
+
+def interceptors(token: Optional[str]) -> list[grpc.ServerInterceptor]:
+    return [TokenInterceptor(token)] if token else []
+
+
+def add_health_and_reflection(server: grpc.Server, service_names: Iterable[str]):  # type: ignore[no-untyped-def]
+    """Standard health (SERVING) and reflection services, so grpcurl and probes work."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
+
+    names = list(service_names)
+    health_servicer = health.HealthServicer(
+        experimental_non_blocking=True,
+        experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="health"))
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for name in names + [health.OVERALL_HEALTH]:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(names + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    return health_servicer
+
+
+def format_address(host: str, port: int) -> str:
+    """host:port, with brackets around an IPv6 literal."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+def bind(server: grpc.Server, host: str, port: int) -> int:
+    """Bind an insecure port and return the real one (`port` 0 picks a free one)."""
+    try:
+        bound = server.add_insecure_port(format_address(host, port))
+    except RuntimeError as err:  # gRPC raises when it cannot bind
+        raise OSError(f"cannot listen on {format_address(host, port)}: {err}") from None
+    if bound == 0:
+        raise OSError(f"cannot listen on {format_address(host, port)} (port taken or host not local?)")
+    return bound
+
+
+def announce(role: str, host: str, port: int) -> None:
+    """The one stdout line launchers (LocalCluster) read to learn the real port."""
+    print(f"gradpool {role} listening on {format_address(host, port)}", flush=True)
+
+
+def env_default(name: str, fallback: object) -> str:
+    """A flag's default: the environment variable if set, else `fallback` (as text for argparse)."""
+    value = os.environ.get(name)
+    return value if value not in (None, "") else str(fallback)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+def wait_for_shutdown(stop: Optional[threading.Event] = None) -> str:
+    """Block until SIGTERM/SIGINT (or `stop`), and say why.
+
+    Also returns when the process named by GRADPOOL_EXIT_WITH_PARENT exits,
+    so that children of a LocalCluster whose parent was killed do not linger.
+    """
+    stop = stop or threading.Event()
+    reason = ["stop requested"]
+
+    def on_signal(signum, frame):  # type: ignore[no-untyped-def]
+        reason[0] = signal.Signals(signum).name
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    parent = os.environ.get(PARENT_PID_ENV, "")
+    parent_pid = int(parent) if parent.isdigit() else None
+    while not stop.wait(0.5):
+        if parent_pid is not None and os.getppid() != parent_pid:
+            reason[0] = f"parent process {parent_pid} exited"
+            break
+    return reason[0]
+
+
+def add_named(field, arrays: Mapping[str, np.ndarray]) -> None:  # type: ignore[no-untyped-def]
+    """Encode arrays straight into a repeated NamedTensor field of a message.
+
+    Same bytes as `to_named`, but each tensor's data is copied once into the
+    message instead of being built as a separate message and copied again:
+    for 100 MB tensors every copy counts.
+    """
+    for name, array in arrays.items():
+        dtype = as_dtype(array.dtype)
+        tensor = field.add(name=name).tensor
+        tensor.dtype = DTYPE_TO_PROTO[dtype]
+        tensor.shape.extend(array.shape)
+        tensor.data = np.ascontiguousarray(array, dtype=dtype.newbyteorder("<")).tobytes()
+
+
+class RpcFailure(Exception):
+    """Raised inside a servicer method to end the RPC with `code` and a message."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def translate_errors(method: Callable) -> Callable:
+    """Servicer method decorator: RpcFailure -> its status, GradpoolError ->
+    INVALID_ARGUMENT, anything else -> INTERNAL (logged), never a crash."""
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):  # type: ignore[no-untyped-def]
+        try:
+            return method(self, request, context)
+        except RpcFailure as err:
+            code, message = err.code, str(err)
+        except GradpoolError as err:
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(err)
+        except Exception as err:  # a bug; keep serving and say what happened
+            log.exception("%s failed", method.__name__)
+            code, message = grpc.StatusCode.INTERNAL, f"{method.__name__} failed: {type(err).__name__}: {err}"
+        context.abort(code, message)
+
+    return wrapper
