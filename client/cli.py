@@ -3,6 +3,7 @@
     gradpool coordinator --port 50051
     gradpool worker --coordinator localhost:50051 --port 0
     gradpool status --coordinator localhost:50051
+    gradpool health localhost:50051
     gradpool demo [demo options]
 
 The server commands are imported only when used, so `gradpool status` stays
@@ -69,7 +70,27 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--timeout", type=float, default=5.0,
                         help="seconds to wait for an answer, retries included (default %(default)s)")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    health = commands.add_parser("health", help="probe a server with the standard gRPC health check",
+                                 description="Exit 0 if the coordinator or worker at ADDRESS answers the standard "
+                                             "gRPC health check with SERVING, 1 otherwise (a container healthcheck).")
+    health.add_argument("address", nargs="?", default="localhost:50051",
+                        help="server HOST:PORT (default %(default)s)")
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait (default %(default)s)")
     return parser
+
+
+def _health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout)
+        except grpc.RpcError as err:
+            raise GradpoolError(f"{args.address} is not healthy: {err.code().name}: {err.details()}") from None
+    state = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{args.address}: {state}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -93,6 +114,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "status":
             return _status(args)
+        if args.command == "health":
+            return _health(args)
         build_parser().print_help()
         return 2
     except GradpoolError as err:

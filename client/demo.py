@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="host:port of a running coordinator to use instead of starting a local cluster")
     where.add_argument("--local", action="store_true",
                        help="no servers at all: compute gradients in this process (same arithmetic)")
+    parser.add_argument("--token", default=os.environ.get("GRADPOOL_TOKEN") or None,
+                        help="token, if the coordinator requires one (env GRADPOOL_TOKEN)")
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                         help="give up on a coordinator call after this long, retries included (default: no limit)")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
@@ -123,7 +126,7 @@ def open_backend(args: argparse.Namespace) -> Iterator[tuple[Any, str, Optional[
     from .remote import Client
 
     if args.coordinator:
-        with Client(args.coordinator, timeout=args.timeout) as client:
+        with Client(args.coordinator, token=args.token, timeout=args.timeout) as client:
             yield client, f"coordinator {args.coordinator}", live_workers(client)
         return
     from .cluster import LocalCluster

@@ -1,0 +1,161 @@
+"""docker-compose.yml, checked without a Docker engine.
+
+This machine has none, so the test reads the compose file, checks its
+structure, and starts each service's exact `command` and `environment` as
+local processes of the image's entrypoint (`gradpool`). Only two things
+change: service names resolve to 127.0.0.1, and the container ports (50051,
+50052) map to free local ports, since two "containers" share one host here.
+Then a gradient request goes through them and each healthcheck command runs:
+a wrong command, variable or probe in the compose file fails this test.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import client as gp
+from client.cluster import LISTENING
+
+from models import batch_for, params_for, softmax_mlp
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+CONTAINER_PORTS = ("50051", "50052")
+
+
+def test_compose_structure() -> None:
+    assert {"coordinator", "worker", "demo"} <= set(SERVICES)
+    coordinator, worker, demo = SERVICES["coordinator"], SERVICES["worker"], SERVICES["demo"]
+    assert any(str(p).endswith(":50051") for p in coordinator["ports"]), "the coordinator publishes its gRPC port"
+    assert "ports" not in worker and "container_name" not in worker, "workers must scale (--scale worker=N)"
+    assert worker["depends_on"]["coordinator"]["condition"] == "service_healthy"
+    for name in ("coordinator", "worker"):
+        service = SERVICES[name]
+        assert service["restart"] in ("unless-stopped", "always", "on-failure")
+        assert service["healthcheck"]["test"][:3] == ["CMD", "gradpool", "health"]
+        assert service["image"] == "gradpool:latest"
+    assert demo["profiles"] == ["demo"] and demo["build"]["args"]["EXTRAS"] == "demo"
+    assert demo["command"][0] == "demo" and "coordinator:50051" in demo["command"]
+
+
+def test_dockerfile_is_small_and_unprivileged() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:\$\{PYTHON_VERSION\}-slim\s*$", dockerfile, re.M), "slim final stage"
+    assert re.search(r"^USER gradpool$", dockerfile, re.M), "runs as a non-root user"
+    assert 'ENTRYPOINT ["gradpool"]' in dockerfile
+    final_stage = dockerfile.rsplit("FROM ", 1)[1]
+    assert "COPY tests" not in dockerfile and "pip install" not in final_stage, "no tests or build steps in it"
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {"tests", ".venv", ".git"} <= set(ignored)
+
+
+def free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def substitute(value: str, ports: dict[str, str]) -> str:
+    """${VAR:-default} as compose does (from this environment), service names
+    to 127.0.0.1, container ports to this test's free ports."""
+    value = re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: os.environ.get(m.group(1)) or m.group(2), str(value))
+    for service in SERVICES:
+        value = re.sub(rf"^{service}:", "127.0.0.1:", value)
+    for container_port, local_port in ports.items():
+        value = value.replace(container_port, local_port)
+    return value
+
+
+def gradpool_argv(args: list[str], ports: dict[str, str]) -> list[str]:
+    """The image's ENTRYPOINT ["gradpool"], as this environment runs it."""
+    return [sys.executable, "-m", "client.cli", *(substitute(a, ports) for a in args)]
+
+
+def service_env(name: str, ports: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRADPOOL_")}
+    env["PYTHONPATH"] = str(ROOT)
+    env.update({k: substitute(v, ports) for k, v in SERVICES[name].get("environment", {}).items()})
+    return env
+
+
+def start(name: str, ports: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(gradpool_argv(SERVICES[name]["command"], ports), env=service_env(name, ports),
+                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, cwd=ROOT)
+    line = proc.stdout.readline().strip()  # type: ignore[union-attr]
+    match = LISTENING.match(line)
+    assert match, f"{name} printed {line!r} instead of its listening line"
+    return proc, match.group(2)
+
+
+def healthcheck(name: str, ports: dict[str, str]) -> subprocess.CompletedProcess:
+    test = SERVICES[name]["healthcheck"]["test"]
+    assert test[0] == "CMD" and test[1] == "gradpool"
+    return subprocess.run(gradpool_argv(test[2:], ports), env=service_env(name, ports), capture_output=True,
+                          text=True, timeout=30, cwd=ROOT)
+
+
+def test_compose_services_run_as_written(tmp_path: Path) -> None:
+    coordinator_ports = {"50051": free_port()}
+    processes = []
+    try:
+        coordinator, address = start("coordinator", coordinator_ports)
+        processes.append(coordinator)
+        assert address.endswith(":" + coordinator_ports["50051"])
+        assert healthcheck("coordinator", coordinator_ports).returncode == 0
+        worker_ports = []
+        for _ in range(2):  # `--scale worker=2`
+            ports = {"50051": coordinator_ports["50051"], "50052": free_port()}
+            worker, _ = start("worker", ports)
+            processes.append(worker)
+            worker_ports.append(ports)
+        for ports in worker_ports:
+            result = healthcheck("worker", ports)
+            assert result.returncode == 0 and "SERVING" in result.stdout, result.stderr
+        graph = softmax_mlp()
+        params, batch = params_for(graph), batch_for(graph, 50)
+        with gp.Client(f"127.0.0.1:{coordinator_ports['50051']}", timeout=60) as client:
+            deadline = time.monotonic() + 30
+            while len([w for w in client.status().workers if w.state == "live"]) < 2:
+                assert time.monotonic() < deadline, "the workers never registered with the coordinator"
+                time.sleep(0.1)
+            loss, grads = client.gradients(graph, params, batch)
+            assert len(client.last_result.shards) == 2
+        want_loss, want = gp.local_gradients(graph, params, batch)
+        assert loss == pytest.approx(want_loss, rel=1e-10)
+        for name in want:
+            np.testing.assert_allclose(grads[name], want[name], rtol=1e-10)
+        # The demo profile's own command, shortened to one quick epoch.
+        demo_args = [a.replace("/home/gradpool/gradpool-out", str(tmp_path)) for a in SERVICES["demo"]["command"]]
+        result = subprocess.run(gradpool_argv(demo_args + ["--epochs", "1", "--train-examples", "300"],
+                                              coordinator_ports),
+                                env=service_env("demo", coordinator_ports), capture_output=True, text=True,
+                                timeout=120, cwd=ROOT)
+        assert result.returncode == 0, result.stderr
+        assert "accuracy" in result.stdout and (tmp_path / "metrics.json").exists()
+    finally:
+        for proc in reversed(processes):
+            proc.terminate()
+        for proc in processes:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def test_health_probe_fails_for_a_dead_address() -> None:
+    result = subprocess.run([sys.executable, "-m", "client.cli", "health", f"127.0.0.1:{free_port()}",
+                             "--timeout", "1"], capture_output=True, text=True, timeout=30, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 1 and "is not healthy" in result.stderr
