@@ -16,7 +16,7 @@ from .functional import (abs, binary_cross_entropy, concat, embedding, exp, leak
 from .graph import Expr, Graph
 from .local import local_evaluate, local_gradients
 from .checkpoint import Checkpoint, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from .cluster import ClusterError, LocalCluster
+from .cluster import ClusterError, LocalCluster, gradient_service
 from .optim import SGD, Adam, AdamW, ConstantLR, CosineLR, Optimizer, Schedule, StepLR
 from .remote import (Client, ClusterStatus, EvaluateResult, GradientsResult, RetryPolicy, ServiceError,
                      ServiceUnavailable, ShardStat, WorkerStatus)
@@ -27,10 +27,11 @@ __version__ = "0.1.0"
 __all__ = [
     "GradpoolError", "GraphError", "InputError", "ShardingError", "Expr", "Graph", "local_gradients",
     "local_evaluate", "abs", "binary_cross_entropy", "concat", "embedding", "exp", "leaky_relu", "log",
-    "log_softmax", "matmul", "max", "maximum", "mean", "minimum", "power", "relu", "reshape", "sigmoid", "slice",
-    "softmax", "softmax_cross_entropy", "softplus", "sqrt", "square", "sum", "tanh", "transpose",
-    "SGD", "Adam", "AdamW", "ConstantLR", "CosineLR", "Optimizer", "Schedule", "StepLR",
-    "Checkpoint", "CheckpointError", "latest_checkpoint", "load_checkpoint", "save_checkpoint",
-    "ClusterError", "LocalCluster", "Client", "ClusterStatus", "GradientsResult", "RetryPolicy", "ServiceError",
-    "ServiceUnavailable", "EvaluateResult", "ShardStat", "WorkerStatus", "GradientSource", "History", "LocalBackend", "Trainer", "TrainingError", "fit",
+    "log_softmax", "matmul", "max", "maximum", "mean", "minimum", "power", "relu", "reshape", "sigmoid",
+    "slice", "softmax", "softmax_cross_entropy", "softplus", "sqrt", "square", "sum", "tanh", "transpose",
+    "SGD", "Adam", "AdamW", "ConstantLR", "CosineLR", "Optimizer", "Schedule", "StepLR", "Checkpoint",
+    "CheckpointError", "latest_checkpoint", "load_checkpoint", "save_checkpoint", "ClusterError",
+    "LocalCluster", "gradient_service", "Client", "ClusterStatus", "GradientsResult", "RetryPolicy",
+    "ServiceError", "ServiceUnavailable", "EvaluateResult", "ShardStat", "WorkerStatus", "GradientSource",
+    "History", "LocalBackend", "Trainer", "TrainingError", "fit",
 ]

@@ -13,6 +13,7 @@ exit by themselves when this process dies (GRADPOOL_EXIT_WITH_PARENT).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import select
@@ -22,7 +23,7 @@ import sys
 import time
 import weakref
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from worker.engine.errors import GradpoolError
 from worker.rpc import PARENT_PID_ENV
@@ -329,3 +330,23 @@ class LocalCluster:
     def __repr__(self) -> str:
         where = self.coordinator.address if self.coordinator else "not started"
         return f"<LocalCluster {where}, {len(self.workers)} worker(s)>"
+
+
+@contextlib.contextmanager
+def gradient_service(coordinator: Optional[str] = None, *, workers: int = 2, local: bool = False,
+                     token: Optional[str] = None, timeout: Optional[float] = None) -> Iterator[Any]:
+    """Where a script's gradients come from, chosen by its flags: a `Client` of a
+    running `coordinator`, of a fresh LocalCluster of `workers` processes, or
+    (`local=True`) the in-process engine. All three answer `.gradients` and
+    `.evaluate` the same way, so the rest of a script does not care."""
+    if local:
+        from .training import LocalBackend
+
+        yield LocalBackend()
+        return
+    if coordinator:
+        with Client(coordinator, token=token, timeout=timeout) as client:
+            yield client
+        return
+    with LocalCluster(workers=workers) as cluster, Client(cluster.address, token=token, timeout=timeout) as client:
+        yield client

@@ -12,7 +12,6 @@ running one. Needs scikit-learn for the (bundled, offline) digits data.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ except ImportError:  # run from a source checkout without `pip install -e .`
     import client as gp
 from client.checkpoint import latest_checkpoint
 from client.optim import Adam
-from client.training import LocalBackend, Trainer
+from client.training import Trainer
 
 
 def load_data(seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -52,22 +51,6 @@ def build_graph(hidden: int = 64) -> gp.Graph:
     return g
 
 
-@contextlib.contextmanager
-def gradient_service(args: argparse.Namespace):
-    """A Client of --coordinator, of a new LocalCluster, or in-process gradients (--local)."""
-    if args.local:
-        yield LocalBackend()
-        return
-    from client.remote import Client
-    if args.coordinator:
-        with Client(args.coordinator) as service:
-            yield service
-        return
-    from client.cluster import LocalCluster
-    with LocalCluster(workers=args.workers) as cluster, Client(cluster.address) as service:
-        yield service
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--coordinator", metavar="HOST:PORT", help="use a running coordinator")
@@ -83,7 +66,7 @@ def main() -> int:
     graph = build_graph()
     optimizer = Adam(graph.init_params(seed=0), lr=0.01)
     try:
-        with gradient_service(args) as service:
+        with gp.gradient_service(args.coordinator, workers=args.workers, local=args.local) as service:
             trainer = Trainer(graph, optimizer, backend=service, batch_size=64, seed=0, progress=False,
                               checkpoint_dir=args.checkpoints, checkpoint_every_epochs=1)
             if args.checkpoints and latest_checkpoint(args.checkpoints):

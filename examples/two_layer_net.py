@@ -13,7 +13,6 @@ workers on this machine) unless --coordinator names a running one.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
@@ -25,7 +24,7 @@ except ImportError:  # run from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import client as gp
 from client.optim import SGD
-from client.training import LocalBackend, Trainer
+from client.training import Trainer
 
 D, H, K = 3, 4, 2  # inputs, hidden units, outputs: the lecture's sizes
 
@@ -55,22 +54,6 @@ def make_data(n: int, seed: int) -> dict[str, np.ndarray]:
     return {"x": x, "t": t}
 
 
-@contextlib.contextmanager
-def gradient_service(args: argparse.Namespace):
-    """A Client of --coordinator, of a new LocalCluster, or in-process gradients (--local)."""
-    if args.local:
-        yield LocalBackend()
-        return
-    from client.remote import Client
-    if args.coordinator:
-        with Client(args.coordinator) as service:
-            yield service
-        return
-    from client.cluster import LocalCluster
-    with LocalCluster(workers=args.workers) as cluster, Client(cluster.address) as service:
-        yield service
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--coordinator", metavar="HOST:PORT", help="use a running coordinator")
@@ -87,7 +70,7 @@ def main() -> int:
     optimizer = SGD(params, lr=0.1 / args.batch_size, momentum=0.9)
     report_every = max(1, args.steps // 10)
     try:
-        with gradient_service(args) as service:
+        with gp.gradient_service(args.coordinator, workers=args.workers, local=args.local) as service:
             trainer = Trainer(graph, optimizer, backend=service, batch_size=args.batch_size, progress=False)
             while trainer.step < args.steps:
                 trainer.fit(data, epochs=args.steps, max_steps=min(trainer.step + report_every, args.steps))
