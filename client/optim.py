@@ -13,7 +13,7 @@ Conventions:
   feed) sees the new values without copying.
 * Arithmetic stays in each parameter's dtype: float32 parameters and their
   slot arrays stay float32, and gradients are cast to the parameter's dtype.
-* ``state_dict`` is plain Python and numpy (``np.savez``-able, no pickle).  It
+* ``state_dict`` is plain Python and numpy (plain numbers and arrays that ``np.savez`` stores).  It
   holds the step count, hyperparameters, learning rate schedule and copies of
   the slot arrays, but not the parameters themselves, which are saved with the
   model as in PyTorch.

@@ -25,7 +25,7 @@ from protos import gradpool_pb2 as pb
 from protos import gradpool_pb2_grpc as pb_grpc
 from worker.engine import OrderedSum, Program, from_named, graph_id
 from worker.engine.errors import GradpoolError
-from worker.engine.tensors import DTYPE_TO_PROTO
+from worker.engine.tensors import DTYPE_TO_PROTO, checked_bytes
 from worker.rpc import (VERSION, RpcFailure, add_health_and_reflection, add_named, announce, auth_metadata,
                            bind, channel_options, configure_logging, interceptors, server_options,
                            translate_errors, wait_for_shutdown)
@@ -33,7 +33,7 @@ from worker.rpc import (VERSION, RpcFailure, add_health_and_reflection, add_name
 from .config import CoordinatorConfig, parse_args
 from .fanout import FanOut, GraphRecord, Shard, ShardFailed, params_bytes, plan, shard_requests
 from .registry import WorkerRegistry
-from .validation import CheckedInput, check_inputs, check_outputs, check_params, sources_needed_for, tensor_bytes
+from .validation import CheckedInput, check_inputs, check_outputs, check_params, sources_needed_for
 
 log = logging.getLogger("gradpool.coordinator")
 
@@ -269,7 +269,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 if tensor is None:
                     raise RpcFailure(grpc.StatusCode.INTERNAL, f"{shard.describe()} did not return {name!r}")
                 try:
-                    dtype, shape, data = tensor_bytes(tensor, f"output {name!r}")
+                    dtype, shape, data = checked_bytes(tensor, f"output {name!r}")
                 except GradpoolError as err:
                     raise RpcFailure(grpc.StatusCode.INTERNAL, f"{shard.describe()}: {err}") from None
                 if dtype != node.dtype or shape != (shard.examples, *node.shape[1:]):

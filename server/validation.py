@@ -13,14 +13,13 @@ import math
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
-import numpy as np
 
 from protos import gradpool_pb2 as pb
 from worker.engine import Program
 from worker.engine.errors import InputError
 from worker.engine.ops import fmt
 from worker.engine.program import PER_EXAMPLE
-from worker.engine.tensors import MAX_RANK, PROTO_TO_DTYPE
+from worker.engine.tensors import checked_bytes
 
 
 @dataclass(frozen=True)
@@ -31,21 +30,6 @@ class CheckedInput:
     row_shape: tuple[int, ...]
     row_bytes: int
     data: bytes
-
-
-def tensor_bytes(tensor: pb.Tensor, what: str) -> tuple[np.dtype, tuple[int, ...], bytes]:
-    """dtype, shape and data of a wire tensor whose byte count fits its shape."""
-    if tensor.dtype not in PROTO_TO_DTYPE:
-        raise InputError(f"{what}: unknown dtype enum {tensor.dtype}")
-    dtype = PROTO_TO_DTYPE[tensor.dtype]
-    shape = tuple(int(d) for d in tensor.shape)
-    if len(shape) > MAX_RANK or any(d < 0 for d in shape):
-        raise InputError(f"{what}: invalid shape {shape}")
-    data = tensor.data
-    needed = math.prod(shape) * dtype.itemsize
-    if needed != len(data):
-        raise InputError(f"{what}: shape {shape} of {dtype} needs {needed} bytes, got {len(data)}")
-    return dtype, shape, data
 
 
 def _check_names(given: Sequence[str], declared: Iterable[str], required: set[str], what: str) -> None:
@@ -70,7 +54,7 @@ def check_params(program: Program, params: Sequence[pb.NamedTensor], required: O
     _check_names([p.name for p in params], program.params, required, "param")
     for item in params:
         node = program.params[item.name]
-        dtype, shape, _ = tensor_bytes(item.tensor, f"param {item.name!r}")
+        dtype, shape, _ = checked_bytes(item.tensor, f"param {item.name!r}")
         if dtype != node.dtype:
             raise InputError(f"param {item.name!r} is {dtype}, but the graph declares {node.dtype}")
         if shape != node.shape:
@@ -86,7 +70,7 @@ def check_inputs(program: Program, inputs: Sequence[pb.NamedTensor],
     checked = []
     for item in inputs:
         node = program.inputs[item.name]
-        dtype, shape, data = tensor_bytes(item.tensor, f"input {item.name!r}")
+        dtype, shape, data = checked_bytes(item.tensor, f"input {item.name!r}")
         if dtype != node.dtype:
             raise InputError(f"input {item.name!r} is {dtype}, but the graph declares {node.dtype}")
         if len(shape) == 0 or shape[1:] != node.shape[1:]:

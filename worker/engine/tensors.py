@@ -7,6 +7,7 @@ so a malformed message never makes us allocate or read past its end.
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import numpy as np
@@ -48,20 +49,25 @@ def to_tensor(array: np.ndarray) -> pb.Tensor:
     return pb.Tensor(dtype=DTYPE_TO_PROTO[dtype], shape=array.shape, data=data)
 
 
-def from_tensor(tensor: pb.Tensor, what: str = "tensor") -> np.ndarray:
-    """Decode a Tensor (read-only view of the message bytes), checking it first."""
+def checked_bytes(tensor: pb.Tensor, what: str = "tensor") -> tuple[np.dtype, tuple[int, ...], bytes]:
+    """dtype, shape and data of a wire tensor whose byte count fits its shape
+    (checked without decoding, so the coordinator can slice the raw bytes)."""
     if tensor.dtype not in PROTO_TO_DTYPE:
         raise InputError(f"{what}: unknown dtype enum {tensor.dtype}")
     dtype = PROTO_TO_DTYPE[tensor.dtype]
     shape = tuple(int(d) for d in tensor.shape)
     if len(shape) > MAX_RANK or any(d < 0 for d in shape):
         raise InputError(f"{what}: invalid shape {shape}")
-    count = 1
-    for d in shape:
-        count *= d
     data = tensor.data  # each read of a bytes field copies it: read once
-    if count * dtype.itemsize != len(data):
-        raise InputError(f"{what}: shape {shape} of {dtype} needs {count * dtype.itemsize} bytes, got {len(data)}")
+    needed = math.prod(shape) * dtype.itemsize
+    if needed != len(data):
+        raise InputError(f"{what}: shape {shape} of {dtype} needs {needed} bytes, got {len(data)}")
+    return dtype, shape, data
+
+
+def from_tensor(tensor: pb.Tensor, what: str = "tensor") -> np.ndarray:
+    """Decode a Tensor (read-only view of the message bytes), checking it first."""
+    dtype, shape, data = checked_bytes(tensor, what)
     return np.frombuffer(data, dtype=dtype.newbyteorder("<")).reshape(shape)
 
 
