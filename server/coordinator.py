@@ -26,14 +26,40 @@ from protos import gradpool_pb2_grpc as pb_grpc
 from worker.engine import OrderedSum, Program, from_named, graph_id
 from worker.engine.errors import GradpoolError
 from worker.engine.tensors import DTYPE_TO_PROTO, checked_bytes
-from worker.rpc import (VERSION, RpcFailure, add_health_and_reflection, add_named, announce, auth_metadata,
-                           bind, channel_options, configure_logging, interceptors, server_options,
-                           translate_errors, wait_for_shutdown)
+from worker.rpc import (
+    VERSION,
+    RpcFailure,
+    add_health_and_reflection,
+    add_named,
+    announce,
+    auth_metadata,
+    bind,
+    channel_options,
+    interceptors,
+    run_main,
+    serve_until_signalled,
+    server_options,
+    translate_errors,
+)
 
 from .config import CoordinatorConfig, parse_args
-from .fanout import FanOut, GraphRecord, Shard, ShardFailed, params_bytes, plan, shard_requests
+from .fanout import (
+    FanOut,
+    GraphRecord,
+    Shard,
+    ShardFailed,
+    params_bytes,
+    plan,
+    shard_requests,
+)
 from .registry import WorkerRegistry
-from .validation import CheckedInput, check_inputs, check_outputs, check_params, sources_needed_for
+from .validation import (
+    CheckedInput,
+    check_inputs,
+    check_outputs,
+    check_params,
+    sources_needed_for,
+)
 
 log = logging.getLogger("gradpool.coordinator")
 
@@ -354,17 +380,9 @@ def serve(config: CoordinatorConfig) -> None:
     log.info("coordinator %s serving on port %d (heartbeat %.3gs, lease %.3gs, messages up to %g MB%s)", VERSION,
              running.port, config.heartbeat_seconds, config.lease_seconds, config.max_message_mb,
              ", token required" if config.token else "")
-    reason = wait_for_shutdown()
-    log.info("shutting down (%s)", reason)
-    running.stop(config.grace_seconds)
+    serve_until_signalled(running, config.grace_seconds, log)
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "gradpool coordinator") -> int:
     config = parse_args(argv, prog)
-    configure_logging(config.log_level)
-    try:
-        serve(config)
-    except OSError as err:
-        log.error("%s", err)
-        return 1
-    return 0
+    return run_main(serve, config, log)

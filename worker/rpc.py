@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 from concurrent import futures
-from typing import Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import grpc
 import numpy as np
@@ -221,3 +221,21 @@ def translate_errors(method: Callable) -> Callable:
         context.abort(code, message)
 
     return wrapper
+
+
+def serve_until_signalled(running: Any, grace_seconds: float, logger: logging.Logger) -> None:
+    """Block until SIGTERM/SIGINT, then let in-flight RPCs finish for `grace_seconds`."""
+    reason = wait_for_shutdown()
+    logger.info("shutting down (%s)", reason)
+    running.stop(grace_seconds)
+
+
+def run_main(serve: Callable[[Any], None], config: Any, logger: logging.Logger) -> int:
+    """A server's `main`: logging set up, exit 1 with one log line if it cannot bind."""
+    configure_logging(config.log_level)
+    try:
+        serve(config)
+    except OSError as err:
+        logger.error("%s", err)
+        return 1
+    return 0

@@ -31,11 +31,24 @@ from protos import gradpool_pb2 as pb
 from protos import gradpool_pb2_grpc as pb_grpc
 from worker.engine import Program, from_named, graph_id
 from worker.engine.errors import GradpoolError
-
 from worker.rpc import (
-    DEFAULT_MAX_MESSAGE_MB, RpcFailure, add_health_and_reflection, add_named, announce, auth_metadata, bind,
-    channel_options, configure_logging, env_default, format_address, interceptors, message_limit_bytes,
-    server_options, translate_errors, wait_for_shutdown)
+    DEFAULT_MAX_MESSAGE_MB,
+    RpcFailure,
+    add_health_and_reflection,
+    add_named,
+    announce,
+    auth_metadata,
+    bind,
+    channel_options,
+    env_default,
+    format_address,
+    interceptors,
+    message_limit_bytes,
+    run_main,
+    serve_until_signalled,
+    server_options,
+    translate_errors,
+)
 
 log = logging.getLogger("gradpool.worker")
 
@@ -348,17 +361,9 @@ def serve(config: WorkerConfig) -> None:
     log.info("worker %s serving on port %d, advertised as %s, capacity %g%s", running.servicer.worker_id,
              running.port, running.address, config.capacity,
              f", coordinator {config.coordinator}" if config.coordinator else " (no coordinator: static only)")
-    reason = wait_for_shutdown()
-    log.info("shutting down (%s)", reason)
-    running.stop(config.grace_seconds)
+    serve_until_signalled(running, config.grace_seconds, log)
 
 
 def main(argv: Optional[Sequence[str]] = None, prog: str = "gradpool worker") -> int:
     config = parse_args(argv, prog)
-    configure_logging(config.log_level)
-    try:
-        serve(config)
-    except OSError as err:
-        log.error("%s", err)
-        return 1
-    return 0
+    return run_main(serve, config, log)
