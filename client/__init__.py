@@ -22,7 +22,7 @@ from .remote import (Client, ClusterStatus, EvaluateResult, GradientsResult, Ret
                      ServiceUnavailable, ShardStat, WorkerStatus)
 from .training import GradientSource, History, LocalBackend, Trainer, TrainingError, fit
 
-__version__ = "0.1.0"
+from worker.rpc import VERSION as __version__  # one version for every side
 
 __all__ = [
     "GradpoolError", "GraphError", "InputError", "ShardingError", "Expr", "Graph", "local_gradients",
