@@ -14,7 +14,6 @@ import contextlib
 import logging
 import threading
 import time
-from collections import OrderedDict
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
@@ -28,6 +27,7 @@ from worker.engine.errors import GradpoolError
 from worker.engine.tensors import DTYPE_TO_PROTO, checked_bytes
 from worker.rpc import (
     VERSION,
+    LruCache,
     RpcFailure,
     add_health_and_reflection,
     add_named,
@@ -71,16 +71,10 @@ class GraphStore:
     answers NOT_FOUND and the SDK registers it again)."""
 
     def __init__(self, capacity: int):
-        self.capacity = capacity
-        self._records: OrderedDict[str, GraphRecord] = OrderedDict()
-        self._lock = threading.Lock()
+        self._records: LruCache[GraphRecord] = LruCache(capacity, what="graph")
 
     def get(self, key: str) -> Optional[GraphRecord]:
-        with self._lock:
-            record = self._records.get(key)
-            if record is not None:
-                self._records.move_to_end(key)
-            return record
+        return self._records.get(key)
 
     def add(self, graph: pb.Graph) -> GraphRecord:
         key = graph_id(graph)
@@ -89,16 +83,12 @@ class GraphStore:
             return record
         program = Program(graph)  # GraphError/ShardingError -> INVALID_ARGUMENT, the engine's message
         record = GraphRecord(key, program, pb.LoadGraphRequest(graph_id=key, graph=graph))
-        with self._lock:
-            self._records[key] = record
-            while len(self._records) > self.capacity:
-                self._records.popitem(last=False)
+        self._records.put(key, record)
         log.info("registered graph %s (%s, %d nodes)", key[:12], program.name, len(program.nodes))
         return record
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._records)
+        return len(self._records)
 
 
 @dataclass

@@ -14,8 +14,9 @@ import logging
 import os
 import signal
 import threading
+from collections import OrderedDict
 from concurrent import futures
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Generic, Iterable, Mapping, Optional, TypeVar
 
 import grpc
 import numpy as np
@@ -239,3 +240,38 @@ def run_main(serve: Callable[[Any], None], config: Any, logger: logging.Logger) 
         logger.error("%s", err)
         return 1
     return 0
+
+
+V = TypeVar("V")
+
+
+class LruCache(Generic[V]):
+    """Thread-safe bounded map that forgets the least recently used entry
+    (graphs on the coordinator and on every worker)."""
+
+    def __init__(self, capacity: int, what: str = "entry"):
+        if capacity < 1:
+            raise ValueError(f"{what} cache size must be >= 1, got {capacity}")
+        self.capacity = capacity
+        self.what = what
+        self._entries: OrderedDict[str, V] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> Optional[V]:
+        with self._lock:
+            value = self._entries.get(key)
+            if value is not None:
+                self._entries.move_to_end(key)
+            return value
+
+    def put(self, key: str, value: V) -> None:
+        with self._lock:
+            self._entries[key] = value
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.capacity:
+                evicted, _ = self._entries.popitem(last=False)
+                log.info("evicted %s %s from the cache", self.what, evicted[:12])
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)

@@ -20,7 +20,6 @@ import socket
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -33,6 +32,7 @@ from worker.engine import Program, from_named, graph_id
 from worker.engine.errors import GradpoolError
 from worker.rpc import (
     DEFAULT_MAX_MESSAGE_MB,
+    LruCache,
     RpcFailure,
     add_health_and_reflection,
     add_named,
@@ -54,42 +54,12 @@ log = logging.getLogger("gradpool.worker")
 
 # ---------------------------------------------------------------- the worker service
 
-class GraphCache:
-    """Thread-safe LRU of checked Programs by graph id."""
-
-    def __init__(self, capacity: int):
-        if capacity < 1:
-            raise ValueError(f"graph cache size must be >= 1, got {capacity}")
-        self.capacity = capacity
-        self._programs: OrderedDict[str, Program] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: str) -> Optional[Program]:
-        with self._lock:
-            program = self._programs.get(key)
-            if program is not None:
-                self._programs.move_to_end(key)
-            return program
-
-    def put(self, key: str, program: Program) -> None:
-        with self._lock:
-            self._programs[key] = program
-            self._programs.move_to_end(key)
-            while len(self._programs) > self.capacity:
-                evicted, _ = self._programs.popitem(last=False)
-                log.info("evicted graph %s from the cache", evicted[:12])
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._programs)
-
-
 class WorkerServicer(pb_grpc.WorkerServicer):
     """LoadGraph / RunShard / GetWorkerStatus on top of the engine."""
 
     def __init__(self, worker_id: str, max_graphs: int = 64):
         self.worker_id = worker_id
-        self.graphs = GraphCache(max_graphs)
+        self.graphs: LruCache[Program] = LruCache(max_graphs, what="graph")
         self._lock = threading.Lock()
         self.graphs_loaded = 0
         self.shards_served = 0
