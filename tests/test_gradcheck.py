@@ -20,7 +20,7 @@ def test_every_registered_op_has_a_gradcheck_spec() -> None:
     assert not stale, f"specs for ops that are not registered: {stale}"
 
 
-def build(op: str, spec: Case, seed: int) -> tuple[gp.Graph, dict[str, np.ndarray]]:
+def build(op: str, spec: Case, seed: int, dtype: str = "float64") -> tuple[gp.Graph, dict[str, np.ndarray]]:
     """loss = sum(op(args...) * random weights); float args are params, so their
     gradients come back, integer args (labels, indices) are consts."""
     rng = np.random.default_rng(seed)
@@ -31,10 +31,10 @@ def build(op: str, spec: Case, seed: int) -> tuple[gp.Graph, dict[str, np.ndarra
         if value.dtype.kind == "i":
             args.append(graph.const(value))
         else:
-            args.append(graph.param(f"a{k}", arg.shape, dtype="float64"))
-            params[f"a{k}"] = value
+            args.append(graph.param(f"a{k}", arg.shape, dtype=dtype))
+            params[f"a{k}"] = value.astype(dtype)
     out = graph._add(op, args, **spec.attrs)
-    weights = graph.const(rng.normal(size=tuple(out.shape)))
+    weights = graph.const(rng.normal(size=tuple(out.shape)).astype(dtype))
     graph.set_loss((out * weights).sum())
     return graph, params
 
@@ -64,19 +64,7 @@ def test_vjp_matches_central_differences(op: str, i: int, spec: Case) -> None:
 
 @pytest.mark.parametrize("op", ["sigmoid", "softplus", "tanh", "exp", "mul", "matmul", "softmax_cross_entropy"])
 def test_float32_stays_float32(op: str) -> None:
-    spec = SPECS[op][0]
-    rng = np.random.default_rng(0)
-    graph = gp.Graph()
-    args, params = [], {}
-    for k, arg in enumerate(spec.args):
-        value = sample(arg, rng)
-        if value.dtype.kind == "i":
-            args.append(graph.const(value))
-        else:
-            args.append(graph.param(f"a{k}", arg.shape))
-            params[f"a{k}"] = value.astype(np.float32)
-    out = graph._add(op, args, **spec.attrs)
-    graph.set_loss((out * 0.5).sum())
+    graph, params = build(op, SPECS[op][0], seed=0, dtype="float32")
     loss, grads = gp.local_gradients(graph, params, {})
     assert isinstance(loss, float)
     assert all(g.dtype == np.float32 for g in grads.values())
