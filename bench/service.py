@@ -24,8 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import client as gp  # noqa: E402
-from client.cluster import LocalCluster  # noqa: E402
+import gradpool as gp  # noqa: E402
+from gradpool.cluster import LocalCluster  # noqa: E402
 
 
 def mlp(sizes: tuple[int, ...] = (784, 256, 256, 10)) -> gp.Graph:

@@ -1,6 +1,6 @@
 """gradpool SDK: build graphs, get exact gradients of whole minibatches.
 
-    import client as gp
+    import gradpool as gp
     g = gp.Graph()
     x = g.input("x", (784,)); y = g.input("y", (), dtype="int64")
     W = g.param("W", (784, 10)); b = g.param("b", (10,))
@@ -8,7 +8,7 @@
     loss, grads = gp.local_gradients(g, g.init_params(0), {"x": X, "y": Y})
 """
 
-from worker.engine.errors import GradpoolError, GraphError, InputError, ShardingError
+from gradpool.worker.engine.errors import GradpoolError, GraphError, InputError, ShardingError
 
 from .functional import (abs, binary_cross_entropy, concat, embedding, exp, leaky_relu, log, log_softmax,
                          matmul, max, maximum, mean, minimum, power, relu, reshape, sigmoid, slice, softmax,
@@ -22,7 +22,7 @@ from .remote import (Client, ClusterStatus, EvaluateResult, GradientsResult, Ret
                      ServiceUnavailable, ShardStat, WorkerStatus)
 from .training import GradientSource, History, LocalBackend, Trainer, TrainingError, fit
 
-from worker.rpc import VERSION as __version__  # one version for every side
+from gradpool.worker.rpc import VERSION as __version__  # one version (importlib.metadata) for every side
 
 __all__ = [
     "GradpoolError", "GraphError", "InputError", "ShardingError", "Expr", "Graph", "local_gradients",

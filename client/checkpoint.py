@@ -32,9 +32,9 @@ from typing import Any, BinaryIO, Callable, Mapping, Optional, Union
 
 import numpy as np
 
-from protos import gradpool_pb2 as pb
-from worker.engine import graph_id as proto_graph_id
-from worker.engine.errors import GradpoolError
+from gradpool.protos import gradpool_pb2 as pb
+from gradpool.worker.engine import graph_id as proto_graph_id
+from gradpool.worker.engine.errors import GradpoolError
 
 from .graph import Graph
 

@@ -20,26 +20,27 @@ import sys
 from dataclasses import asdict
 from typing import Callable, Optional, Sequence
 
-from worker.engine.errors import GradpoolError
+from gradpool.worker.engine.errors import GradpoolError
+from gradpool.worker.rpc import VERSION, with_port
 
 PROG = "gradpool"
 
 
 def _run_coordinator(argv: Sequence[str]) -> int:
-    from server.coordinator import main
+    from gradpool.server.coordinator import main
     return main(argv, prog=f"{PROG} coordinator")
 
 
 def _run_worker(argv: Sequence[str]) -> int:
-    from worker.server import main
+    from gradpool.worker.server import main
     return main(argv, prog=f"{PROG} worker")
 
 
 def _run_demo(argv: Sequence[str]) -> int:
     try:
-        demo = importlib.import_module("client.demo")
+        demo = importlib.import_module("gradpool.demo")
     except ModuleNotFoundError as err:
-        if err.name == "client.demo":
+        if err.name == "gradpool.demo":
             raise GradpoolError("the demo is not part of this installation (client/demo.py is missing)") from None
         raise GradpoolError(f"the demo needs the module {err.name!r}: pip install 'gradpool[demo]'") from None
     result = demo.main(list(argv))
@@ -57,6 +58,7 @@ DELEGATED: dict[str, tuple[Callable[[Sequence[str]], int], str]] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="gradpool: exact gradients of whole minibatches, computed on a pool of workers.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {VERSION}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in DELEGATED.items():
         commands.add_parser(name, help=help_text, add_help=False)
@@ -83,7 +85,7 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.address) as channel:
+    with grpc.insecure_channel(with_port(args.address)) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout)
         except grpc.RpcError as err:
@@ -124,6 +126,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `gradpool status --json | head -1`: the reader left, which is fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
         with cluster.client() as service:
             loss, grads = service.gradients(graph, params, batch)
 
-Each process is `python -m server` / `python -m worker` with `--port 0`; the
+Each process is `python -m gradpool.server` / `python -m gradpool.worker` with `--port 0`; the
 port is read from the "listening on" line it prints. Exiting the block (also
 on an exception) stops every process: SIGTERM, then SIGKILL after a timeout,
 and always a wait, so nothing is left running or unreaped. Children also
@@ -22,15 +22,16 @@ import subprocess
 import sys
 import time
 import weakref
-from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-from worker.engine.errors import GradpoolError
-from worker.rpc import PARENT_PID_ENV
+from gradpool.worker.engine.errors import GradpoolError
+from gradpool.worker.rpc import PARENT_PID_ENV
 
 from .remote import Client, ClusterStatus, RetryPolicy, ServiceError
 
-REPO_ROOT = str(Path(__file__).resolve().parent.parent)
+# `-P` (3.11+): the child does not put its working directory first on
+# sys.path, so a user's own `gradpool/` or `client.py` there cannot shadow ours.
+SAFE_PATH = ["-P"] if sys.version_info >= (3, 11) else []
 LISTENING = re.compile(r"^gradpool (coordinator|worker) listening on (\S+)$")
 
 
@@ -46,9 +47,9 @@ class ChildProcess:
         self.role = role
         self.args = list(args)
         self.address = ""
-        module = "server" if role == "coordinator" else "worker"
-        self.popen = subprocess.Popen([sys.executable, "-m", module, *args], stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.PIPE, env=env, cwd=REPO_ROOT)
+        module = "gradpool.server" if role == "coordinator" else "gradpool.worker"
+        self.popen = subprocess.Popen([sys.executable, *SAFE_PATH, "-m", module, *args],
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=env)
 
     def ready(self, timeout: float) -> "ChildProcess":
         """Wait for the "listening on" line; stop the process if it never comes."""
@@ -116,9 +117,8 @@ class ChildProcess:
 
 def child_env() -> dict[str, str]:
     """This process's environment without GRADPOOL_* settings (the flags say
-    everything), with the repo on PYTHONPATH and our pid to exit with."""
+    everything), and our pid to exit with."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRADPOOL_")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p)
     env[PARENT_PID_ENV] = str(os.getpid())
     env["PYTHONUNBUFFERED"] = "1"
     return env

@@ -23,7 +23,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
-from worker.engine.errors import GradpoolError
+from gradpool.worker.engine.errors import GradpoolError
 
 from . import optim
 from .checkpoint import atomic_write
@@ -101,7 +101,7 @@ def load_digits_split(seed: int, test_fraction: float = 0.25,
 
 def build_mlp(features: int, hidden: int, classes: int, l2: float = 1e-4) -> Graph:
     """features-hidden-classes relu MLP: mean softmax cross-entropy plus a small L2 on the weights."""
-    import client as gp
+    import gradpool as gp
 
     g = gp.Graph("digits_mlp")
     x = g.input("x", (features,))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
-from worker.engine.errors import GraphError
+from gradpool.worker.engine.errors import GraphError
 
 from .graph import Expr, Operand
 

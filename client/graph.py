@@ -17,12 +17,12 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from protos import gradpool_pb2 as pb
-from worker.engine import Program, graph_id, to_tensor
-from worker.engine.errors import GradpoolError, GraphError
-from worker.engine.ops import BATCH, FLOATS, REQUIRED, Attrs, fmt, get_op
-from worker.engine.program import SOURCES
-from worker.engine.tensors import DTYPE_TO_PROTO, as_dtype
+from gradpool.protos import gradpool_pb2 as pb
+from gradpool.worker.engine import Program, graph_id, to_tensor
+from gradpool.worker.engine.errors import GradpoolError, GraphError
+from gradpool.worker.engine.ops import BATCH, FLOATS, REQUIRED, Attrs, fmt, get_op
+from gradpool.worker.engine.program import SOURCES
+from gradpool.worker.engine.tensors import DTYPE_TO_PROTO, as_dtype
 
 _SDK_DIR = os.path.dirname(os.path.abspath(__file__))
 INITS = ("glorot", "he", "zeros", "ones", "normal")

@@ -6,8 +6,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from worker.engine import OrderedSum, shard_bounds
-from worker.engine.errors import InputError
+from gradpool.worker.engine import OrderedSum, shard_bounds
+from gradpool.worker.engine.errors import InputError
 
 from .graph import Graph
 

@@ -23,11 +23,11 @@ from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
 import grpc
 import numpy as np
 
-from protos import gradpool_pb2 as pb
-from protos import gradpool_pb2_grpc as pb_grpc
-from worker.engine import from_named
-from worker.engine.errors import GradpoolError
-from worker.rpc import DEFAULT_MAX_MESSAGE_MB, add_named, auth_metadata, channel_options
+from gradpool.protos import gradpool_pb2 as pb
+from gradpool.protos import gradpool_pb2_grpc as pb_grpc
+from gradpool.worker.engine import from_named
+from gradpool.worker.engine.errors import GradpoolError
+from gradpool.worker.rpc import DEFAULT_MAX_MESSAGE_MB, add_named, auth_metadata, channel_options, with_port
 
 from .graph import Graph
 from .local import prepare_arrays
@@ -253,7 +253,7 @@ class Client:
 
     def __init__(self, address: str, token: Optional[str] = None, timeout: Optional[float] = None, *,
                  max_message_mb: float = DEFAULT_MAX_MESSAGE_MB, retry: RetryPolicy = RetryPolicy()):
-        self.address = address
+        self.address = address = with_port(address)
         self.timeout = timeout
         self._channel = grpc.insecure_channel(address, options=channel_options(max_message_mb))
         self._rpc = CoordinatorRpc(self._channel, address, token, retry)

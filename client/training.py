@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Optional, Protocol, Sequence, Union, 
 
 import numpy as np
 
-from worker.engine.errors import GradpoolError, InputError
+from gradpool.worker.engine.errors import GradpoolError, InputError
 
 from . import optim
 from .checkpoint import (Checkpoint, CheckpointError, PathLike, load_checkpoint, save_checkpoint,

@@ -13,18 +13,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 
-try:
-    import client as gp
-except ImportError:  # run from a source checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import client as gp
-from client.checkpoint import latest_checkpoint
-from client.optim import Adam
-from client.training import Trainer
+import gradpool as gp
+from gradpool.checkpoint import latest_checkpoint
+from gradpool.optim import Adam
+from gradpool.training import Trainer
 
 
 def load_data(seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

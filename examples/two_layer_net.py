@@ -14,17 +14,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 
-try:
-    import client as gp
-except ImportError:  # run from a source checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import client as gp
-from client.optim import SGD
-from client.training import Trainer
+import gradpool as gp
+from gradpool.optim import SGD
+from gradpool.training import Trainer
 
 D, H, K = 3, 4, 2  # inputs, hidden units, outputs: the lecture's sizes
 

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import gradpool_pb2 as protos_dot_gradpool__pb2
+from gradpool.protos import gradpool_pb2 as gradpool_dot_protos_dot_gradpool__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/gradpool_pb2_grpc.py depends on'
+        + ' but the generated code in gradpool/protos/gradpool_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -40,38 +40,38 @@ class CoordinatorStub:
         """
         self.RegisterGraph = channel.unary_unary(
                 '/gradpool.v1.Coordinator/RegisterGraph',
-                request_serializer=protos_dot_gradpool__pb2.RegisterGraphRequest.SerializeToString,
-                response_deserializer=protos_dot_gradpool__pb2.RegisterGraphResponse.FromString,
+                request_serializer=gradpool_dot_protos_dot_gradpool__pb2.RegisterGraphRequest.SerializeToString,
+                response_deserializer=gradpool_dot_protos_dot_gradpool__pb2.RegisterGraphResponse.FromString,
                 _registered_method=True)
         self.ComputeGradients = channel.unary_unary(
                 '/gradpool.v1.Coordinator/ComputeGradients',
-                request_serializer=protos_dot_gradpool__pb2.GradientsRequest.SerializeToString,
-                response_deserializer=protos_dot_gradpool__pb2.GradientsResponse.FromString,
+                request_serializer=gradpool_dot_protos_dot_gradpool__pb2.GradientsRequest.SerializeToString,
+                response_deserializer=gradpool_dot_protos_dot_gradpool__pb2.GradientsResponse.FromString,
                 _registered_method=True)
         self.Evaluate = channel.unary_unary(
                 '/gradpool.v1.Coordinator/Evaluate',
-                request_serializer=protos_dot_gradpool__pb2.EvaluateRequest.SerializeToString,
-                response_deserializer=protos_dot_gradpool__pb2.EvaluateResponse.FromString,
+                request_serializer=gradpool_dot_protos_dot_gradpool__pb2.EvaluateRequest.SerializeToString,
+                response_deserializer=gradpool_dot_protos_dot_gradpool__pb2.EvaluateResponse.FromString,
                 _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/gradpool.v1.Coordinator/GetStatus',
-                request_serializer=protos_dot_gradpool__pb2.StatusRequest.SerializeToString,
-                response_deserializer=protos_dot_gradpool__pb2.StatusResponse.FromString,
+                request_serializer=gradpool_dot_protos_dot_gradpool__pb2.StatusRequest.SerializeToString,
+                response_deserializer=gradpool_dot_protos_dot_gradpool__pb2.StatusResponse.FromString,
                 _registered_method=True)
         self.RegisterWorker = channel.unary_unary(
                 '/gradpool.v1.Coordinator/RegisterWorker',
-                request_serializer=protos_dot_gradpool__pb2.RegisterWorkerRequest.SerializeToString,
-                response_deserializer=protos_dot_gradpool__pb2.RegisterWorkerResponse.FromString,
+                request_serializer=gradpool_dot_protos_dot_gradpool__pb2.RegisterWorkerRequest.SerializeToString,
+                response_deserializer=gradpool_dot_protos_dot_gradpool__pb2.RegisterWorkerResponse.FromString,
                 _registered_method=True)
         self.Heartbeat = channel.unary_unary(
                 '/gradpool.v1.Coordinator/Heartbeat',
-                request_serializer=protos_dot_gradpool__pb2.HeartbeatRequest.SerializeToString,
-                response_deserializer=protos_dot_gradpool__pb2.HeartbeatResponse.FromString,
+                request_serializer=gradpool_dot_protos_dot_gradpool__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=gradpool_dot_protos_dot_gradpool__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
         self.DeregisterWorker = channel.unary_unary(
                 '/gradpool.v1.Coordinator/DeregisterWorker',
-                request_serializer=protos_dot_gradpool__pb2.DeregisterWorkerRequest.SerializeToString,
-                response_deserializer=protos_dot_gradpool__pb2.DeregisterWorkerResponse.FromString,
+                request_serializer=gradpool_dot_protos_dot_gradpool__pb2.DeregisterWorkerRequest.SerializeToString,
+                response_deserializer=gradpool_dot_protos_dot_gradpool__pb2.DeregisterWorkerResponse.FromString,
                 _registered_method=True)
 
 
@@ -133,38 +133,38 @@ def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'RegisterGraph': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterGraph,
-                    request_deserializer=protos_dot_gradpool__pb2.RegisterGraphRequest.FromString,
-                    response_serializer=protos_dot_gradpool__pb2.RegisterGraphResponse.SerializeToString,
+                    request_deserializer=gradpool_dot_protos_dot_gradpool__pb2.RegisterGraphRequest.FromString,
+                    response_serializer=gradpool_dot_protos_dot_gradpool__pb2.RegisterGraphResponse.SerializeToString,
             ),
             'ComputeGradients': grpc.unary_unary_rpc_method_handler(
                     servicer.ComputeGradients,
-                    request_deserializer=protos_dot_gradpool__pb2.GradientsRequest.FromString,
-                    response_serializer=protos_dot_gradpool__pb2.GradientsResponse.SerializeToString,
+                    request_deserializer=gradpool_dot_protos_dot_gradpool__pb2.GradientsRequest.FromString,
+                    response_serializer=gradpool_dot_protos_dot_gradpool__pb2.GradientsResponse.SerializeToString,
             ),
             'Evaluate': grpc.unary_unary_rpc_method_handler(
                     servicer.Evaluate,
-                    request_deserializer=protos_dot_gradpool__pb2.EvaluateRequest.FromString,
-                    response_serializer=protos_dot_gradpool__pb2.EvaluateResponse.SerializeToString,
+                    request_deserializer=gradpool_dot_protos_dot_gradpool__pb2.EvaluateRequest.FromString,
+                    response_serializer=gradpool_dot_protos_dot_gradpool__pb2.EvaluateResponse.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
-                    request_deserializer=protos_dot_gradpool__pb2.StatusRequest.FromString,
-                    response_serializer=protos_dot_gradpool__pb2.StatusResponse.SerializeToString,
+                    request_deserializer=gradpool_dot_protos_dot_gradpool__pb2.StatusRequest.FromString,
+                    response_serializer=gradpool_dot_protos_dot_gradpool__pb2.StatusResponse.SerializeToString,
             ),
             'RegisterWorker': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterWorker,
-                    request_deserializer=protos_dot_gradpool__pb2.RegisterWorkerRequest.FromString,
-                    response_serializer=protos_dot_gradpool__pb2.RegisterWorkerResponse.SerializeToString,
+                    request_deserializer=gradpool_dot_protos_dot_gradpool__pb2.RegisterWorkerRequest.FromString,
+                    response_serializer=gradpool_dot_protos_dot_gradpool__pb2.RegisterWorkerResponse.SerializeToString,
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
-                    request_deserializer=protos_dot_gradpool__pb2.HeartbeatRequest.FromString,
-                    response_serializer=protos_dot_gradpool__pb2.HeartbeatResponse.SerializeToString,
+                    request_deserializer=gradpool_dot_protos_dot_gradpool__pb2.HeartbeatRequest.FromString,
+                    response_serializer=gradpool_dot_protos_dot_gradpool__pb2.HeartbeatResponse.SerializeToString,
             ),
             'DeregisterWorker': grpc.unary_unary_rpc_method_handler(
                     servicer.DeregisterWorker,
-                    request_deserializer=protos_dot_gradpool__pb2.DeregisterWorkerRequest.FromString,
-                    response_serializer=protos_dot_gradpool__pb2.DeregisterWorkerResponse.SerializeToString,
+                    request_deserializer=gradpool_dot_protos_dot_gradpool__pb2.DeregisterWorkerRequest.FromString,
+                    response_serializer=gradpool_dot_protos_dot_gradpool__pb2.DeregisterWorkerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -196,8 +196,8 @@ class Coordinator:
             request,
             target,
             '/gradpool.v1.Coordinator/RegisterGraph',
-            protos_dot_gradpool__pb2.RegisterGraphRequest.SerializeToString,
-            protos_dot_gradpool__pb2.RegisterGraphResponse.FromString,
+            gradpool_dot_protos_dot_gradpool__pb2.RegisterGraphRequest.SerializeToString,
+            gradpool_dot_protos_dot_gradpool__pb2.RegisterGraphResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -223,8 +223,8 @@ class Coordinator:
             request,
             target,
             '/gradpool.v1.Coordinator/ComputeGradients',
-            protos_dot_gradpool__pb2.GradientsRequest.SerializeToString,
-            protos_dot_gradpool__pb2.GradientsResponse.FromString,
+            gradpool_dot_protos_dot_gradpool__pb2.GradientsRequest.SerializeToString,
+            gradpool_dot_protos_dot_gradpool__pb2.GradientsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -250,8 +250,8 @@ class Coordinator:
             request,
             target,
             '/gradpool.v1.Coordinator/Evaluate',
-            protos_dot_gradpool__pb2.EvaluateRequest.SerializeToString,
-            protos_dot_gradpool__pb2.EvaluateResponse.FromString,
+            gradpool_dot_protos_dot_gradpool__pb2.EvaluateRequest.SerializeToString,
+            gradpool_dot_protos_dot_gradpool__pb2.EvaluateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -277,8 +277,8 @@ class Coordinator:
             request,
             target,
             '/gradpool.v1.Coordinator/GetStatus',
-            protos_dot_gradpool__pb2.StatusRequest.SerializeToString,
-            protos_dot_gradpool__pb2.StatusResponse.FromString,
+            gradpool_dot_protos_dot_gradpool__pb2.StatusRequest.SerializeToString,
+            gradpool_dot_protos_dot_gradpool__pb2.StatusResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -304,8 +304,8 @@ class Coordinator:
             request,
             target,
             '/gradpool.v1.Coordinator/RegisterWorker',
-            protos_dot_gradpool__pb2.RegisterWorkerRequest.SerializeToString,
-            protos_dot_gradpool__pb2.RegisterWorkerResponse.FromString,
+            gradpool_dot_protos_dot_gradpool__pb2.RegisterWorkerRequest.SerializeToString,
+            gradpool_dot_protos_dot_gradpool__pb2.RegisterWorkerResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -331,8 +331,8 @@ class Coordinator:
             request,
             target,
             '/gradpool.v1.Coordinator/Heartbeat',
-            protos_dot_gradpool__pb2.HeartbeatRequest.SerializeToString,
-            protos_dot_gradpool__pb2.HeartbeatResponse.FromString,
+            gradpool_dot_protos_dot_gradpool__pb2.HeartbeatRequest.SerializeToString,
+            gradpool_dot_protos_dot_gradpool__pb2.HeartbeatResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -358,8 +358,8 @@ class Coordinator:
             request,
             target,
             '/gradpool.v1.Coordinator/DeregisterWorker',
-            protos_dot_gradpool__pb2.DeregisterWorkerRequest.SerializeToString,
-            protos_dot_gradpool__pb2.DeregisterWorkerResponse.FromString,
+            gradpool_dot_protos_dot_gradpool__pb2.DeregisterWorkerRequest.SerializeToString,
+            gradpool_dot_protos_dot_gradpool__pb2.DeregisterWorkerResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -385,18 +385,18 @@ class WorkerStub:
         """
         self.LoadGraph = channel.unary_unary(
                 '/gradpool.v1.Worker/LoadGraph',
-                request_serializer=protos_dot_gradpool__pb2.LoadGraphRequest.SerializeToString,
-                response_deserializer=protos_dot_gradpool__pb2.LoadGraphResponse.FromString,
+                request_serializer=gradpool_dot_protos_dot_gradpool__pb2.LoadGraphRequest.SerializeToString,
+                response_deserializer=gradpool_dot_protos_dot_gradpool__pb2.LoadGraphResponse.FromString,
                 _registered_method=True)
         self.RunShard = channel.unary_unary(
                 '/gradpool.v1.Worker/RunShard',
-                request_serializer=protos_dot_gradpool__pb2.ShardRequest.SerializeToString,
-                response_deserializer=protos_dot_gradpool__pb2.ShardResponse.FromString,
+                request_serializer=gradpool_dot_protos_dot_gradpool__pb2.ShardRequest.SerializeToString,
+                response_deserializer=gradpool_dot_protos_dot_gradpool__pb2.ShardResponse.FromString,
                 _registered_method=True)
         self.GetWorkerStatus = channel.unary_unary(
                 '/gradpool.v1.Worker/GetWorkerStatus',
-                request_serializer=protos_dot_gradpool__pb2.WorkerStatusRequest.SerializeToString,
-                response_deserializer=protos_dot_gradpool__pb2.WorkerStatusResponse.FromString,
+                request_serializer=gradpool_dot_protos_dot_gradpool__pb2.WorkerStatusRequest.SerializeToString,
+                response_deserializer=gradpool_dot_protos_dot_gradpool__pb2.WorkerStatusResponse.FromString,
                 _registered_method=True)
 
 
@@ -432,18 +432,18 @@ def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'LoadGraph': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadGraph,
-                    request_deserializer=protos_dot_gradpool__pb2.LoadGraphRequest.FromString,
-                    response_serializer=protos_dot_gradpool__pb2.LoadGraphResponse.SerializeToString,
+                    request_deserializer=gradpool_dot_protos_dot_gradpool__pb2.LoadGraphRequest.FromString,
+                    response_serializer=gradpool_dot_protos_dot_gradpool__pb2.LoadGraphResponse.SerializeToString,
             ),
             'RunShard': grpc.unary_unary_rpc_method_handler(
                     servicer.RunShard,
-                    request_deserializer=protos_dot_gradpool__pb2.ShardRequest.FromString,
-                    response_serializer=protos_dot_gradpool__pb2.ShardResponse.SerializeToString,
+                    request_deserializer=gradpool_dot_protos_dot_gradpool__pb2.ShardRequest.FromString,
+                    response_serializer=gradpool_dot_protos_dot_gradpool__pb2.ShardResponse.SerializeToString,
             ),
             'GetWorkerStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetWorkerStatus,
-                    request_deserializer=protos_dot_gradpool__pb2.WorkerStatusRequest.FromString,
-                    response_serializer=protos_dot_gradpool__pb2.WorkerStatusResponse.SerializeToString,
+                    request_deserializer=gradpool_dot_protos_dot_gradpool__pb2.WorkerStatusRequest.FromString,
+                    response_serializer=gradpool_dot_protos_dot_gradpool__pb2.WorkerStatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -474,8 +474,8 @@ class Worker:
             request,
             target,
             '/gradpool.v1.Worker/LoadGraph',
-            protos_dot_gradpool__pb2.LoadGraphRequest.SerializeToString,
-            protos_dot_gradpool__pb2.LoadGraphResponse.FromString,
+            gradpool_dot_protos_dot_gradpool__pb2.LoadGraphRequest.SerializeToString,
+            gradpool_dot_protos_dot_gradpool__pb2.LoadGraphResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -501,8 +501,8 @@ class Worker:
             request,
             target,
             '/gradpool.v1.Worker/RunShard',
-            protos_dot_gradpool__pb2.ShardRequest.SerializeToString,
-            protos_dot_gradpool__pb2.ShardResponse.FromString,
+            gradpool_dot_protos_dot_gradpool__pb2.ShardRequest.SerializeToString,
+            gradpool_dot_protos_dot_gradpool__pb2.ShardResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -528,8 +528,8 @@ class Worker:
             request,
             target,
             '/gradpool.v1.Worker/GetWorkerStatus',
-            protos_dot_gradpool__pb2.WorkerStatusRequest.SerializeToString,
-            protos_dot_gradpool__pb2.WorkerStatusResponse.FromString,
+            gradpool_dot_protos_dot_gradpool__pb2.WorkerStatusRequest.SerializeToString,
+            gradpool_dot_protos_dot_gradpool__pb2.WorkerStatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

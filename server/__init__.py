@@ -1,6 +1,6 @@
 """The gradpool coordinator: worker registry, graph cache, sharding and ordered reduction.
 
-Start it with `gradpool coordinator` or `python -m server`.
+Start it with `gradpool coordinator` or `python -m gradpool.server`.
 """
 
 from .config import CoordinatorConfig, parse_args

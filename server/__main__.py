@@ -1,5 +1,5 @@
-"""`python -m server`: run the gradpool coordinator (same flags as `gradpool coordinator`)."""
+"""`python -m gradpool.server`: run the gradpool coordinator (same flags as `gradpool coordinator`)."""
 
-from server.coordinator import main
+from gradpool.server.coordinator import main
 
-raise SystemExit(main(prog="python -m server"))
+raise SystemExit(main(prog="python -m gradpool.server"))

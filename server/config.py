@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from worker.rpc import DEFAULT_MAX_MESSAGE_MB, env_default, message_limit_bytes
+from gradpool.worker.rpc import DEFAULT_MAX_MESSAGE_MB, env_default, message_limit_bytes
 
 
 @dataclass

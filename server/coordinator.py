@@ -20,12 +20,12 @@ from typing import Iterator, Optional, Sequence
 
 import grpc
 
-from protos import gradpool_pb2 as pb
-from protos import gradpool_pb2_grpc as pb_grpc
-from worker.engine import OrderedSum, Program, from_named, graph_id
-from worker.engine.errors import GradpoolError
-from worker.engine.tensors import DTYPE_TO_PROTO, checked_bytes
-from worker.rpc import (
+from gradpool.protos import gradpool_pb2 as pb
+from gradpool.protos import gradpool_pb2_grpc as pb_grpc
+from gradpool.worker.engine import OrderedSum, Program, from_named, graph_id
+from gradpool.worker.engine.errors import GradpoolError
+from gradpool.worker.engine.tensors import DTYPE_TO_PROTO, checked_bytes
+from gradpool.worker.rpc import (
     VERSION,
     LruCache,
     RpcFailure,

@@ -19,9 +19,9 @@ from typing import Iterator, Sequence
 
 import grpc
 
-from protos import gradpool_pb2 as pb
-from worker.engine import Program, shard_bounds
-from worker.rpc import RpcFailure
+from gradpool.protos import gradpool_pb2 as pb
+from gradpool.worker.engine import Program, shard_bounds
+from gradpool.worker.rpc import RpcFailure
 
 from .registry import WorkerEntry, WorkerRegistry
 from .validation import CheckedInput

@@ -18,8 +18,8 @@ from typing import Sequence
 
 import grpc
 
-from protos import gradpool_pb2 as pb
-from protos import gradpool_pb2_grpc as pb_grpc
+from gradpool.protos import gradpool_pb2 as pb
+from gradpool.protos import gradpool_pb2_grpc as pb_grpc
 
 log = logging.getLogger("gradpool.coordinator")
 

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 
-from protos import gradpool_pb2 as pb
-from worker.engine import Program
-from worker.engine.errors import InputError
-from worker.engine.ops import fmt
-from worker.engine.program import PER_EXAMPLE
-from worker.engine.tensors import checked_bytes
+from gradpool.protos import gradpool_pb2 as pb
+from gradpool.worker.engine import Program
+from gradpool.worker.engine.errors import InputError
+from gradpool.worker.engine.ops import fmt
+from gradpool.worker.engine.program import PER_EXAMPLE
+from gradpool.worker.engine.tensors import checked_bytes
 
 
 @dataclass(frozen=True)

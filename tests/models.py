@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-import client as gp
+import gradpool as gp
 
 LAMBDA = 0.1
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import client as gp
-from protos import gradpool_pb2 as pb
-from worker.engine import Program, to_tensor
-from worker.engine.errors import GraphError, InputError
+import gradpool as gp
+from gradpool.protos import gradpool_pb2 as pb
+from gradpool.worker.engine import Program, to_tensor
+from gradpool.worker.engine.errors import GraphError, InputError
 
 from models import batch_for, params_for, softmax_mlp
 
@@ -160,7 +160,7 @@ def test_non_array_values(mlp) -> None:
 
 
 def test_tensor_decoding_checks_before_reading() -> None:
-    from worker.engine import from_tensor
+    from gradpool.worker.engine import from_tensor
     good = to_tensor(np.arange(6, dtype=np.float32).reshape(2, 3))
     bad = pb.Tensor(dtype=good.dtype, shape=[1000, 1000], data=good.data)
     with pytest.raises(InputError, match="needs 4000000 bytes, got 24"):

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 import yaml
 
-import client as gp
-from client.cluster import LISTENING
+import gradpool as gp
+from gradpool.cluster import LISTENING
 
 from models import batch_for, params_for, softmax_mlp
 
@@ -79,7 +79,7 @@ def substitute(value: str, ports: dict[str, str]) -> str:
 
 def gradpool_argv(args: list[str], ports: dict[str, str]) -> list[str]:
     """The image's ENTRYPOINT ["gradpool"], as this environment runs it."""
-    return [sys.executable, "-m", "client.cli", *(substitute(a, ports) for a in args)]
+    return [sys.executable, "-m", "gradpool.cli", *(substitute(a, ports) for a in args)]
 
 
 def service_env(name: str, ports: dict[str, str]) -> dict[str, str]:
@@ -155,7 +155,7 @@ def test_compose_services_run_as_written(tmp_path: Path) -> None:
 
 
 def test_health_probe_fails_for_a_dead_address() -> None:
-    result = subprocess.run([sys.executable, "-m", "client.cli", "health", f"127.0.0.1:{free_port()}",
+    result = subprocess.run([sys.executable, "-m", "gradpool.cli", "health", f"127.0.0.1:{free_port()}",
                              "--timeout", "1"], capture_output=True, text=True, timeout=30, cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 1 and "is not healthy" in result.stderr

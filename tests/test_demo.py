@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client import cli, demo
-from client.training import Trainer
+from gradpool import cli, demo
+from gradpool.training import Trainer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

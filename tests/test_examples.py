@@ -51,7 +51,7 @@ def test_digits_mlp_on_its_own_local_cluster(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def coordinator() -> str:
-    from client.cluster import LocalCluster
+    from gradpool.cluster import LocalCluster
 
     with LocalCluster(workers=2) as cluster:
         yield cluster.address

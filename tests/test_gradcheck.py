@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import client as gp
-from worker.engine import REGISTRY
+import gradpool as gp
+from gradpool.worker.engine import REGISTRY
 
 from op_specs import SPECS, Case, sample
 

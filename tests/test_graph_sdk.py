@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import client as gp
-from protos import gradpool_pb2 as pb
-from worker.engine import from_tensor, to_tensor
+import gradpool as gp
+from gradpool.protos import gradpool_pb2 as pb
+from gradpool.worker.engine import from_tensor, to_tensor
 
 from models import batch_for, params_for, softmax_mlp, two_layer_net
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import client as gp
+import gradpool as gp
 
 from models import LAMBDA, batch_for, logistic_regression, params_for, two_layer_net
 

@@ -9,7 +9,7 @@ import pickle
 import numpy as np
 import pytest
 
-from client.optim import SGD, Adam, AdamW, ConstantLR, CosineLR, Optimizer, Schedule, StepLR
+from gradpool.optim import SGD, Adam, AdamW, ConstantLR, CosineLR, Optimizer, Schedule, StepLR
 
 # --------------------------------------------------------------------------
 # Hand-written references (float64, new arrays every step, no shared code)

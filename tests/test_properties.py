@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.engine import OrderedSum, shard_bounds
+from gradpool.worker.engine import OrderedSum, shard_bounds
 
 from models import batch_for, params_for, softmax_mlp
 

@@ -17,12 +17,12 @@ import grpc
 import numpy as np
 import pytest
 
-import client as gp
-from client.cluster import LocalCluster
-from client.remote import ServiceError
-from protos import gradpool_pb2 as pb
-from protos import gradpool_pb2_grpc as pb_grpc
-from worker.engine import graph_id, to_named, to_tensor
+import gradpool as gp
+from gradpool.cluster import LocalCluster
+from gradpool.remote import ServiceError
+from gradpool.protos import gradpool_pb2 as pb
+from gradpool.protos import gradpool_pb2_grpc as pb_grpc
+from gradpool.worker.engine import graph_id, to_named, to_tensor
 
 from models import batch_for, logistic_regression, params_for, softmax_mlp, two_layer_net
 
@@ -481,7 +481,7 @@ def test_status_reports_workers_and_totals(cluster, service):
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "client.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "gradpool.cli", *args], capture_output=True, text=True,
                           timeout=timeout)
 
 

@@ -12,13 +12,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-import client as gp
-from client.cluster import ChildProcess, LocalCluster, child_env
-from client.remote import Client, RetryPolicy, ServiceError
-from protos import gradpool_pb2 as pb
-from protos import gradpool_pb2_grpc as pb_grpc
-from server.config import parse_args as coordinator_args
-from worker.server import parse_args as worker_args
+import gradpool as gp
+from gradpool.cluster import ChildProcess, LocalCluster, child_env
+from gradpool.remote import Client, RetryPolicy, ServiceError
+from gradpool.protos import gradpool_pb2 as pb
+from gradpool.protos import gradpool_pb2_grpc as pb_grpc
+from gradpool.server.config import parse_args as coordinator_args
+from gradpool.worker.server import parse_args as worker_args
 
 from models import batch_for, params_for, softmax_mlp
 

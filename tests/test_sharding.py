@@ -8,9 +8,9 @@ import itertools
 import numpy as np
 import pytest
 
-import client as gp
-from worker.engine import OrderedSum, shard_bounds
-from worker.engine.program import BATCH_INDEPENDENT, BATCH_REDUCED, PER_EXAMPLE
+import gradpool as gp
+from gradpool.worker.engine import OrderedSum, shard_bounds
+from gradpool.worker.engine.program import BATCH_INDEPENDENT, BATCH_REDUCED, PER_EXAMPLE
 
 from models import batch_for, logistic_regression, params_for, softmax_mlp, two_layer_net
 

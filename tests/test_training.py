@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import client as gp
-from client import checkpoint as ckpt_module
-from client.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-from client.optim import SGD, Adam, CosineLR
-from client.training import LocalBackend, Trainer, TrainingError, fit
+import gradpool as gp
+from gradpool import checkpoint as ckpt_module
+from gradpool.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from gradpool.optim import SGD, Adam, CosineLR
+from gradpool.training import LocalBackend, Trainer, TrainingError, fit
 
 from models import logistic_regression, softmax_mlp
 
@@ -377,7 +377,7 @@ def test_predict_names_a_missing_node_clearly() -> None:
 
 @pytest.fixture(scope="module")
 def cluster():
-    from client.cluster import LocalCluster
+    from gradpool.cluster import LocalCluster
 
     with LocalCluster(workers=2) as running:
         yield running
@@ -385,7 +385,7 @@ def cluster():
 
 def test_remote_training_equals_local_training_with_as_many_shards(cluster) -> None:
     """The trainer's code path is the same; two equal workers split batches as shards=2 does."""
-    from client.remote import Client
+    from gradpool.remote import Client
 
     data, held_out = teacher_data(60), teacher_data(30, sample=1)
     local = make_trainer(backend=LocalBackend(shards=2))
@@ -404,7 +404,7 @@ def test_remote_training_equals_local_training_with_as_many_shards(cluster) -> N
 
 
 def test_an_unreachable_coordinator_is_one_clear_error_and_keeps_checkpoints(tmp_path: Path) -> None:
-    from client.remote import Client, ServiceUnavailable
+    from gradpool.remote import Client, ServiceUnavailable
 
     data = teacher_data(40)
     trainer = make_trainer(checkpoint_dir=tmp_path)

@@ -1,5 +1,5 @@
-"""`python -m worker`: run a gradpool worker (same flags as `gradpool worker`)."""
+"""`python -m gradpool.worker`: run a gradpool worker (same flags as `gradpool worker`)."""
 
-from worker.server import main
+from gradpool.worker.server import main
 
-raise SystemExit(main(prog="python -m worker"))
+raise SystemExit(main(prog="python -m gradpool.worker"))

@@ -21,13 +21,22 @@ from typing import Any, Callable, Generic, Iterable, Mapping, Optional, TypeVar
 import grpc
 import numpy as np
 
-from worker.engine import as_dtype
-from worker.engine.errors import GradpoolError
-from worker.engine.tensors import DTYPE_TO_PROTO
+from gradpool.worker.engine import as_dtype
+from gradpool.worker.engine.errors import GradpoolError
+from gradpool.worker.engine.tensors import DTYPE_TO_PROTO
 
 log = logging.getLogger("gradpool.rpc")
 
-VERSION = "0.1.0"
+def _installed_version() -> str:
+    """The one version string: the installed distribution's (pyproject.toml)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("gradpool")
+    except PackageNotFoundError:  # running from an uninstalled tree
+        return "0+unknown"
+
+
+VERSION = _installed_version()
 
 # ---------------------------------------------------------------- shared gRPC plumbing
 
@@ -128,6 +137,24 @@ def format_address(host: str, port: int) -> str:
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
     return f"{host}:{port}"
+
+
+DEFAULT_COORDINATOR_PORT = 50051
+
+
+def with_port(address: str, default_port: int = DEFAULT_COORDINATOR_PORT) -> str:
+    """`address` with a port: a bare host (`localhost`, `[::1]`) gets the
+    default one, rather than gRPC's silent guess of 443."""
+    address = address.strip()
+    if not address:
+        raise ValueError("empty address: give HOST:PORT")
+    if "://" in address or address.startswith(("unix:", "dns:", "ipv4:", "ipv6:")):
+        return address  # a gRPC target URI says what it means
+    if address.startswith("["):  # [v6] or [v6]:port
+        return address if "]:" in address else f"{address}:{default_port}"
+    if address.count(":") > 1:  # a bare IPv6 literal
+        return f"[{address}]:{default_port}"
+    return address if ":" in address else f"{address}:{default_port}"
 
 
 def bind(server: grpc.Server, host: str, port: int) -> int:

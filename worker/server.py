@@ -26,11 +26,11 @@ from typing import Optional, Sequence
 
 import grpc
 
-from protos import gradpool_pb2 as pb
-from protos import gradpool_pb2_grpc as pb_grpc
-from worker.engine import Program, from_named, graph_id
-from worker.engine.errors import GradpoolError
-from worker.rpc import (
+from gradpool.protos import gradpool_pb2 as pb
+from gradpool.protos import gradpool_pb2_grpc as pb_grpc
+from gradpool.worker.engine import Program, from_named, graph_id
+from gradpool.worker.engine.errors import GradpoolError
+from gradpool.worker.rpc import (
     DEFAULT_MAX_MESSAGE_MB,
     LruCache,
     RpcFailure,
@@ -48,6 +48,7 @@ from worker.rpc import (
     serve_until_signalled,
     server_options,
     translate_errors,
+    with_port,
 )
 
 log = logging.getLogger("gradpool.worker")
@@ -144,7 +145,7 @@ class CoordinatorLink:
 
     def __init__(self, coordinator: str, advertise: str, capacity: float, worker_id: str,
                  token: Optional[str] = None, max_message_mb: float = DEFAULT_MAX_MESSAGE_MB):
-        self.coordinator = coordinator
+        self.coordinator = coordinator = with_port(coordinator)
         self.advertise = advertise
         self.capacity = capacity
         self.worker_id = worker_id

@@ -30,7 +30,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from protos import gradpool_pb2 as pb
+from gradpool.protos import gradpool_pb2 as pb
 
 from .errors import GradpoolError, GraphError, InputError, ShardingError
 from .ops import BATCH, FLOATS, REQUIRED, Attrs, fmt, get_op, is_per_example

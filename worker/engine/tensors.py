@@ -12,7 +12,7 @@ from typing import Mapping
 
 import numpy as np
 
-from protos import gradpool_pb2 as pb
+from gradpool.protos import gradpool_pb2 as pb
 
 from .errors import InputError
 
