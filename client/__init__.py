@@ -6,32 +6,66 @@
     W = g.param("W", (784, 10)); b = g.param("b", (10,))
     g.set_loss(gp.softmax_cross_entropy(x @ W + b, y).mean())
     loss, grads = gp.local_gradients(g, g.init_params(0), {"x": X, "y": Y})
+
+The names below load on first use (PEP 562), so that `gradpool.worker` and
+`gradpool.server` processes, which live in this package, import the engine
+and the wire contract without the SDK: dependencies point one way at run
+time too.
 """
 
-from gradpool.worker.engine.errors import GradpoolError, GraphError, InputError, ShardingError
+from __future__ import annotations
 
-from .functional import (abs, binary_cross_entropy, concat, embedding, exp, leaky_relu, log, log_softmax,
-                         matmul, max, maximum, mean, minimum, power, relu, reshape, sigmoid, slice, softmax,
-                         softmax_cross_entropy, softplus, sqrt, square, sum, tanh, transpose)
-from .graph import Expr, Graph
-from .local import local_evaluate, local_gradients
-from .checkpoint import Checkpoint, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from .cluster import ClusterError, LocalCluster, gradient_service
-from .optim import SGD, Adam, AdamW, ConstantLR, CosineLR, Optimizer, Schedule, StepLR
-from .remote import (Client, ClusterStatus, EvaluateResult, GradientsResult, RetryPolicy, ServiceError,
-                     ServiceUnavailable, ShardStat, WorkerStatus)
-from .training import GradientSource, History, LocalBackend, Trainer, TrainingError, fit
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from gradpool.worker.rpc import VERSION as __version__  # one version (importlib.metadata) for every side
+# public name -> the module that defines it
+_EXPORTS: dict[str, str] = {}
+for _module, _names in {
+    "gradpool.worker.engine.errors": "GradpoolError GraphError InputError ShardingError",
+    "gradpool.functional": "abs binary_cross_entropy concat embedding exp leaky_relu log log_softmax matmul max "
+                           "maximum mean minimum power relu reshape sigmoid slice softmax softmax_cross_entropy "
+                           "softplus sqrt square sum tanh transpose",
+    "gradpool.graph": "Expr Graph",
+    "gradpool.local": "local_evaluate local_gradients",
+    "gradpool.checkpoint": "Checkpoint CheckpointError latest_checkpoint load_checkpoint save_checkpoint",
+    "gradpool.cluster": "ClusterError LocalCluster gradient_service",
+    "gradpool.optim": "SGD Adam AdamW ConstantLR CosineLR Optimizer Schedule StepLR",
+    "gradpool.remote": "Client ClusterStatus EvaluateResult GradientsResult RetryPolicy ServiceError "
+                       "ServiceUnavailable ShardStat WorkerStatus",
+    "gradpool.training": "GradientSource History LocalBackend Trainer TrainingError fit",
+}.items():
+    _EXPORTS.update(dict.fromkeys(_names.split(), _module))
 
-__all__ = [
-    "GradpoolError", "GraphError", "InputError", "ShardingError", "Expr", "Graph", "local_gradients",
-    "local_evaluate", "abs", "binary_cross_entropy", "concat", "embedding", "exp", "leaky_relu", "log",
-    "log_softmax", "matmul", "max", "maximum", "mean", "minimum", "power", "relu", "reshape", "sigmoid",
-    "slice", "softmax", "softmax_cross_entropy", "softplus", "sqrt", "square", "sum", "tanh", "transpose",
-    "SGD", "Adam", "AdamW", "ConstantLR", "CosineLR", "Optimizer", "Schedule", "StepLR", "Checkpoint",
-    "CheckpointError", "latest_checkpoint", "load_checkpoint", "save_checkpoint", "ClusterError",
-    "LocalCluster", "gradient_service", "Client", "ClusterStatus", "GradientsResult", "RetryPolicy",
-    "ServiceError", "ServiceUnavailable", "EvaluateResult", "ShardStat", "WorkerStatus", "GradientSource",
-    "History", "LocalBackend", "Trainer", "TrainingError", "fit",
-]
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        from gradpool.worker.rpc import VERSION  # one version (importlib.metadata) for every side
+        return VERSION
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gradpool' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, eagerly
+    from gradpool.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+    from gradpool.cluster import ClusterError, LocalCluster, gradient_service
+    from gradpool.functional import (abs, binary_cross_entropy, concat, embedding, exp, leaky_relu, log,
+                                     log_softmax, matmul, max, maximum, mean, minimum, power, relu, reshape,
+                                     sigmoid, slice, softmax, softmax_cross_entropy, softplus, sqrt, square, sum,
+                                     tanh, transpose)
+    from gradpool.graph import Expr, Graph
+    from gradpool.local import local_evaluate, local_gradients
+    from gradpool.optim import SGD, Adam, AdamW, ConstantLR, CosineLR, Optimizer, Schedule, StepLR
+    from gradpool.remote import (Client, ClusterStatus, EvaluateResult, GradientsResult, RetryPolicy, ServiceError,
+                                 ServiceUnavailable, ShardStat, WorkerStatus)
+    from gradpool.training import GradientSource, History, LocalBackend, Trainer, TrainingError, fit
+    from gradpool.worker.engine.errors import GradpoolError, GraphError, InputError, ShardingError
