@@ -26,12 +26,12 @@ for _module, _names in {
                            "maximum mean minimum power relu reshape sigmoid slice softmax softmax_cross_entropy "
                            "softplus sqrt square sum tanh transpose",
     "gradpool.graph": "Expr Graph",
-    "gradpool.local": "local_evaluate local_gradients",
+    "gradpool.local": "local_forward local_gradients",
     "gradpool.checkpoint": "Checkpoint CheckpointError latest_checkpoint load_checkpoint save_checkpoint",
     "gradpool.cluster": "ClusterError LocalCluster gradient_service",
     "gradpool.optim": "SGD Adam AdamW ConstantLR CosineLR Optimizer Schedule StepLR",
-    "gradpool.remote": "Client ClusterStatus EvaluateResult GradientsResult RetryPolicy ServiceError "
-                       "ServiceUnavailable ShardStat WorkerStatus",
+    "gradpool.remote": "Client ClusterStatus ForwardResult GradientsResult RemoteGraphError RemoteInputError "
+                       "RemoteShardingError RetryPolicy ServiceError ServiceUnavailable ShardStat WorkerStatus",
     "gradpool.training": "GradientSource History LocalBackend Trainer TrainingError fit",
 }.items():
     _EXPORTS.update(dict.fromkeys(_names.split(), _module))
@@ -63,9 +63,10 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, eagerly
                                      sigmoid, slice, softmax, softmax_cross_entropy, softplus, sqrt, square, sum,
                                      tanh, transpose)
     from gradpool.graph import Expr, Graph
-    from gradpool.local import local_evaluate, local_gradients
+    from gradpool.local import local_forward, local_gradients
     from gradpool.optim import SGD, Adam, AdamW, ConstantLR, CosineLR, Optimizer, Schedule, StepLR
-    from gradpool.remote import (Client, ClusterStatus, EvaluateResult, GradientsResult, RetryPolicy, ServiceError,
+    from gradpool.remote import (Client, ClusterStatus, ForwardResult, GradientsResult, RemoteGraphError,
+                                 RemoteInputError, RemoteShardingError, RetryPolicy, ServiceError,
                                  ServiceUnavailable, ShardStat, WorkerStatus)
     from gradpool.training import GradientSource, History, LocalBackend, Trainer, TrainingError, fit
     from gradpool.worker.engine.errors import GradpoolError, GraphError, InputError, ShardingError

@@ -38,13 +38,16 @@ from gradpool.worker.engine.errors import GradpoolError
 
 from .graph import Graph
 
-__all__ = ["CheckpointError", "Checkpoint", "save_checkpoint", "load_checkpoint", "latest_checkpoint",
-           "same_computation"]
+__all__ = ["CheckpointError", "Checkpoint", "save_checkpoint", "load_checkpoint", "latest_checkpoint"]
 
 FORMAT = "gradpool-checkpoint"
-VERSION = 1
+# Version 2 stores arrays under their names (`param/W1`, `slot/W1/m`), so
+# `numpy.load(path)["param/W1"]` alone is useful; version 1 (`param_0`,
+# `slot_0_0`) is still read.
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 PathLike = Union[str, "os.PathLike[str]"]
-_RESERVED = re.compile(r"^(meta|graph|param_\d+|slot_\d+_\d+)$")
+_RESERVED = re.compile(r"^(meta|graph|param[/_].*|slot[/_].*)$")
 _STEP_FILE = re.compile(r"^step-(\d+)\.npz$")
 
 
@@ -52,11 +55,19 @@ class CheckpointError(GradpoolError):
     """A checkpoint cannot be written, read, or does not belong to this model."""
 
 
-@dataclass
+def _param_key(version: int, index: int, name: str) -> str:
+    return f"param/{name}" if version >= 2 else f"param_{index}"
+
+
+def _slot_key(version: int, index: int, name: str, slot_index: int, slot: str) -> str:
+    return f"slot/{name}/{slot}" if version >= 2 else f"slot_{index}_{slot_index}"
+
+
+@dataclass(repr=False)
 class Checkpoint:
     """The contents of one checkpoint file."""
 
-    graph_proto: bytes
+    graph: Graph
     params: dict[str, np.ndarray]
     optimizer_state: Optional[dict[str, Any]]
     state: dict[str, Any] = field(default_factory=dict)
@@ -65,32 +76,14 @@ class Checkpoint:
 
     @property
     def graph_id(self) -> str:
-        return proto_graph_id(self._proto())
+        return self.graph.graph_id
 
-    def graph(self) -> Graph:
-        """The graph the checkpoint was trained with, rebuilt from its proto."""
-        return Graph.from_proto(self._proto())
-
-    def _proto(self) -> pb.Graph:
-        proto = pb.Graph()
-        proto.ParseFromString(self.graph_proto)
-        return proto
-
-
-def same_computation(a: pb.Graph, b: pb.Graph) -> bool:
-    """True when two graphs differ at most in where their nodes were built.
-
-    The graph id hashes each node's ``origin`` (``train.py:12``), so adding a
-    line above the model in a script changes the id of an identical model;
-    such a checkpoint still belongs to the model and is accepted.
-    """
-    def without_origins(graph: pb.Graph) -> bytes:
-        copy = pb.Graph()
-        copy.CopyFrom(graph)
-        for node in copy.nodes:
-            node.origin = ""
-        return copy.SerializeToString(deterministic=True)
-    return without_origins(a) == without_origins(b)
+    def __repr__(self) -> str:
+        where = self.path.name if self.path else "(not saved)"
+        optimizer = (self.optimizer_state or {}).get("optimizer", "none")
+        step = self.state.get("trainer", {}).get("step")
+        return (f"<Checkpoint {where}: graph {self.graph.name!r} ({self.graph_id[:12]}), "
+                f"{len(self.params)} params, optimizer {optimizer}" + (f", step {step}>" if step is not None else ">"))
 
 
 # ------------------------------------------------------------------ writing
@@ -160,7 +153,7 @@ def save_checkpoint(path: PathLike, graph: Graph, params: Mapping[str, np.ndarra
         raise CheckpointError(f"cannot checkpoint: no value for param(s) {missing}")
     out: dict[str, np.ndarray] = {}
     for i, name in enumerate(names):
-        out[f"param_{i}"] = np.ascontiguousarray(params[name])
+        out[_param_key(VERSION, i, name)] = np.ascontiguousarray(params[name])
     optimizer_meta = None
     if optimizer_state is not None:
         slots = optimizer_state.get("slots", {})
@@ -169,7 +162,7 @@ def save_checkpoint(path: PathLike, graph: Graph, params: Mapping[str, np.ndarra
         for i, name in enumerate(names):
             slot_names[name] = list(slots.get(name, {}))
             for j, slot in enumerate(slot_names[name]):
-                out[f"slot_{i}_{j}"] = np.ascontiguousarray(slots[name][slot])
+                out[_slot_key(VERSION, i, name, j, slot)] = np.ascontiguousarray(slots[name][slot])
         unknown = sorted(set(slots) - set(names))
         if unknown:
             raise CheckpointError(f"cannot checkpoint: optimizer state has slots for unknown param(s) {unknown}")
@@ -219,33 +212,33 @@ def load_checkpoint(path: PathLike, graph: Optional[Graph] = None) -> Checkpoint
         meta = json.loads(bytes(stored.pop("meta")).decode("utf-8"))
         if meta.get("format") != FORMAT:
             raise ValueError("it has no gradpool checkpoint header")
-        if meta.get("version") != VERSION:
-            raise ValueError(f"format version {meta.get('version')!r}; this gradpool reads version {VERSION}")
+        version = meta.get("version")
+        if version not in READABLE_VERSIONS:
+            raise ValueError(f"format version {version!r}; this gradpool reads versions {READABLE_VERSIONS}")
         graph_bytes = bytes(stored.pop("graph"))
         proto = pb.Graph()
         proto.ParseFromString(graph_bytes)
         names = meta["param_names"]
-        params = {name: stored.pop(f"param_{i}") for i, name in enumerate(names)}
+        params = {name: stored.pop(_param_key(version, i, name)) for i, name in enumerate(names)}
         optimizer_state = None
         if meta["optimizer"] is not None:
             optimizer_state = dict(meta["optimizer"])
             slot_names = optimizer_state.pop("slot_names")
             optimizer_state["slots"] = {
-                name: {slot: stored.pop(f"slot_{i}_{j}") for j, slot in enumerate(slot_names[name])}
+                name: {slot: stored.pop(_slot_key(version, i, name, j, slot)) for j, slot in enumerate(slot_names[name])}
                 for i, name in enumerate(names)}
             if "param_shapes" in optimizer_state:
                 optimizer_state["param_shapes"] = {k: tuple(v) for k, v in optimizer_state["param_shapes"].items()}
             hyper = optimizer_state.get("hyperparams", {})
             optimizer_state["hyperparams"] = {k: tuple(v) if isinstance(v, list) else v for k, v in hyper.items()}
+        saved_graph = Graph.from_proto(proto)
     except Exception as err:  # KeyError, ValueError, protobuf's DecodeError...: all mean "damaged"
         raise CheckpointError(f"{source} is not a readable gradpool checkpoint ({_first_line(err)})") from None
-    checkpoint = Checkpoint(graph_bytes, params, optimizer_state, meta.get("state") or {}, stored, source)
-    if graph is not None:
-        ours = graph.to_proto()
-        if proto_graph_id(ours) != meta["graph_id"] and not same_computation(ours, proto):
-            raise CheckpointError(
-                f"{source} was written for graph {meta.get('graph_name', '?')!r} (id {meta['graph_id'][:12]}), "
-                f"not for this graph {graph.name!r} (id {proto_graph_id(ours)[:12]}); refusing to load it")
+    checkpoint = Checkpoint(saved_graph, params, optimizer_state, meta.get("state") or {}, stored, source)
+    if graph is not None and graph.graph_id != checkpoint.graph_id:
+        raise CheckpointError(
+            f"{source} was written for graph {saved_graph.name!r} (id {checkpoint.graph_id[:12]}), "
+            f"not for this graph {graph.name!r} (id {graph.graph_id[:12]}); refusing to load it")
     return checkpoint
 
 

@@ -20,8 +20,8 @@ import numpy as np
 from gradpool.protos import gradpool_pb2 as pb
 from gradpool.worker.engine import Program, graph_id, to_tensor
 from gradpool.worker.engine.errors import GradpoolError, GraphError
-from gradpool.worker.engine.ops import BATCH, FLOATS, REQUIRED, Attrs, fmt, get_op
-from gradpool.worker.engine.program import SOURCES
+from gradpool.worker.engine.ops import BATCH, FLOATS, Call, fmt, get_op, is_per_example
+from gradpool.worker.engine.sharding import SOURCES
 from gradpool.worker.engine.tensors import DTYPE_TO_PROTO, as_dtype
 
 _SDK_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -284,18 +284,10 @@ class Graph:
         args = [self._own(a) for a in args]
         origin = _user_origin()
         parents = [self._nodes[a.index] for a in args]
-        full = Attrs()
-        for key, (kind, default) in op.attrs.items():
-            if key in attrs:
-                full[key] = attrs[key]
-            elif default is REQUIRED:
-                raise GraphError(f"{op_name} needs the attribute {key!r}")
-            else:
-                full[key] = default
-        full["per_example"] = parents[0].shape[:1] == (BATCH,)
         try:
-            shape = tuple(op.shape(full, *(p.shape for p in parents)))
-            dtype = op.dtype(full, *(p.dtype for p in parents))
+            call = Call(op.resolve_attrs(attrs), per_example=is_per_example(parents[0].shape))
+            shape = tuple(op.shape(call, *(p.shape for p in parents)))
+            dtype = op.dtype(call, *(p.dtype for p in parents))
         except GradpoolError as err:
             where = f" at {origin}" if origin else ""
             shapes = ", ".join(f"{p.name} {fmt(p.shape)} {p.dtype}" for p in parents)

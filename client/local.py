@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from gradpool.worker.engine import OrderedSum, shard_bounds
+from gradpool.worker.engine import OrderedSum, Program, shard_bounds
 from gradpool.worker.engine.errors import InputError
 
 from .graph import Graph
+
+Arrays = Mapping[str, np.ndarray]
 
 
 def prepare_arrays(graph: Graph, arrays: Mapping[str, object], what: str) -> dict[str, np.ndarray]:
@@ -34,15 +36,28 @@ def prepare_arrays(graph: Graph, arrays: Mapping[str, object], what: str) -> dic
     return out
 
 
-def batch_size(inputs: Mapping[str, np.ndarray]) -> int:
-    sizes = {name: (a.shape[0] if a.ndim else 0) for name, a in inputs.items()}
-    if len(set(sizes.values())) > 1:
-        raise InputError(f"inputs disagree on the batch size: {sizes}")
-    return next(iter(sizes.values()), 0)
+def checked_arrays(graph: Graph, params: Mapping[str, object], batch: Mapping[str, object],
+                   outputs: Optional[Sequence[str]] = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
+    """Params and batch cast to the graph's dtypes and checked against its
+    signature, before anything runs or is sent: every backend raises the
+    same `InputError` with the same message for the same mistake.
+
+    With `outputs` (forward only), just the params and inputs they need.
+    """
+    program = graph.program()
+    params, batch = prepare_arrays(graph, params, "param"), prepare_arrays(graph, batch, "input")
+    needed_inputs: Optional[set[str]] = None
+    needed_params: Optional[set[str]] = None
+    if outputs is not None:
+        program.check_outputs(outputs)
+        needed_inputs, needed_params = program.sources_for(outputs)
+    examples = program.signature.check_arrays(batch, "input", needed_inputs)
+    program.signature.check_arrays(params, "param", needed_params)
+    program.signature.check_index_ranges(batch)
+    return params, batch, examples
 
 
-def local_gradients(graph: Graph, params: Mapping[str, np.ndarray], batch: Mapping[str, np.ndarray],
-                    shards: int = 1) -> tuple[float, dict[str, np.ndarray]]:
+def local_gradients(graph: Graph, params: Arrays, batch: Arrays, shards: int = 1) -> tuple[float, dict[str, np.ndarray]]:
     """Loss and parameter gradients of the whole batch, computed as the workers do.
 
     With `shards` > 1 the batch is cut into that many contiguous pieces (empty
@@ -52,10 +67,8 @@ def local_gradients(graph: Graph, params: Mapping[str, np.ndarray], batch: Mappi
     """
     if not isinstance(shards, int) or shards < 1:
         raise InputError(f"shards must be a positive integer, got {shards!r}")
-    program = graph.program()
-    params = prepare_arrays(graph, params, "param")
-    batch = prepare_arrays(graph, batch, "input")
-    examples = batch_size(batch)
+    program: Program = graph.program()
+    params, batch, examples = checked_arrays(graph, params, batch)
     bounds = shard_bounds(examples, [1.0] * shards) or [(0, examples)]
     total = OrderedSum(len(bounds))
     for shard, (start, stop) in enumerate(bounds):
@@ -66,10 +79,8 @@ def local_gradients(graph: Graph, params: Mapping[str, np.ndarray], batch: Mappi
     return total.loss, total.grads
 
 
-def local_evaluate(graph: Graph, params: Mapping[str, np.ndarray], batch: Mapping[str, np.ndarray],
-                   outputs: Sequence[str]) -> dict[str, np.ndarray]:
+def local_forward(graph: Graph, params: Arrays, batch: Arrays, outputs: Sequence[str]) -> dict[str, np.ndarray]:
     """Values of per-example nodes (predictions) for a batch, forward only."""
-    program = graph.program()
-    result = program.run(prepare_arrays(graph, params, "param"), prepare_arrays(graph, batch, "input"),
-                         gradients=False, outputs=list(outputs))
-    return result.outputs
+    outputs = [outputs] if isinstance(outputs, str) else list(outputs)
+    params, batch, _ = checked_arrays(graph, params, batch, outputs)
+    return graph.program().run(params, batch, gradients=False, outputs=outputs).outputs

@@ -18,7 +18,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar, Union
 
 import grpc
 import numpy as np
@@ -26,11 +26,12 @@ import numpy as np
 from gradpool.protos import gradpool_pb2 as pb
 from gradpool.protos import gradpool_pb2_grpc as pb_grpc
 from gradpool.worker.engine import from_named
-from gradpool.worker.engine.errors import GradpoolError
-from gradpool.worker.rpc import DEFAULT_MAX_MESSAGE_MB, add_named, auth_metadata, channel_options, with_port
+from gradpool.worker.engine.errors import GradpoolError, GraphError, InputError, ShardingError
+from gradpool.worker.rpc import (DEFAULT_MAX_MESSAGE_MB, add_named, auth_metadata, channel_options, rpc_error_kind,
+                                 with_port)
 
 from .graph import Graph
-from .local import prepare_arrays
+from .local import checked_arrays
 
 # Retrying these cannot help: the request itself is wrong, or the caller may
 # not make it, or it already ran out of time (the deadline bounds all tries).
@@ -71,6 +72,23 @@ class ServiceUnavailable(ServiceError):
     """The coordinator could not be reached, or has no live workers, even after retrying."""
 
 
+class RemoteInputError(ServiceError, InputError):
+    """The service refused the params or the batch: `except gp.InputError` catches it
+    as it catches the same mistake found in-process."""
+
+
+class RemoteGraphError(ServiceError, GraphError):
+    """The service refused the graph (also a `gp.GraphError`)."""
+
+
+class RemoteShardingError(RemoteGraphError, ShardingError):
+    """The service refused a graph that cannot be sharded (also a `gp.ShardingError`)."""
+
+
+REMOTE_ERRORS: dict[str, type[ServiceError]] = {
+    "InputError": RemoteInputError, "GraphError": RemoteGraphError, "ShardingError": RemoteShardingError}
+
+
 def service_error(err: grpc.RpcError, address: str) -> ServiceError:
     """A gRPC error as the SDK's own exception, with a message a user can act on."""
     code = err.code() if callable(getattr(err, "code", None)) else grpc.StatusCode.UNKNOWN
@@ -82,6 +100,8 @@ def service_error(err: grpc.RpcError, address: str) -> ServiceError:
                                   code, details)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return ServiceError(f"deadline exceeded: {details}", code, details)
+    if code == grpc.StatusCode.INVALID_ARGUMENT and rpc_error_kind(err):
+        return REMOTE_ERRORS[rpc_error_kind(err)](details, code, details)
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return ServiceError(f"the coordinator at {address} refused the token: {details}", code, details)
     return ServiceError(f"{code.name}: {details}", code, details)
@@ -172,19 +192,37 @@ class ShardStat:
 
 @dataclass
 class GradientsResult:
+    """Loss and summed gradients of a whole batch, and where its shards ran.
+
+    Unpacks like the tuple `local_gradients` returns: `loss, grads = client.gradients(...)`.
+    """
     loss: float
     grads: dict[str, np.ndarray]
     examples: int
     shards: list[ShardStat]
     seconds: float  # on the coordinator, from request to reduced result
 
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.loss, self.grads))
+
 
 @dataclass
-class EvaluateResult:
+class ForwardResult(Mapping[str, np.ndarray]):
+    """Forward values of per-example nodes, by name (a read-only mapping, like
+    `local_forward`'s dict), and where the shards ran."""
     outputs: dict[str, np.ndarray]
     examples: int
     shards: list[ShardStat]
     seconds: float
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.outputs[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.outputs)
+
+    def __len__(self) -> int:
+        return len(self.outputs)
 
 
 @dataclass(frozen=True)
@@ -258,7 +296,6 @@ class Client:
         self._channel = grpc.insecure_channel(address, options=channel_options(max_message_mb))
         self._rpc = CoordinatorRpc(self._channel, address, token, retry)
         self._registered: set[str] = set()
-        self.last_result: Optional[GradientsResult | EvaluateResult] = None
 
     # ------------------------------------------------------------ graphs
 
@@ -291,48 +328,41 @@ class Client:
     # ------------------------------------------------------------ computing
 
     def gradients(self, graph: Graph, params: Mapping[str, Any], batch: Mapping[str, Any], *,
-                  timeout: Optional[float] = None) -> tuple[float, dict[str, np.ndarray]]:
-        """Loss and parameter gradients of the whole batch, as `local_gradients` computes them."""
-        result = self.gradients_with_stats(graph, params, batch, timeout=timeout)
-        return result.loss, result.grads
-
-    def gradients_with_stats(self, graph: Graph, params: Mapping[str, Any], batch: Mapping[str, Any], *,
-                             timeout: Optional[float] = None) -> GradientsResult:
-        """Like `gradients`, with where each shard ran and how long it took."""
+                  timeout: Optional[float] = None) -> GradientsResult:
+        """Loss and parameter gradients of the whole batch, as `local_gradients`
+        computes them (`loss, grads = ...` unpacks it), with where each shard ran."""
         timeout = self._timeout(timeout)
+        params, batch, _ = checked_arrays(graph, params, batch)
         request = pb.GradientsRequest(request_id=uuid.uuid4().hex)
-        add_named(request.params, prepare_arrays(graph, params, "param"))
-        add_named(request.inputs, prepare_arrays(graph, batch, "input"))
+        add_named(request.params, params)
+        add_named(request.inputs, batch)
 
         def call(key: str) -> pb.GradientsResponse:
             request.graph_id = key
             return self._rpc.compute_gradients(request, timeout=timeout)
 
         response = self._with_graph(graph, call, timeout)
-        result = GradientsResult(response.loss, _arrays(response.grads, "gradient"), response.examples,
-                                 [ShardStat.from_proto(s) for s in response.shards], response.seconds)
-        self.last_result = result
-        return result
+        return GradientsResult(response.loss, _arrays(response.grads, "gradient"), response.examples,
+                               [ShardStat.from_proto(s) for s in response.shards], response.seconds)
 
-    def evaluate(self, graph: Graph, params: Mapping[str, Any], batch: Mapping[str, Any], outputs: Sequence[str],
-                 *, timeout: Optional[float] = None) -> dict[str, np.ndarray]:
-        """Values of per-example nodes (e.g. predictions) for the batch, forward only."""
+    def forward(self, graph: Graph, params: Mapping[str, Any], batch: Mapping[str, Any],
+                outputs: Union[str, Sequence[str]], *, timeout: Optional[float] = None) -> ForwardResult:
+        """Values of per-example nodes (e.g. predictions) for the batch, forward
+        only, as `local_forward` computes them."""
         timeout = self._timeout(timeout)
-        if isinstance(outputs, str):
-            outputs = [outputs]
-        request = pb.EvaluateRequest(outputs=list(outputs), request_id=uuid.uuid4().hex)
-        add_named(request.params, prepare_arrays(graph, params, "param"))
-        add_named(request.inputs, prepare_arrays(graph, batch, "input"))
+        outputs = [outputs] if isinstance(outputs, str) else list(outputs)
+        params, batch, _ = checked_arrays(graph, params, batch, outputs)
+        request = pb.EvaluateRequest(outputs=outputs, request_id=uuid.uuid4().hex)
+        add_named(request.params, params)
+        add_named(request.inputs, batch)
 
         def call(key: str) -> pb.EvaluateResponse:
             request.graph_id = key
             return self._rpc.evaluate(request, timeout=timeout)
 
         response = self._with_graph(graph, call, timeout)
-        result = EvaluateResult(_arrays(response.outputs, "output"), response.examples,
-                                [ShardStat.from_proto(s) for s in response.shards], response.seconds)
-        self.last_result = result
-        return result.outputs
+        return ForwardResult(_arrays(response.outputs, "output"), response.examples,
+                             [ShardStat.from_proto(s) for s in response.shards], response.seconds)
 
     def status(self, *, timeout: Optional[float] = None) -> ClusterStatus:
         """The coordinator's workers and totals."""

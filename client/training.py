@@ -8,7 +8,7 @@
 
 The loop is the same whichever "gradient source" computes the gradients: a
 remote `Client` and the in-process `LocalBackend` both offer
-`.gradients(graph, params, batch)` and `.evaluate(graph, params, batch, outputs)`.
+`.gradients(graph, params, batch)` and `.forward(graph, params, batch, outputs)`.
 Everything that decides the result (params, optimizer state, shuffle order,
 position in the epoch, RNG state) is checkpointed, so a resumed run repeats
 an uninterrupted one bit for bit.
@@ -25,12 +25,13 @@ from typing import Any, Callable, Mapping, Optional, Protocol, Sequence, Union, 
 import numpy as np
 
 from gradpool.worker.engine.errors import GradpoolError, InputError
+from gradpool.worker.engine.signature import IndexLimit, check_index_range
 
 from . import optim
 from .checkpoint import (Checkpoint, CheckpointError, PathLike, load_checkpoint, save_checkpoint,
                          step_checkpoint_path, step_checkpoints)
 from .graph import Graph
-from .local import local_evaluate, local_gradients
+from .local import local_forward, local_gradients, prepare_arrays
 
 __all__ = ["GradientSource", "LocalBackend", "TrainingError", "History", "Trainer", "fit"]
 
@@ -48,8 +49,8 @@ class GradientSource(Protocol):
 
     def gradients(self, graph: Graph, params: Arrays, batch: Arrays) -> tuple[float, dict[str, np.ndarray]]: ...
 
-    def evaluate(self, graph: Graph, params: Arrays, batch: Arrays,
-                 outputs: list[str]) -> dict[str, np.ndarray]: ...
+    def forward(self, graph: Graph, params: Arrays, batch: Arrays,
+                outputs: list[str]) -> Mapping[str, np.ndarray]: ...
 
 
 class LocalBackend:
@@ -65,8 +66,8 @@ class LocalBackend:
     def gradients(self, graph: Graph, params: Arrays, batch: Arrays) -> tuple[float, dict[str, np.ndarray]]:
         return local_gradients(graph, params, batch, shards=self.shards)
 
-    def evaluate(self, graph: Graph, params: Arrays, batch: Arrays, outputs: list[str]) -> dict[str, np.ndarray]:
-        return local_evaluate(graph, params, batch, outputs)
+    def forward(self, graph: Graph, params: Arrays, batch: Arrays, outputs: list[str]) -> dict[str, np.ndarray]:
+        return local_forward(graph, params, batch, outputs)
 
     def __repr__(self) -> str:
         return f"LocalBackend(shards={self.shards})"
@@ -108,79 +109,25 @@ def _positive_int(name: str, value: Any, allow_none: bool = False) -> Optional[i
     return int(value)
 
 
-def _index_limits(graph: Graph) -> dict[str, tuple[int, str]]:
-    """Integer inputs used as class labels or table rows: name -> (exclusive bound, what they are)."""
-    program = graph.program()
-    limits: dict[str, tuple[int, str]] = {}
-    for node in program.nodes:
-        if node.op not in ("softmax_cross_entropy", "embedding"):
-            continue
-        source, index = program.nodes[node.inputs[0]], program.nodes[node.inputs[1]]
-        if index.op != "input":
-            continue
-        if node.op == "softmax_cross_entropy":
-            bound, what = source.shape[-1], f"class labels for {source.name!r}"
-        else:
-            bound, what = source.shape[0], f"row indices into {source.name!r}"
-        if index.name not in limits or bound < limits[index.name][0]:
-            limits[index.name] = (bound, what)
-    return limits
-
-
-def _check_range(what: str, name: str, values: np.ndarray, bound: int, meaning: str) -> None:
-    bad = np.flatnonzero(((values < 0) | (values >= bound)).reshape(len(values), -1).any(axis=1))
-    if bad.size:
-        example = int(bad[0])
-        value = values[example] if values.ndim == 1 else values[example][(values[example] < 0) |
-                                                                          (values[example] >= bound)][0]
-        raise InputError(f"{what} {name!r} holds {meaning}, which must be in [0, {bound}), "
-                         f"but example {example} has {value}")
-
-
 def prepare_data(graph: Graph, data: Arrays, what: str = "training data",
                  needed: Optional[set[str]] = None) -> tuple[dict[str, np.ndarray], int]:
     """Check a dataset (input name -> array with one row per example) against the graph.
 
     Returns the arrays in the graph's dtypes and the number of examples, or
-    raises one InputError naming the array at fault: unknown or missing
-    inputs, per-example shapes, dtypes that cannot be cast, different
-    lengths, labels out of range. Done once per dataset, before any step.
+    raises one InputError naming the array at fault. The checks and their
+    wording are the graph's `Signature`, the same every backend applies to
+    each batch; here they run once per dataset, before any step.
     """
     if not isinstance(data, Mapping) or not data:
         raise InputError(f"{what} must be a non-empty dict of input name -> numpy array, "
                          f"got {type(data).__name__ if not isinstance(data, Mapping) else 'an empty dict'}")
-    declared = graph.inputs
-    unknown = sorted(set(data) - set(declared))
-    if unknown:
-        raise InputError(f"{what} has array(s) {unknown} that are not inputs of the graph; "
-                         f"its inputs are {sorted(declared)}")
-    missing = sorted((set(declared) if needed is None else set(needed)) - set(data))
-    if missing:
-        raise InputError(f"{what} is missing input(s) {missing}; the graph's inputs are {sorted(declared)}")
-    arrays: dict[str, np.ndarray] = {}
-    for name, value in data.items():
-        shape, dtype = declared[name]
-        array = np.asarray(value)
-        if array.ndim == 0:
-            raise InputError(f"{what} {name!r} is a single value; give an array with one row per example")
-        if array.shape[1:] != tuple(shape):
-            raise InputError(f"{what} {name!r} has examples of shape {array.shape[1:]}, "
-                             f"but the graph's input {name!r} takes {tuple(shape)}")
-        if array.dtype != dtype:
-            if not np.can_cast(array.dtype, dtype, casting="same_kind"):
-                raise InputError(f"{what} {name!r} is {array.dtype}, but the graph's input {name!r} is {dtype}")
-            array = array.astype(dtype)
-        arrays[name] = array
-    lengths = {name: array.shape[0] for name, array in arrays.items()}
-    if len(set(lengths.values())) > 1:
-        detail = ", ".join(f"{name!r} has {n}" for name, n in lengths.items())
-        raise InputError(f"{what} arrays have different numbers of examples: {detail}")
-    examples = next(iter(lengths.values()))
-    if examples == 0:
-        raise InputError(f"{what} has no examples")
-    for name, (bound, meaning) in _index_limits(graph).items():
-        if name in arrays:
-            _check_range(what, name, arrays[name], bound, meaning)
+    signature = graph.program().signature
+    try:
+        arrays = prepare_arrays(graph, data, "input")
+        examples = signature.check_arrays(arrays, "input", needed)
+        signature.check_index_ranges(arrays)
+    except InputError as err:
+        raise InputError(f"{what}: {err}") from None
     return arrays, examples
 
 
@@ -341,8 +288,8 @@ class Trainer:
             from .remote import Client  # only needed for remote training
             self._owns_backend = True
             return Client(backend)
-        if not (callable(getattr(backend, "gradients", None)) and callable(getattr(backend, "evaluate", None))):
-            raise InputError(f"backend must be a Client, an address or an object with .gradients and .evaluate, "
+        if not (callable(getattr(backend, "gradients", None)) and callable(getattr(backend, "forward", None))):
+            raise InputError(f"backend must be a Client, an address or an object with .gradients and .forward, "
                              f"got {type(backend).__name__}")
         return backend
 
@@ -515,7 +462,7 @@ class Trainer:
         pieces: dict[str, list[np.ndarray]] = {name: [] for name in names}
         for start in range(0, examples, size):
             chunk = {key: array[start:start + size] for key, array in arrays.items()}
-            values = self.backend.evaluate(self.graph, self.params, chunk, names)
+            values = self.backend.forward(self.graph, self.params, chunk, names)
             for name in names:
                 pieces[name].append(np.asarray(values[name]))
         result = {name: np.concatenate(parts) for name, parts in pieces.items()}
@@ -544,7 +491,10 @@ class Trainer:
         if scores.ndim != 2 or truth.ndim != 1:
             raise InputError(f"accuracy needs logits of shape (examples, classes) and one label per example, "
                              f"got {scores.shape} and {truth.shape}")
-        _check_range("evaluation data", labels, truth, scores.shape[1], "class labels")
+        try:
+            check_index_range(truth, IndexLimit(labels, scores.shape[1], f"class labels for {logits!r}"))
+        except InputError as err:
+            raise InputError(f"evaluation data: {err}") from None
         correct = int(np.count_nonzero(scores.argmax(axis=1) == truth))
         shifted = scores - scores.max(axis=1, keepdims=True)
         log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
@@ -641,7 +591,7 @@ class Trainer:
         Other Trainer options (batch_size, ...) default to the checkpoint's.
         """
         checkpoint = load_checkpoint(path)
-        graph = checkpoint.graph()
+        graph = checkpoint.graph
         params = {name: np.array(value) for name, value in checkpoint.params.items()}
         optimizer = _optimizer_from_state(params, checkpoint.optimizer_state)
         saved = checkpoint.state.get("trainer", {})

@@ -23,7 +23,8 @@ import grpc
 from gradpool.protos import gradpool_pb2 as pb
 from gradpool.protos import gradpool_pb2_grpc as pb_grpc
 from gradpool.worker.engine import OrderedSum, Program, from_named, graph_id
-from gradpool.worker.engine.errors import GradpoolError
+from gradpool.worker.engine.errors import GradpoolError, quoted
+from gradpool.worker.engine.signature import WireInput
 from gradpool.worker.engine.tensors import DTYPE_TO_PROTO, checked_bytes
 from gradpool.worker.rpc import (
     VERSION,
@@ -53,13 +54,6 @@ from .fanout import (
     shard_requests,
 )
 from .registry import WorkerRegistry
-from .validation import (
-    CheckedInput,
-    check_inputs,
-    check_outputs,
-    check_params,
-    sources_needed_for,
-)
 
 log = logging.getLogger("gradpool.coordinator")
 
@@ -126,8 +120,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             record = self._graph(request.graph_id)
             program = record.program
             request_id = request.request_id
-            check_params(program, request.params)
-            examples, inputs = check_inputs(program, request.inputs, set(program.inputs))
+            program.signature.check_wire_params(request.params)
+            examples, inputs = program.signature.check_wire_inputs(request.inputs)
             shards = self._shards(record, params_bytes(request), inputs, examples)
             total = OrderedSum(len(shards))
             with self._fan_out(shards, record, context, request_id) as results:
@@ -147,10 +141,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             record = self._graph(request.graph_id)
             program = record.program
             outputs, request_id = list(request.outputs), request.request_id
-            check_outputs(program, outputs)
-            needed_inputs, needed_params = sources_needed_for(program, outputs)
-            check_params(program, request.params, needed_params)
-            examples, inputs = check_inputs(program, request.inputs, needed_inputs)
+            program.check_outputs(outputs)
+            needed_inputs, needed_params = program.sources_for(outputs)
+            program.signature.check_wire_params(request.params, needed_params)
+            examples, inputs = program.signature.check_wire_inputs(request.inputs, needed_inputs)
             shards = self._shards(record, params_bytes(request), inputs, examples,
                                   mode=pb.ShardRequest.FORWARD, outputs=outputs)
             pieces: list[Optional[pb.ShardResponse]] = [None] * len(shards)
@@ -181,7 +175,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         address = request.address.strip()
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
-            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"worker address {address!r} is not HOST:PORT")
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"worker address {quoted(address)} is not HOST:PORT")
         if not 0 < request.capacity < float("inf"):
             raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT,
                              f"worker capacity must be a positive number, got {request.capacity}")
@@ -219,10 +213,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         record = self.graphs.get(key)
         if record is None:
             raise RpcFailure(grpc.StatusCode.NOT_FOUND,
-                             f"graph {key!r} not registered (the coordinator may have restarted): register it again")
+                             f"graph {quoted(key)} not registered (the coordinator may have restarted): register it again")
         return record
 
-    def _shards(self, record: GraphRecord, params: bytes, inputs: Sequence[CheckedInput], examples: int,
+    def _shards(self, record: GraphRecord, params: bytes, inputs: Sequence[WireInput], examples: int,
                 mode: int = pb.ShardRequest.GRADIENTS, outputs: Sequence[str] = ()) -> list[Shard]:
         pool = self.registry.pool()
         if not pool:
@@ -283,14 +277,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 assert response is not None
                 tensor = next((o.tensor for o in response.outputs if o.name == name), None)
                 if tensor is None:
-                    raise RpcFailure(grpc.StatusCode.INTERNAL, f"{shard.describe()} did not return {name!r}")
+                    raise RpcFailure(grpc.StatusCode.INTERNAL, f"{shard.describe()} did not return {quoted(name)}")
                 try:
-                    dtype, shape, data = checked_bytes(tensor, f"output {name!r}")
+                    dtype, shape, data = checked_bytes(tensor, f"output {quoted(name)}")
                 except GradpoolError as err:
                     raise RpcFailure(grpc.StatusCode.INTERNAL, f"{shard.describe()}: {err}") from None
                 if dtype != node.dtype or shape != (shard.examples, *node.shape[1:]):
                     raise RpcFailure(grpc.StatusCode.INTERNAL,
-                                     f"{shard.describe()} returned {name!r} as {shape} of {dtype}")
+                                     f"{shard.describe()} returned {quoted(name)} as {shape} of {dtype}")
                 datas.append(data)
             rows = sum(s.examples for s in shards)
             joined.append(pb.NamedTensor(name=name, tensor=pb.Tensor(

@@ -21,10 +21,10 @@ import grpc
 
 from gradpool.protos import gradpool_pb2 as pb
 from gradpool.worker.engine import Program, shard_bounds
-from gradpool.worker.rpc import RpcFailure
+from gradpool.worker.engine.signature import WireInput
+from gradpool.worker.rpc import RpcFailure, rpc_error_kind
 
 from .registry import WorkerEntry, WorkerRegistry
-from .validation import CheckedInput
 
 # Including the first: one NOT_FOUND -> LoadGraph -> retry cycle, plus one
 # in case the worker evicted the graph again in between.
@@ -65,15 +65,15 @@ class Shard:
 class ShardFailed(Exception):
     """A shard could not be computed; says where and why."""
 
-    def __init__(self, shard: Shard, code: grpc.StatusCode, details: str):
+    def __init__(self, shard: Shard, code: grpc.StatusCode, details: str, kind: str = ""):
         super().__init__(f"{shard.describe()}: {code.name}: {details}")
-        self.shard, self.code, self.details = shard, code, details
+        self.shard, self.code, self.details, self.kind = shard, code, details, kind
 
     def status(self) -> RpcFailure:
         """The status the client sees: worker and shard named, the worker's message kept."""
         where = self.shard.describe()
         if self.code == grpc.StatusCode.INVALID_ARGUMENT:
-            return RpcFailure(self.code, f"{where} rejected the input: {self.details}")
+            return RpcFailure(self.code, f"{where} rejected the input: {self.details}", self.kind)
         if self.code == grpc.StatusCode.UNAVAILABLE:
             return RpcFailure(self.code, f"{where} is unreachable: {self.details}")
         if self.code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
@@ -127,7 +127,7 @@ def _check_params_fields_agree() -> None:
 _check_params_fields_agree()
 
 
-def shard_requests(graph_id: str, params: bytes, inputs: Sequence[CheckedInput], bounds: Sequence[tuple[int, int]],
+def shard_requests(graph_id: str, params: bytes, inputs: Sequence[WireInput], bounds: Sequence[tuple[int, int]],
                    examples: int, mode: int = pb.ShardRequest.GRADIENTS, outputs: Sequence[str] = ()) -> list[bytes]:
     """Serialized ShardRequests, one per (start, stop).
 
@@ -188,7 +188,8 @@ class FanOut:
             except (grpc.RpcError, grpc.FutureCancelledError) as err:
                 code = err.code() if isinstance(err, grpc.RpcError) else grpc.StatusCode.CANCELLED
                 details = err.details() if isinstance(err, grpc.RpcError) else "cancelled"
-                self._retry(shard, code, details or "")
+                kind = rpc_error_kind(err) if isinstance(err, grpc.RpcError) else ""
+                self._retry(shard, code, details or "", kind)
                 continue
             del self._futures[shard.index]
             shard.request = b""  # kept only for retries: free the params' copy now
@@ -207,19 +208,19 @@ class FanOut:
         except queue.Empty:
             raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded waiting for workers") from None
 
-    def _retry(self, shard: Shard, code: grpc.StatusCode, details: str) -> None:
+    def _retry(self, shard: Shard, code: grpc.StatusCode, details: str, kind: str = "") -> None:
         """Send the shard again where that can help; otherwise fail the request."""
         if code == grpc.StatusCode.NOT_FOUND and shard.attempts < MAX_ATTEMPTS:
             shard.worker.forget_graph(self.graph.graph_id)
             self._dispatch(shard)
             return
-        self._failed(shard, code, details)
+        self._failed(shard, code, details, kind)
 
-    def _failed(self, shard: Shard, code: grpc.StatusCode, details: str) -> None:
+    def _failed(self, shard: Shard, code: grpc.StatusCode, details: str, kind: str = "") -> None:
         shard.worker.failed()
         if code == grpc.StatusCode.UNAVAILABLE:
             self.registry.mark_unreachable(shard.worker, details)
-        raise ShardFailed(shard, code, details)
+        raise ShardFailed(shard, code, details, kind)
 
     def _dispatch(self, shard: Shard) -> None:
         remaining = self._remaining()

@@ -129,15 +129,20 @@ def test_dtypes(mlp) -> None:
         gp.local_gradients(graph, params, {**batch, "x": batch["x"].astype(np.complex128)})
 
 
-def test_label_out_of_range_names_the_node(mlp) -> None:
+def test_label_out_of_range_names_the_input_and_the_example(mlp) -> None:
     graph, params, batch = mlp
     bad = batch["y"].copy()
     bad[3] = 5
-    with pytest.raises(InputError, match=r"softmax_cross_entropy.*label 5 is out of range \[0, 5\)"):
+    # The SDK checks the signature's index limits before running anything...
+    with pytest.raises(InputError, match=r"input 'y' \(class labels for 'logits'\) has 5 at example 3, "
+                                         r"out of range \[0, 5\)"):
         gp.local_gradients(graph, params, {**batch, "y": bad})
     bad[3] = -1
-    with pytest.raises(InputError, match="label -1 is out of range"):
+    with pytest.raises(InputError, match="has -1 at example 3, out of range"):
         gp.local_gradients(graph, params, {**batch, "y": bad})
+    # ...and the engine, which a raw gRPC client reaches, names the node.
+    with pytest.raises(InputError, match=r"softmax_cross_entropy.*label -1 is out of range \[0, 5\)"):
+        graph.program().run(params, {**batch, "y": bad})
 
 
 def test_embedding_index_out_of_range() -> None:
@@ -145,7 +150,7 @@ def test_embedding_index_out_of_range() -> None:
     ids = g.input("ids", (2,), dtype="int64")
     table = g.param("table", (4, 3))
     g.set_loss(gp.embedding(table, ids).sum())
-    with pytest.raises(InputError, match="index 4 is out of range"):
+    with pytest.raises(InputError, match=r"input .ids. \(row indices into .table.\) has 4 at example 0, out of range \[0, 4\)"):
         gp.local_gradients(g, g.init_params(), {"ids": np.array([[0, 4]])})
 
 

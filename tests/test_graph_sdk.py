@@ -107,7 +107,7 @@ def test_expression_helpers_match_numpy() -> None:
     outputs = [t.named("t"), r.named("r"), s.named("s"), e.named("e"), m.named("m"), gp.abs(x).named("a")]
     g.set_loss(sum(o.sum() for o in outputs[1:]) + t.sum())
     data = np.random.default_rng(0).normal(size=(4, 2, 6))
-    got = gp.local_evaluate(g, {}, {"x": data}, ["t", "r", "s", "e", "m", "a"])
+    got = gp.local_forward(g, {}, {"x": data}, ["t", "r", "s", "e", "m", "a"])
     np.testing.assert_array_equal(got["t"], np.swapaxes(data, -1, -2))
     np.testing.assert_array_equal(got["r"], data.reshape(4, 3, 4))
     np.testing.assert_array_equal(got["s"], data[:, 1:5:2])
@@ -119,13 +119,13 @@ def test_expression_helpers_match_numpy() -> None:
 def test_evaluate_needs_only_the_inputs_its_outputs_use() -> None:
     graph = softmax_mlp()
     params, batch = params_for(graph), batch_for(graph, 7)
-    logits = gp.local_evaluate(graph, params, {"x": batch["x"]}, ["logits"])["logits"]
+    logits = gp.local_forward(graph, params, {"x": batch["x"]}, ["logits"])["logits"]
     W1, b1, W2, b2 = (params[k] for k in ("W1", "b1", "W2", "b2"))
     np.testing.assert_allclose(logits, np.tanh(batch["x"] @ W1 + b1) @ W2 + b2, rtol=1e-12)
     with pytest.raises(gp.InputError, match="only per-example nodes"):
-        gp.local_evaluate(graph, params, batch, [graph.to_proto().nodes[2].name])
+        gp.local_forward(graph, params, batch, [graph.to_proto().nodes[2].name])
     with pytest.raises(gp.InputError, match="no node named 'nope'"):
-        gp.local_evaluate(graph, params, batch, ["nope"])
+        gp.local_forward(graph, params, batch, ["nope"])
 
 
 def test_set_loss_failure_leaves_the_graph_usable() -> None:

@@ -1,6 +1,6 @@
 """The distributed service end to end: a real coordinator and real worker
 processes over localhost (LocalCluster), checked against the in-process
-`local_gradients` / `local_evaluate`.
+`local_gradients` / `local_forward`.
 
 One cluster serves the whole module; tests scale it with add_worker /
 stop_worker instead of restarting it.
@@ -92,7 +92,7 @@ def coordinator_stub(cluster: LocalCluster) -> pb_grpc.CoordinatorStub:
 def test_gradients_match_local_gradients(service, pool, model, dtype, examples):
     graph = MODELS[model](dtype=dtype)
     params, batch = params_for(graph, seed=examples), batch_for(graph, examples, seed=examples)
-    result = service.gradients_with_stats(graph, params, batch)
+    result = service.gradients(graph, params, batch)
     assert result.examples == examples
     assert sum(s.examples for s in result.shards) == examples
     assert len(result.shards) == min(pool, examples)
@@ -104,13 +104,13 @@ def test_repeated_calls_are_bitwise_identical_and_equal_the_sharded_reference(cl
     cluster.scale_to(3)
     graph = softmax_mlp()
     params, batch = params_for(graph), batch_for(graph, 64)
-    first = service.gradients_with_stats(graph, params, batch)
+    first = service.gradients(graph, params, batch)
     # Equal capacities: the service's shards are local_gradients(shards=3)'s,
     # summed in the same order, so the bits agree too.
     loss, grads = gp.local_gradients(graph, params, batch, shards=3)
     assert first.loss == loss
     for _ in range(4):
-        again = service.gradients_with_stats(graph, params, batch)
+        again = service.gradients(graph, params, batch)
         assert again.loss == first.loss
         for name in grads:
             assert again.grads[name].tobytes() == first.grads[name].tobytes()
@@ -144,7 +144,7 @@ def test_concurrent_first_requests_send_the_graph_once_and_all_match(cluster):
     batches = [batch_for(graph, 33, seed=i) for i in range(8)]
     before = {w.address: w.graphs_sent for w in cluster.status().workers}
     with cluster.client(timeout=60) as client, ThreadPoolExecutor(max_workers=8) as pool:
-        results = list(pool.map(lambda b: client.gradients_with_stats(graph, params, b), batches))
+        results = list(pool.map(lambda b: client.gradients(graph, params, b), batches))
     for result, batch in zip(results, batches):
         assert_matches_local(result, graph, params, batch, RTOL["float64"])
     after = {w.address: w.graphs_sent for w in cluster.status().workers}
@@ -160,7 +160,7 @@ def test_a_worker_that_lost_the_graph_is_sent_it_again(cluster, service):
         batch = batch_for(first, 8)
         service.gradients(first, p1, batch)
         service.gradients(second, p2, batch)  # evicts `first` on the small worker
-        result = service.gradients_with_stats(first, p1, batch)  # NOT_FOUND -> LoadGraph -> retry
+        result = service.gradients(first, p1, batch)  # NOT_FOUND -> LoadGraph -> retry
         assert_matches_local(result, first, p1, batch, RTOL["float64"])
         on_small = [s for s in result.shards if small.address in s.worker]
         assert [s.attempts for s in on_small] == [2]
@@ -176,18 +176,18 @@ def test_workers_join_and_leave_between_requests(cluster, service):
     cluster.scale_to(2)
     graph = two_layer_net()
     params, batch = params_for(graph), batch_for(graph, 90)
-    result = service.gradients_with_stats(graph, params, batch)
+    result = service.gradients(graph, params, batch)
     assert len(result.shards) == 2
 
     joined = cluster.add_worker()
-    result = service.gradients_with_stats(graph, params, batch)
+    result = service.gradients(graph, params, batch)
     assert len(result.shards) == 3
     assert any(joined.address in s.worker for s in result.shards)
     assert_matches_local(result, graph, params, batch, RTOL["float64"])
 
     left = cluster.stop_worker(0)
     assert left.popen.returncode == 0  # SIGTERM: deregistered and exited cleanly
-    result = service.gradients_with_stats(graph, params, batch)
+    result = service.gradients(graph, params, batch)
     assert len(result.shards) == 2
     assert not any(left.address in s.worker for s in result.shards)
     assert_matches_local(result, graph, params, batch, RTOL["float64"])
@@ -201,7 +201,7 @@ def test_a_killed_worker_is_routed_around_and_dropped_after_its_lease(cluster, s
     victim = cluster.stop_worker(-1, kill=True, wait=False)
     # The first attempt fails on the dead worker, which the coordinator then
     # leaves out; the client's retry runs on the rest of the pool.
-    result = service.gradients_with_stats(graph, params, batch)
+    result = service.gradients(graph, params, batch)
     assert not any(victim.address in s.worker for s in result.shards)
     assert_matches_local(result, graph, params, batch, RTOL["float64"])
     cluster.wait_for_workers(timeout=cluster.lease_seconds + 10)  # dropped when its lease lapsed
@@ -211,19 +211,26 @@ def test_a_killed_worker_is_routed_around_and_dropped_after_its_lease(cluster, s
 # ---------------------------------------------------------------- errors
 
 def test_a_worker_error_fails_the_request_with_its_message(cluster, service):
+    """A label out of range is found by the SDK first; a request that skips the
+    SDK's checks is refused by the worker, whose message and error kind reach
+    the client through the coordinator."""
     cluster.scale_to(2)
     graph = softmax_mlp()
     params, batch = params_for(graph), batch_for(graph, 10)
     batch["y"][7] = 99  # on the second shard
-    with pytest.raises(ServiceError) as caught:
+    with pytest.raises(gp.InputError, match="input 'y' .* has 99 at example 7"):
         service.gradients(graph, params, batch)
-    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    service.register(graph)
+    raw = pb.GradientsRequest(graph_id=graph.graph_id, params=to_named(params), inputs=to_named(batch))
+    with pytest.raises(gp.InputError) as caught:
+        service._rpc.compute_gradients(raw)  # the stub, past the SDK's own checks
+    assert isinstance(caught.value, ServiceError) and caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
     message = str(caught.value)
     assert "label 99 is out of range [0, 5)" in message
     assert "shard 1 (examples 5:10)" in message and "worker" in message
     # The cluster keeps serving.
     batch["y"][7] = 1
-    result = service.gradients_with_stats(graph, params, batch)
+    result = service.gradients(graph, params, batch)
     assert_matches_local(result, graph, params, batch, RTOL["float64"])
     assert sum(w.errors for w in cluster.status().workers) >= 1
 
@@ -313,11 +320,15 @@ def test_the_coordinator_answers_unknown_graphs_and_invalid_graphs(cluster):
     assert "does not name an earlier node" in caught.value.details()
 
     graph = softmax_mlp()
-    with pytest.raises(ServiceError) as error:
-        with cluster.client(timeout=10) as fresh:
-            fresh.gradients(graph, params_for(graph), {"x": np.zeros((0, 8)), "y": np.zeros(0, np.int64)})
+    empty = {"x": np.zeros((0, 8)), "y": np.zeros(0, np.int64)}
+    with cluster.client(timeout=10) as fresh:
+        with pytest.raises(gp.InputError, match="the batch is empty"):
+            fresh.gradients(graph, params_for(graph), empty)  # the SDK's own check
+        fresh.register(graph)
+        raw = pb.GradientsRequest(graph_id=graph.graph_id, params=to_named(params_for(graph)), inputs=to_named(empty))
+        with pytest.raises(gp.InputError, match="the batch is empty") as error:
+            fresh._rpc.compute_gradients(raw)  # the coordinator's, with the same words
     assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert "the batch is empty" in str(error.value)
 
 
 def test_a_worker_rejects_bad_input_and_keeps_serving(cluster, service):
@@ -373,7 +384,7 @@ def test_a_worker_rejects_bad_input_and_keeps_serving(cluster, service):
     assert stub.GetWorkerStatus(pb.WorkerStatusRequest(), timeout=10).graphs_cached >= 1
     small = softmax_mlp()
     params, batch = params_for(small), batch_for(small, 9)
-    assert_matches_local(service.gradients_with_stats(small, params, batch), small, params, batch, 1e-10)
+    assert_matches_local(service.gradients(small, params, batch), small, params, batch, 1e-10)
 
 
 def deep_tanh_chain(layers: int = 20, width: int = 256) -> gp.Graph:
@@ -413,7 +424,7 @@ def test_the_client_deadline_bounds_the_request_and_the_worker_calls(cluster, se
     assert (status.requests_failed, status.requests_served) == (before.requests_failed + 1,
                                                                 before.requests_served)
     small = {"x": batch["x"][:5]}
-    assert_matches_local(service.gradients_with_stats(graph, params, small), graph, params, small, RTOL["float32"])
+    assert_matches_local(service.gradients(graph, params, small), graph, params, small, RTOL["float32"])
 
 
 # ---------------------------------------------------------------- large tensors
@@ -427,7 +438,7 @@ def test_100_mb_of_params_and_a_100_mb_batch(cluster, service):
     params = {"W": np.random.default_rng(1).normal(size=(1000, 12_500))}
     batch = {"x": np.random.default_rng(2).normal(size=(3, 1000))}
     assert params["W"].nbytes == 100_000_000
-    result = service.gradients_with_stats(wide, params, batch)
+    result = service.gradients(wide, params, batch)
     assert result.grads["W"].nbytes == 100_000_000
     assert_matches_local(result, wide, params, batch, 1e-10)
     del params, result
@@ -439,7 +450,7 @@ def test_100_mb_of_params_and_a_100_mb_batch(cluster, service):
     params = {"V": np.random.default_rng(3).normal(size=(1000, 4))}
     batch = {"x": np.random.default_rng(4).normal(size=(12_500, 1000))}  # 100 MB
     assert batch["x"].nbytes == 100_000_000
-    result = service.gradients_with_stats(tall, params, batch)
+    result = service.gradients(tall, params, batch)
     assert result.examples == 12_500 and len(result.shards) == 2
     assert_matches_local(result, tall, params, batch, 1e-10)
 
@@ -447,23 +458,27 @@ def test_100_mb_of_params_and_a_100_mb_batch(cluster, service):
 # ---------------------------------------------------------------- evaluate, status, CLI
 
 @pytest.mark.parametrize("examples", [1, 7, 1000])
-def test_evaluate_matches_local_evaluate(cluster, service, examples):
+def test_evaluate_matches_local_forward(cluster, service, examples):
     cluster.scale_to(3)
     graph = softmax_mlp(dtype="float32")
     params, batch = params_for(graph), batch_for(graph, examples)
-    outputs = service.evaluate(graph, params, {"x": batch["x"]}, ["logits"])
-    expected = gp.local_evaluate(graph, params, {"x": batch["x"]}, ["logits"])
+    outputs = service.forward(graph, params, {"x": batch["x"]}, ["logits"])
+    expected = gp.local_forward(graph, params, {"x": batch["x"]}, ["logits"])
     assert outputs["logits"].shape == (examples, 5) and outputs["logits"].dtype == np.float32
     np.testing.assert_allclose(outputs["logits"], expected["logits"], rtol=1e-6, atol=1e-6)
-    assert service.last_result.examples == examples
+    assert outputs.examples == examples and sum(s.examples for s in outputs.shards) == examples
 
 
 def test_evaluate_refuses_values_that_are_not_per_example(service):
     graph = logistic_regression()
-    with pytest.raises(ServiceError) as caught:
-        service.evaluate(graph, params_for(graph), batch_for(graph, 3), ["L"])
+    with pytest.raises(gp.InputError, match="only per-example nodes"):
+        service.forward(graph, params_for(graph), batch_for(graph, 3), ["L"])
+    service.register(graph)
+    raw = pb.EvaluateRequest(graph_id=graph.graph_id, params=to_named(params_for(graph)),
+                             inputs=to_named(batch_for(graph, 3)), outputs=["L"])
+    with pytest.raises(gp.InputError, match="only per-example nodes") as caught:
+        service._rpc.evaluate(raw)
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert "per-example" in str(caught.value)
 
 
 def test_status_reports_workers_and_totals(cluster, service):

@@ -10,7 +10,7 @@ import pytest
 
 import gradpool as gp
 from gradpool.worker.engine import OrderedSum, shard_bounds
-from gradpool.worker.engine.program import BATCH_INDEPENDENT, BATCH_REDUCED, PER_EXAMPLE
+from gradpool.worker.engine import BATCH_INDEPENDENT, BATCH_REDUCED, PER_EXAMPLE
 
 from models import batch_for, logistic_regression, params_for, softmax_mlp, two_layer_net
 
@@ -186,4 +186,4 @@ def test_unshardable_nodes_off_the_loss_path_are_refused_only_when_asked_for() -
     g.set_loss(x.sum())
     assert gp.local_gradients(g, {}, {"x": np.ones((2, 3))})[0] == 6.0
     with pytest.raises(gp.ShardingError, match="output 'centered' cannot be computed shard by shard"):
-        gp.local_evaluate(g, {}, {"x": np.ones((2, 3))}, ["centered"])
+        gp.local_forward(g, {}, {"x": np.ones((2, 3))}, ["centered"])

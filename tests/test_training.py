@@ -4,7 +4,7 @@ The claims: training lowers the loss; a run stopped anywhere (mid-epoch, or
 by a failing backend) and resumed from its checkpoint ends bit for bit where
 an uninterrupted run does; a checkpoint write that dies half-way leaves the
 previous checkpoint intact; a checkpoint of another graph is refused; bad
-data gets one clear error before any step; predictions match local_evaluate.
+data gets one clear error before any step; predictions match local_forward.
 """
 
 from __future__ import annotations
@@ -263,7 +263,7 @@ def test_a_checkpoint_of_another_graph_is_refused_and_nothing_changes(tmp_path: 
 
 
 def test_the_same_model_built_on_other_lines_is_accepted(tmp_path: Path) -> None:
-    """The graph id hashes where each node was built; moving the code does not change the model."""
+    """The graph id leaves out where each node was built: moving the code does not change the model."""
     trainer = make_trainer(softmax_mlp())
     trainer.fit(teacher_data(40), epochs=1)
     path = trainer.save_checkpoint(tmp_path / "c.npz")
@@ -271,7 +271,7 @@ def test_the_same_model_built_on_other_lines_is_accepted(tmp_path: Path) -> None
     moved = softmax_mlp()
     moved._nodes[0].origin = "elsewhere.py:99"
     moved._invalidate()
-    assert moved.graph_id != trainer.graph.graph_id
+    assert moved.graph_id == trainer.graph.graph_id
     resumed = make_trainer(moved).load_checkpoint(path)
     assert all(np.array_equal(resumed.params[k], trainer.params[k]) for k in trainer.params)
 
@@ -280,14 +280,14 @@ def test_the_same_model_built_on_other_lines_is_accepted(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("data, fragment", [
-    ({"x": np.zeros((10, 8)), "y": np.zeros(9, dtype=np.int64)}, "different numbers of examples"),
-    ({"x": np.zeros((10, 8)), "y": np.full(10, 5)}, "must be in [0, 5), but example 0 has 5"),
-    ({"x": np.zeros((10, 8)), "y": np.r_[np.zeros(9, np.int64), -1]}, "example 9 has -1"),
+    ({"x": np.zeros((10, 8)), "y": np.zeros(9, dtype=np.int64)}, "inputs disagree on the batch size: {'x': 10, 'y': 9}"),
+    ({"x": np.zeros((10, 8)), "y": np.full(10, 5)}, "input 'y' (class labels for 'logits') has 5 at example 0, out of range [0, 5)"),
+    ({"x": np.zeros((10, 8)), "y": np.r_[np.zeros(9, np.int64), -1]}, "has -1 at example 9"),
     ({"x": np.zeros((10, 8))}, "missing input(s) ['y']"),
-    ({"x": np.zeros((10, 8)), "y": np.zeros(10, np.int64), "z": np.zeros(10)}, "not inputs of the graph"),
-    ({"x": np.zeros((10, 7)), "y": np.zeros(10, np.int64)}, "examples of shape (7,)"),
-    ({"x": np.zeros((10, 8)), "y": np.zeros(10)}, "is float64, but the graph's input 'y' is int64"),
-    ({"x": np.zeros((0, 8)), "y": np.zeros(0, np.int64)}, "has no examples"),
+    ({"x": np.zeros((10, 8)), "y": np.zeros(10, np.int64), "z": np.zeros(10)}, "unknown input(s) ['z']; the graph's inputs are ['x', 'y']"),
+    ({"x": np.zeros((10, 7)), "y": np.zeros(10, np.int64)}, "input 'x' has shape (10, 7), but the graph declares (batch, 8)"),
+    ({"x": np.zeros((10, 8)), "y": np.zeros(10)}, "input 'y' is float64, but the graph declares int64"),
+    ({"x": np.zeros((0, 8)), "y": np.zeros(0, np.int64)}, "the batch is empty"),
     ({"x": np.zeros((10, 8)), "y": np.zeros(10, np.int64)}, "batch_size 16 is larger than the training data"),
     ([1, 2, 3], "must be a non-empty dict"),
 ])
@@ -345,12 +345,12 @@ def test_a_diverging_loss_stops_with_the_last_good_params(tmp_path: Path) -> Non
 # ------------------------------------------------------------------ forward only
 
 
-def test_predict_and_accuracy_match_local_evaluate() -> None:
+def test_predict_and_accuracy_match_local_forward() -> None:
     data = teacher_data(103)
     trainer = make_trainer(eval_batch_size=10)
     trainer.fit(data, epochs=2)
     logits = trainer.predict({"x": data["x"]})
-    reference = gp.local_evaluate(trainer.graph, trainer.params, {"x": data["x"]}, ["logits"])["logits"]
+    reference = gp.local_forward(trainer.graph, trainer.params, {"x": data["x"]}, ["logits"])["logits"]
     assert logits.shape == (103, 5)
     np.testing.assert_allclose(logits, reference, rtol=1e-12, atol=1e-12)
     both = trainer.predict(data, ["logits"], batch_size=1000)
@@ -399,7 +399,7 @@ def test_remote_training_equals_local_training_with_as_many_shards(cluster) -> N
         by_address.fit(data, epochs=1, max_steps=2)
         assert type(by_address.backend).__name__ == "Client" and by_address.step == 2
     assert [e["val_accuracy"] for e in local.history.epochs] == [e["val_accuracy"] for e in remote.history.epochs]
-    reference = gp.local_evaluate(local.graph, local.params, {"x": held_out["x"]}, ["logits"])["logits"]
+    reference = gp.local_forward(local.graph, local.params, {"x": held_out["x"]}, ["logits"])["logits"]
     np.testing.assert_allclose(logits, reference, rtol=1e-12, atol=1e-12)
 
 

@@ -223,29 +223,56 @@ def add_named(field, arrays: Mapping[str, np.ndarray]) -> None:  # type: ignore[
         tensor.data = np.ascontiguousarray(array, dtype=dtype.newbyteorder("<")).tobytes()
 
 
-class RpcFailure(Exception):
-    """Raised inside a servicer method to end the RPC with `code` and a message."""
+# Trailing metadata naming the engine error class behind an INVALID_ARGUMENT,
+# so that the SDK raises the same class (InputError, GraphError,
+# ShardingError) whether the mistake was found in-process or on a server.
+ERROR_KIND_KEY = "gradpool-error"
+ERROR_KINDS = ("InputError", "GraphError", "ShardingError")
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+
+def error_kind(err: BaseException) -> str:
+    """The most specific of ERROR_KINDS that `err` is an instance of ("" if none)."""
+    for cls in type(err).__mro__:
+        if cls.__name__ in ERROR_KINDS and issubclass(cls, GradpoolError):
+            return cls.__name__
+    return ""
+
+
+def rpc_error_kind(err: grpc.RpcError) -> str:
+    """The error kind a server attached to a failed call ("" if none)."""
+    trailing = err.trailing_metadata() if callable(getattr(err, "trailing_metadata", None)) else None
+    kind = dict(trailing or ()).get(ERROR_KIND_KEY, "")
+    return kind if kind in ERROR_KINDS else ""
+
+
+class RpcFailure(Exception):
+    """Raised inside a servicer method to end the RPC with `code` and a message
+    (and, for INVALID_ARGUMENT, the kind of engine error behind it)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, kind: str = ""):
         super().__init__(message)
         self.code = code
+        self.kind = kind
 
 
 def translate_errors(method: Callable) -> Callable:
     """Servicer method decorator: RpcFailure -> its status, GradpoolError ->
-    INVALID_ARGUMENT, anything else -> INTERNAL (logged), never a crash."""
+    INVALID_ARGUMENT with its kind, anything else -> INTERNAL (logged), never a crash."""
 
     @functools.wraps(method)
     def wrapper(self, request, context):  # type: ignore[no-untyped-def]
+        kind = ""
         try:
             return method(self, request, context)
         except RpcFailure as err:
-            code, message = err.code, str(err)
+            code, message, kind = err.code, str(err), err.kind
         except GradpoolError as err:
-            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(err)
+            code, message, kind = grpc.StatusCode.INVALID_ARGUMENT, str(err), error_kind(err)
         except Exception as err:  # a bug; keep serving and say what happened
             log.exception("%s failed", method.__name__)
             code, message = grpc.StatusCode.INTERNAL, f"{method.__name__} failed: {type(err).__name__}: {err}"
+        if kind:
+            context.set_trailing_metadata(((ERROR_KIND_KEY, kind),))
         context.abort(code, message)
 
     return wrapper

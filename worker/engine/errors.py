@@ -16,3 +16,16 @@ class ShardingError(GraphError):
 
 class InputError(GradpoolError, ValueError):
     """Parameters or batch do not fit the graph (names, dtypes, shapes, ranges)."""
+
+
+def quoted(value: object, limit: int = 120) -> str:
+    """repr(value) for an error message, cut to `limit` characters.
+
+    Messages travel back as gRPC status details (in metadata, a few KB at
+    most): quoting a 100 KB name whole would replace the real error with
+    RESOURCE_EXHAUSTED.
+    """
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"

@@ -15,10 +15,8 @@ An entry says everything the engine and the SDK need to know:
   "all" (jointly linear: add, sum, reshape...), "each" (linear in each
   argument with the others fixed: mul, matmul), "first" (div) or "none".
 
-`at` carries the node's attributes; `at.wants[k]` says whether input k takes
-a gradient at all (a rule may skip costly work for it and return None); and,
-at run time, `at.batch` is the global batch size, so that `mean` over the
-batch axis divides by the whole batch and not by a shard's share of it.
+`at` is a `Call`: the node's attributes, read as `at.axis`, plus the
+declared context of the call (`at.per_example`, `at.wants`, `at.batch`).
 """
 
 from __future__ import annotations
@@ -29,7 +27,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .errors import GraphError, InputError
+from .errors import GraphError, InputError, quoted
 
 BATCH = -1  # marks the batch axis in static shapes
 FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
@@ -39,13 +37,40 @@ Shape = tuple[int, ...]
 
 
 class Attrs(dict):
-    """Node attributes, readable as `at.axis`; `at.batch` is set per run."""
+    """A node's declared attributes (defaults filled in), readable as `at.axis`."""
 
     def __getattr__(self, name: str) -> Any:
         try:
             return self[name]
         except KeyError:
             raise AttributeError(name) from None
+
+
+@dataclass(frozen=True)
+class Call:
+    """What a rule sees as `at`: the node's declared attributes (`at.axis`)
+    and the context of the call, which are not attributes and never travel:
+
+    * `per_example` -- the first input has the batch axis;
+    * `wants[k]`    -- input k takes a gradient (a rule may skip costly work
+                       for it and return None);
+    * `batch`       -- the global batch size (set per run for `needs_batch`
+                       ops), so `mean` over the batch divides by the whole
+                       batch, not by a shard's share of it.
+    """
+    attrs: Attrs
+    per_example: bool = False
+    wants: tuple[bool, ...] = ()
+    batch: int = 0
+
+    def __getattr__(self, name: str) -> Any:  # only reached for names that are not fields
+        try:
+            return self.attrs[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+CONTEXT_NAMES = frozenset(("attrs", "per_example", "wants", "batch"))
 
 
 @dataclass(frozen=True)
@@ -63,6 +88,26 @@ class Op:
     doc: str = ""
     # True when forward/vjp read `at.batch` (the global batch size).
     needs_batch: bool = False
+    # (index input, indexed input, axis): input k holds integers that index
+    # that axis of another input (labels into logits, rows of a table). The
+    # SDK and the trainer check such inputs' ranges before sending them.
+    indexes: Optional[tuple[int, int, int]] = None
+
+    def resolve_attrs(self, given: dict) -> Attrs:
+        """The node's attributes with defaults filled in; unknown or missing ones refused."""
+        extra = set(given) - set(self.attrs)
+        if extra:
+            raise GraphError(f"unknown attribute(s) {quoted(sorted(extra))}; {self.name} takes "
+                             f"{sorted(self.attrs) or 'none'}")
+        resolved = Attrs()
+        for name, (kind, default) in self.attrs.items():
+            if name in given:
+                resolved[name] = given[name]
+            elif default is REQUIRED:
+                raise GraphError(f"missing required attribute {name!r}")
+            else:
+                resolved[name] = default
+        return resolved
 
 
 REQUIRED = object()
@@ -71,7 +116,9 @@ REGISTRY: dict[str, Op] = {}
 
 def register(op: Op) -> Op:
     if op.name in REGISTRY:
-        raise ValueError(f"op {op.name!r} registered twice")
+        raise ValueError(f"op {quoted(op.name)} registered twice")
+    if CONTEXT_NAMES & set(op.attrs):
+        raise ValueError(f"op {op.name!r}: attribute names {sorted(CONTEXT_NAMES)} are the call's context")
     if op.dtype is None:
         object.__setattr__(op, "dtype", same_float_dtype)
     REGISTRY[op.name] = op
@@ -82,13 +129,18 @@ def get_op(name: str) -> Op:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise GraphError(f"unknown op {name!r}; known ops: {', '.join(sorted(REGISTRY))}") from None
+        raise GraphError(f"unknown op {quoted(name)}; known ops: {', '.join(sorted(REGISTRY))}") from None
 
 
 # ---------------------------------------------------------------- shape helpers
 
 def fmt(shape: Shape) -> str:
-    return "(" + ", ".join("batch" if d == BATCH else str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+    """A shape for messages: (batch, 784); one with absurdly many dims is cut short."""
+    shape = tuple(shape)
+    dims = ["batch" if d == BATCH else str(d) for d in shape[:8]]
+    if len(shape) > 8:
+        return f"({', '.join(dims)}, ... {len(shape)} dims)"
+    return "(" + ", ".join(dims) + ("," if len(shape) == 1 else "") + ")"
 
 
 def is_per_example(shape: Shape) -> bool:
@@ -374,7 +426,7 @@ def _xent_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, logits: np.ndarray, lab
     return grad * g[..., None], None
 
 
-register(Op("softmax_cross_entropy", 2, _xent_shape, _xent_forward, _xent_vjp, dtype=_xent_dtype,
+register(Op("softmax_cross_entropy", 2, _xent_shape, _xent_forward, _xent_vjp, dtype=_xent_dtype, indexes=(1, 0, -1),
             doc="per-example -log softmax(logits)[label], from logits and integer labels"))
 
 
@@ -459,4 +511,5 @@ def _embedding_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, table: np.ndarray,
 
 
 register(Op("embedding", 2, _embedding_shape, _embedding_forward, _embedding_vjp, dtype=_embedding_dtype,
+            indexes=(1, 0, 0),
             linear_in="first", doc="rows of a table gathered by integer indices"))

@@ -1,52 +1,52 @@
 """A validated graph, ready to run forward and backward on one shard.
 
-`Program(graph_proto)` checks everything once (references, ops, attributes,
-shapes, dtypes), classifies every node for sharding, and then `run()` does
-the lecture's two passes: values in topological order, then adjoints in
-reverse order, v_bar_i = sum over children j of v_bar_j * dv_j/dv_i.
-
-Sharding. The loss over a batch must equal the sum of the losses over any
-split of it. Every node is one of:
-
-* batch-independent -- computed from params and consts only (a regularizer);
-* per-example       -- has the batch axis in front; row i depends on example i;
-* batch-reduced     -- a sum or mean over the batch axis of per-example
-                       values, or an op that is linear in such values.
-
-The loss must be batch-reduced or batch-independent. A batch-independent term
-*added* into a batch-reduced value (lambda * R in L + lambda * R) would be
-counted once per shard, so such edges are "cut" on every shard but one
-(`include_batch_independent=False`): the term is replaced by zeros and not
-computed, and the sum over shards counts it exactly once. A graph that mixes
-per-example values with batch statistics, or applies a nonlinear op to a
-batch-reduced value, is rejected with a `ShardingError` naming the node.
+`Program(graph_proto)` decodes and checks every node once (references, ops,
+attributes, shapes, dtypes), has the nodes classified for sharding
+(`sharding.classify`), finds the param-to-loss path, and builds the graph's
+`Signature` (what it takes). `run()` then does the lecture's two passes:
+values in topological order, then adjoints in reverse order,
+v_bar_i = sum over children j of v_bar_j * dv_j/dv_i.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
 from gradpool.protos import gradpool_pb2 as pb
 
-from .errors import GradpoolError, GraphError, InputError, ShardingError
-from .ops import BATCH, FLOATS, REQUIRED, Attrs, fmt, get_op, is_per_example
+from .errors import GradpoolError, GraphError, InputError, ShardingError, quoted
+from .ops import BATCH, FLOATS, Attrs, Call, fmt, get_op, is_per_example
+from .sharding import BATCH_INDEPENDENT, BATCH_REDUCED, PER_EXAMPLE, SOURCES, classify
+from .signature import IndexLimit, Signature, TensorSpec
 from .tensors import PROTO_TO_DTYPE, from_tensor
 
-SOURCES = ("input", "param", "const")
-PER_EXAMPLE = "per-example"
-BATCH_REDUCED = "batch-reduced"
-BATCH_INDEPENDENT = "batch-independent"
 MAX_NODES = 100_000
 MAX_RANK = 8
+MAX_NAME_LENGTH = 256
 
 
 def graph_id(graph: pb.Graph) -> str:
-    """Content hash naming a graph on the coordinator and on every worker."""
+    """Content hash naming a graph on the coordinator and on every worker.
+
+    Each node's `origin` (the user's file:line) is left out: it only feeds
+    messages, so the same computation built from another line keeps its id
+    (and its checkpoints).
+    """
+    if any(node.origin for node in graph.nodes):
+        graph = _without_origins(graph)
     return hashlib.sha256(graph.SerializeToString(deterministic=True)).hexdigest()
+
+
+def _without_origins(graph: pb.Graph) -> pb.Graph:
+    copy = pb.Graph()
+    copy.CopyFrom(graph)
+    for node in copy.nodes:
+        node.ClearField("origin")
+    return copy
 
 
 @dataclass
@@ -55,7 +55,7 @@ class NodeInfo:
     name: str
     op: str
     inputs: tuple[int, ...]
-    attrs: Attrs
+    attrs: Attrs  # declared attributes, defaults filled in
     shape: tuple[int, ...]
     dtype: np.dtype
     origin: str = ""
@@ -65,10 +65,11 @@ class NodeInfo:
     # (empty when it would not). Only fatal for nodes the loss or a requested
     # output depends on.
     refusal: str = ""
+    call: Optional[Call] = None  # what the op's rules see as `at`
 
     def where(self) -> str:
         built = f", built at {self.origin}" if self.origin else ""
-        return f"node {self.name!r} ({self.op}{built})"
+        return f"node {quoted(self.name)} ({self.op}{built})"
 
 
 @dataclass
@@ -121,27 +122,48 @@ class Program:
                              f"of {loss.dtype}; reduce it with .sum() or .mean()")
         self.inputs = {n.name: n for n in self.nodes if n.op == "input"}
         self.params = {n.name: n for n in self.nodes if n.op == "param"}
-        self.cuts = self._classify()
+        self.cuts = classify(self.nodes, self.loss)
         self._grad_set = self._gradient_path()
         for node in self.nodes:
-            node.attrs["wants"] = tuple(i in self._grad_set for i in node.inputs)
+            if node.op not in SOURCES:
+                node.call = Call(node.attrs, per_example=node.call.per_example,  # type: ignore[union-attr]
+                                 wants=tuple(i in self._grad_set for i in node.inputs))
         for j in self._grad_set:
             node = self.nodes[j]
             if node.op not in SOURCES and get_op(node.op).vjp is None:
                 raise GraphError(f"op {node.op!r} has no gradient rule, but {node.where()} lies between a param "
                                  f"and the loss")
+        self.signature = self._signature()
         self._live_cache: dict[tuple, tuple[int, ...]] = {}
+
+    def _signature(self) -> Signature:
+        spec = lambda n: TensorSpec(n.name, n.op, n.shape, n.dtype)  # noqa: E731
+        limits = []
+        for node in self.nodes:
+            indexes = get_op(node.op).indexes if node.op not in SOURCES else None
+            if indexes is None:
+                continue
+            index_arg, into_arg, axis = indexes
+            source, into = self.nodes[node.inputs[index_arg]], self.nodes[node.inputs[into_arg]]
+            if source.op != "input":
+                continue
+            meaning = (f"class labels for {into.name!r}" if node.op == "softmax_cross_entropy"
+                       else f"row indices into {into.name!r}" if axis == 0 else f"indices into axis {axis} of {into.name!r}")
+            limits.append(IndexLimit(source.name, into.shape[axis], meaning))
+        return Signature(map(spec, self.inputs.values()), map(spec, self.params.values()), limits)
 
     # ------------------------------------------------------------ checking
 
     def _check_node(self, i: int, node: pb.Node) -> NodeInfo:
-        label = f"node {i} ({node.name!r}, {node.op})" if node.name else f"node {i} ({node.op})"
+        label = f"node {i} ({quoted(node.name)}, {node.op})" if node.name else f"node {i} ({node.op})"
         if node.origin:
             label += f", built at {node.origin}"
         if not node.name:
             raise GraphError(f"{label}: every node needs a name")
+        if len(node.name) > MAX_NAME_LENGTH:
+            raise GraphError(f"{label}: names are at most {MAX_NAME_LENGTH} characters")
         if node.name in self.index:
-            raise GraphError(f"{label}: the name {node.name!r} is used twice")
+            raise GraphError(f"{label}: the name {quoted(node.name)} is used twice")
         for k in node.inputs:
             if not 0 <= k < i:
                 raise GraphError(f"{label}: input index {k} does not name an earlier node "
@@ -150,7 +172,7 @@ class Program:
             raise GraphError(f"{label}: missing or unknown dtype")
         shape = tuple(int(d) for d in node.shape)
         if len(shape) > MAX_RANK or any(d < 0 and not (d == BATCH and a == 0) for a, d in enumerate(shape)):
-            raise GraphError(f"{label}: invalid shape {tuple(shape)} (-1 marks the batch axis, only in front)")
+            raise GraphError(f"{label}: invalid shape {fmt(shape)} (-1 marks the batch axis, only in front)")
         info = NodeInfo(i, node.name, node.op, tuple(node.inputs), Attrs(), shape,
                         PROTO_TO_DTYPE[node.dtype], node.origin)
         try:
@@ -194,65 +216,15 @@ class Program:
         op = get_op(info.op)
         if (op.arity is None and not info.inputs) or (op.arity is not None and len(info.inputs) != op.arity):
             raise GraphError(f"takes {op.arity or 'one or more'} inputs, got {len(info.inputs)}")
-        extra = set(node.attrs) - set(op.attrs)
-        if extra:
-            raise GraphError(f"unknown attribute(s) {sorted(extra)}; {info.op} takes {sorted(op.attrs) or 'none'}")
-        for name, (kind, default) in op.attrs.items():
-            if name in node.attrs:
-                info.attrs[name] = _attr_value(kind, node.attrs[name], name)
-            elif default is REQUIRED:
-                raise GraphError(f"missing required attribute {name!r}")
-            else:
-                info.attrs[name] = default
+        info.attrs = op.resolve_attrs({name: _attr_value(op.attrs[name][0], value, name) if name in op.attrs else value
+                                       for name, value in node.attrs.items()})
         parents = [self.nodes[k] for k in info.inputs]
-        info.attrs["per_example"] = is_per_example(parents[0].shape)
-        shape = tuple(op.shape(info.attrs, *(p.shape for p in parents)))
-        dtype = op.dtype(info.attrs, *(p.dtype for p in parents))
+        info.call = Call(info.attrs, per_example=is_per_example(parents[0].shape))
+        shape = tuple(op.shape(info.call, *(p.shape for p in parents)))
+        dtype = op.dtype(info.call, *(p.dtype for p in parents))
         if shape != info.shape or dtype != info.dtype:
             raise GraphError(f"declares {fmt(info.shape)} of {info.dtype}, but its inputs "
                              f"{', '.join(fmt(p.shape) for p in parents)} give {fmt(shape)} of {dtype}")
-
-    def _classify(self) -> frozenset[tuple[int, int]]:
-        """Kind of every node, and the edges that carry a batch-independent term
-        into a batch-reduced sum (counted on one shard only)."""
-        cuts: set[tuple[int, int]] = set()
-        for node in self.nodes:
-            if node.op in SOURCES:
-                node.kind = PER_EXAMPLE if node.op == "input" else BATCH_INDEPENDENT
-                continue
-            kinds = [self.nodes[i].kind for i in node.inputs]
-            if is_per_example(node.shape):
-                node.kind = PER_EXAMPLE
-            elif all(k == BATCH_INDEPENDENT for k in kinds):
-                node.kind = BATCH_INDEPENDENT
-            else:
-                node.kind = BATCH_REDUCED
-            node.refusal = next((self.nodes[i].refusal for i in node.inputs if self.nodes[i].refusal), "")
-            if node.refusal:
-                continue
-            if BATCH_REDUCED in kinds and PER_EXAMPLE in kinds:
-                node.refusal = (f"{node.where()} combines per-example values with a statistic of the whole "
-                                "batch (as batch norm does); each shard sees only its own examples, so it "
-                                "cannot be split across workers")
-                continue
-            if node.kind != BATCH_REDUCED:
-                continue
-            op = get_op(node.op)
-            batchy = [k for k, kind in enumerate(kinds) if kind != BATCH_INDEPENDENT]
-            linear = (op.linear_in == "all"
-                      or (op.linear_in == "each" and len(batchy) == 1)
-                      or (op.linear_in == "first" and batchy == [0]))
-            if not linear:
-                node.refusal = (f"{node.where()} is not linear in the batch-reduced value(s) "
-                                f"{', '.join(repr(self.nodes[node.inputs[k]].name) for k in batchy)}; the loss "
-                                "must be a sum over examples plus batch-independent terms, so a sum of shard "
-                                "losses would not equal the whole-batch loss")
-            elif op.linear_in == "all":
-                cuts.update((node.index, k) for k, kind in enumerate(kinds) if kind == BATCH_INDEPENDENT)
-        loss = self.nodes[self.loss]
-        if loss.refusal:
-            raise ShardingError(loss.refusal)
-        return frozenset(cuts)
 
     def _gradient_path(self) -> frozenset[int]:
         """Nodes that depend on a param and lead to the loss: the only ones with adjoints."""
@@ -286,71 +258,59 @@ class Program:
 
     def node(self, name: str) -> NodeInfo:
         if name not in self.index:
-            raise InputError(f"graph has no node named {name!r}")
+            raise InputError(f"graph has no node named {quoted(name)}")
         return self.nodes[self.index[name]]
 
-    def _check_arrays(self, given: Mapping[str, np.ndarray], declared: Mapping[str, NodeInfo],
-                      required: set[str], what: str) -> dict[str, np.ndarray]:
-        unknown = sorted(set(given) - set(declared))
-        if unknown:
-            raise InputError(f"unknown {what}(s) {unknown}; the graph's {what}s are {sorted(declared)}")
-        missing = sorted(required - set(given))
-        if missing:
-            raise InputError(f"missing {what}(s) {missing}")
-        checked = {}
-        for name, value in given.items():
-            node = declared[name]
-            if not isinstance(value, np.ndarray):
-                raise InputError(f"{what} {name!r} must be a numpy array, got {type(value).__name__}")
-            if value.dtype != node.dtype:
-                raise InputError(f"{what} {name!r} is {value.dtype}, but the graph declares {node.dtype}")
-            declared_shape = node.shape[1:] if what == "input" else node.shape
-            actual = value.shape[1:] if what == "input" else value.shape
-            if what == "input" and value.ndim == 0 or actual != declared_shape:
-                want = fmt(node.shape)
-                raise InputError(f"{what} {name!r} has shape {value.shape}, but the graph declares {want}")
-            checked[name] = value
-        return checked
+    def sources_for(self, targets: Sequence[str]) -> tuple[set[str], set[str]]:
+        """Names of the inputs and of the params the named nodes depend on."""
+        live = self._live(tuple(self.node(name).index for name in targets), frozenset())
+        names = {self.nodes[i].name for i in live}
+        return set(self.inputs) & names, set(self.params) & names
+
+    def check_outputs(self, outputs: Sequence[str]) -> None:
+        """Forward-only outputs are per-example nodes: their rows concatenate across shards."""
+        if not outputs:
+            raise InputError("name at least one output to evaluate")
+        if len(set(outputs)) != len(outputs):
+            raise InputError(f"outputs named twice: {quoted(list(outputs))}")
+        for name in outputs:
+            node = self.node(name)
+            if node.refusal:
+                raise ShardingError(f"output {quoted(name)} cannot be computed shard by shard: {node.refusal}")
+            if node.kind != PER_EXAMPLE:
+                raise InputError(f"output {quoted(name)} is {node.kind}; only per-example nodes can be evaluated "
+                                 "(their rows concatenate across shards)")
 
     def run(self, params: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarray], *,
             global_batch: Optional[int] = None, include_batch_independent: bool = True,
             gradients: bool = True, outputs: Sequence[str] = ()) -> RunResult:
         """Forward (and backward) on one shard. `global_batch` is the size of the
-        whole minibatch the shard belongs to; it defaults to this shard's size."""
-        output_ids = tuple(self.node(name).index for name in outputs)
-        cut = frozenset() if include_batch_independent else self.cuts
-        skip_loss = not include_batch_independent and self.nodes[self.loss].kind == BATCH_INDEPENDENT
-        targets = output_ids + ((self.loss,) if gradients and not skip_loss else ())
-        live = self._live(targets, cut)
-        live_set = set(live)
-        needed_inputs = {n.name for n in self.inputs.values() if n.index in live_set}
-        needed_params = {n.name for n in self.params.values() if n.index in live_set}
+        whole minibatch the shard belongs to; it defaults to this shard's size.
+        With `gradients=False`, only the per-example `outputs` are computed."""
         if gradients:
             needed_inputs, needed_params = set(self.inputs), set(self.params)
-        inputs = self._check_arrays(inputs, self.inputs, needed_inputs, "input")
-        params = self._check_arrays(params, self.params, needed_params, "param")
-        sizes = {name: value.shape[0] for name, value in inputs.items()}
-        if len(set(sizes.values())) > 1:
-            raise InputError(f"inputs disagree on the batch size: {sizes}")
-        examples = next(iter(sizes.values()), 0)
+        else:
+            self.check_outputs(outputs)
+            needed_inputs, needed_params = self.sources_for(outputs)
+        if gradients and outputs:
+            raise InputError("outputs are computed by forward-only runs (gradients=False)")
+        examples = self.signature.check_arrays(inputs, "input", needed_inputs)
+        self.signature.check_arrays(params, "param", needed_params)
         global_batch = examples if global_batch is None else int(global_batch)
         if global_batch < examples or (self.inputs and global_batch < 1):
             raise InputError(f"global batch size {global_batch} is smaller than this shard ({examples} examples)")
-        for name in outputs:
-            node = self.node(name)
-            if node.refusal:
-                raise ShardingError(f"output {name!r} cannot be computed shard by shard: {node.refusal}")
-            if node.kind != PER_EXAMPLE and node.index != self.loss:
-                raise InputError(f"output {name!r} is {node.kind}; only per-example nodes and the "
-                                 "loss can be returned")
-
+        output_ids = tuple(self.node(name).index for name in outputs) if not gradients else ()
+        cut = frozenset() if include_batch_independent else self.cuts
+        skip_loss = not include_batch_independent and self.nodes[self.loss].kind == BATCH_INDEPENDENT
+        backward = gradients and not skip_loss
+        live = self._live(output_ids + ((self.loss,) if backward else ()), cut)
         values = self._forward(live, cut, params, inputs, global_batch, keep=set(output_ids) | {self.loss},
-                               backward=gradients and not skip_loss)
-        result_outputs = {name: np.array(values[self.index[name]]) for name in outputs}
-        loss = 0.0 if skip_loss or not gradients else float(values[self.loss])
+                               backward=backward)
+        result_outputs = {name: np.array(values[self.index[name]]) for name in outputs} if not gradients else {}
+        loss = float(values[self.loss]) if backward else 0.0
         grads: dict[str, np.ndarray] = {}
         if gradients:
-            if not skip_loss:
+            if backward:
                 grads = self._backward(live, cut, values, global_batch)
             for name, value in params.items():
                 if name not in grads:
@@ -361,8 +321,10 @@ class Program:
         return [np.zeros(self.nodes[i].shape, self.nodes[i].dtype) if (node.index, k) in cut else values[i]
                 for k, i in enumerate(node.inputs)]
 
-    def _attrs(self, node: NodeInfo, global_batch: int) -> Attrs:
-        return Attrs(node.attrs, batch=global_batch) if get_op(node.op).needs_batch else node.attrs
+    @staticmethod
+    def _call(node: NodeInfo, global_batch: int) -> Call:
+        assert node.call is not None
+        return replace(node.call, batch=global_batch) if get_op(node.op).needs_batch else node.call
 
     def _forward(self, live: tuple[int, ...], cut: frozenset, params: Mapping[str, np.ndarray],
                  inputs: Mapping[str, np.ndarray], global_batch: int, keep: set[int], backward: bool) -> list:
@@ -388,7 +350,7 @@ class Program:
                 values[j] = node.value
             else:
                 try:
-                    out = get_op(node.op).forward(self._attrs(node, global_batch), *self._args(node, values, cut))
+                    out = get_op(node.op).forward(self._call(node, global_batch), *self._args(node, values, cut))
                 except GradpoolError as err:
                     raise type(err)(f"{node.where()}: {err}") from None
                 values[j] = np.asarray(out, dtype=node.dtype)
@@ -411,7 +373,7 @@ class Program:
                 grads[node.name] = g if g.shape == values[j].shape else np.broadcast_to(g, values[j].shape).copy()
                 continue
             args = self._args(node, values, cut)
-            input_grads = get_op(node.op).vjp(self._attrs(node, global_batch), g, values[j], *args)
+            input_grads = get_op(node.op).vjp(self._call(node, global_batch), g, values[j], *args)
             if len(input_grads) != len(node.inputs):
                 raise GraphError(f"{node.where()}: gradient rule returned {len(input_grads)} values for "
                                  f"{len(node.inputs)} inputs")

@@ -1,16 +1,86 @@
-"""How a batch is split into shards and how shard results are summed.
+"""Sharding: which graphs can be split, how a batch is split, how shard
+results are summed.
 
-Shared by the in-process `local_gradients` and by the coordinator, so the
-two compute the same sums in the same order and agree bit for bit.
+Shared by the engine, the in-process `local_gradients` and the coordinator,
+so all of them compute the same sums in the same order and agree bit for bit.
+
+Sharding. The loss over a batch must equal the sum of the losses over any
+split of it. Every node is one of:
+
+* batch-independent -- computed from params and consts only (a regularizer);
+* per-example       -- has the batch axis in front; row i depends on example i;
+* batch-reduced     -- a sum or mean over the batch axis of per-example
+                       values, or an op that is linear in such values.
+
+The loss must be batch-reduced or batch-independent. A batch-independent term
+*added* into a batch-reduced value (lambda * R in L + lambda * R) would be
+counted once per shard, so such edges are "cut" on every shard but one
+(`include_batch_independent=False`): the term is replaced by zeros and not
+computed, and the sum over shards counts it exactly once. A graph that mixes
+per-example values with batch statistics, or applies a nonlinear op to a
+batch-reduced value, is rejected with a `ShardingError` naming the node.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, ShardingError
+from .ops import get_op, is_per_example
+
+if TYPE_CHECKING:
+    from .program import NodeInfo
+
+SOURCES = ("input", "param", "const")
+PER_EXAMPLE = "per-example"
+BATCH_REDUCED = "batch-reduced"
+BATCH_INDEPENDENT = "batch-independent"
+
+
+def classify(nodes: Sequence["NodeInfo"], loss_index: int) -> frozenset[tuple[int, int]]:
+    """Set every node's `kind` (and `refusal`), and return the edges that carry
+    a batch-independent term into a batch-reduced sum (counted on one shard
+    only). Raises ShardingError when the loss itself cannot be split."""
+    cuts: set[tuple[int, int]] = set()
+    for node in nodes:
+        if node.op in SOURCES:
+            node.kind = PER_EXAMPLE if node.op == "input" else BATCH_INDEPENDENT
+            continue
+        kinds = [nodes[i].kind for i in node.inputs]
+        if is_per_example(node.shape):
+            node.kind = PER_EXAMPLE
+        elif all(k == BATCH_INDEPENDENT for k in kinds):
+            node.kind = BATCH_INDEPENDENT
+        else:
+            node.kind = BATCH_REDUCED
+        node.refusal = next((nodes[i].refusal for i in node.inputs if nodes[i].refusal), "")
+        if node.refusal:
+            continue
+        if BATCH_REDUCED in kinds and PER_EXAMPLE in kinds:
+            node.refusal = (f"{node.where()} combines per-example values with a statistic of the whole "
+                            "batch (as batch norm does); each shard sees only its own examples, so it "
+                            "cannot be split across workers")
+            continue
+        if node.kind != BATCH_REDUCED:
+            continue
+        op = get_op(node.op)
+        batchy = [k for k, kind in enumerate(kinds) if kind != BATCH_INDEPENDENT]
+        linear = (op.linear_in == "all"
+                  or (op.linear_in == "each" and len(batchy) == 1)
+                  or (op.linear_in == "first" and batchy == [0]))
+        if not linear:
+            node.refusal = (f"{node.where()} is not linear in the batch-reduced value(s) "
+                            f"{', '.join(repr(nodes[node.inputs[k]].name) for k in batchy)}; the loss "
+                            "must be a sum over examples plus batch-independent terms, so a sum of shard "
+                            "losses would not equal the whole-batch loss")
+        elif op.linear_in == "all":
+            cuts.update((node.index, k) for k, kind in enumerate(kinds) if kind == BATCH_INDEPENDENT)
+    loss = nodes[loss_index]
+    if loss.refusal:
+        raise ShardingError(loss.refusal)
+    return frozenset(cuts)
 
 
 def shard_bounds(examples: int, capacities: Sequence[float]) -> list[tuple[int, int]]:

@@ -14,7 +14,8 @@ import numpy as np
 
 from gradpool.protos import gradpool_pb2 as pb
 
-from .errors import InputError
+from .errors import InputError, quoted
+from .ops import fmt
 
 DTYPE_TO_PROTO: dict[np.dtype, int] = {
     np.dtype(np.float32): pb.FLOAT32,
@@ -38,7 +39,7 @@ def as_dtype(dtype: object) -> np.dtype:
         resolved = None
     if resolved not in DTYPE_TO_PROTO:
         supported = ", ".join(DTYPE_NAMES)
-        raise InputError(f"unsupported dtype {dtype!r}; supported: {supported}")
+        raise InputError(f"unsupported dtype {quoted(dtype)}; supported: {supported}")
     return resolved
 
 
@@ -57,7 +58,7 @@ def checked_bytes(tensor: pb.Tensor, what: str = "tensor") -> tuple[np.dtype, tu
     dtype = PROTO_TO_DTYPE[tensor.dtype]
     shape = tuple(int(d) for d in tensor.shape)
     if len(shape) > MAX_RANK or any(d < 0 for d in shape):
-        raise InputError(f"{what}: invalid shape {shape}")
+        raise InputError(f"{what}: invalid shape {fmt(shape)}")
     data = tensor.data  # each read of a bytes field copies it: read once
     needed = math.prod(shape) * dtype.itemsize
     if needed != len(data):
@@ -80,6 +81,6 @@ def from_named(named: "list[pb.NamedTensor] | object", what: str) -> dict[str, n
     out: dict[str, np.ndarray] = {}
     for item in named:  # type: ignore[attr-defined]
         if item.name in out:
-            raise InputError(f"{what} {item.name!r} given twice")
-        out[item.name] = from_tensor(item.tensor, f"{what} {item.name!r}")
+            raise InputError(f"{what} {quoted(item.name)} given twice")
+        out[item.name] = from_tensor(item.tensor, f"{what} {quoted(item.name)}")
     return out
