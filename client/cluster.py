@@ -49,7 +49,8 @@ class ChildProcess:
         self.address = ""
         module = "gradpool.server" if role == "coordinator" else "gradpool.worker"
         self.popen = subprocess.Popen([sys.executable, *SAFE_PATH, "-m", module, *args],
-                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=env)
+                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=env,
+                                      start_new_session=True)  # Ctrl-C reaches us; we stop them in order
 
     def ready(self, timeout: float) -> "ChildProcess":
         """Wait for the "listening on" line; stop the process if it never comes."""

@@ -8,11 +8,13 @@ or `client`, while both of those may import `worker`.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hmac
 import logging
 import os
 import signal
+import socket
 import threading
 from collections import OrderedDict
 from concurrent import futures
@@ -158,7 +160,13 @@ def with_port(address: str, default_port: int = DEFAULT_COORDINATOR_PORT) -> str
 
 
 def bind(server: grpc.Server, host: str, port: int) -> int:
-    """Bind an insecure port and return the real one (`port` 0 picks a free one)."""
+    """Bind an insecure port and return the real one (`port` 0 picks a free one).
+
+    A taken port or a foreign host is found by a plain socket first, so the
+    user reads one clear line instead of gRPC's C-core log.
+    """
+    if port:
+        _probe_listen(host, port)
     try:
         bound = server.add_insecure_port(format_address(host, port))
     except RuntimeError as err:  # gRPC raises when it cannot bind
@@ -166,6 +174,24 @@ def bind(server: grpc.Server, host: str, port: int) -> int:
     if bound == 0:
         raise OSError(f"cannot listen on {format_address(host, port)} (port taken or host not local?)")
     return bound
+
+
+def _probe_listen(host: str, port: int) -> None:
+    where = format_address(host, port)
+    try:
+        infos = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise OSError(f"cannot listen on {where}: cannot resolve {host!r} ({err.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no conflict
+        try:
+            probe.bind(address)
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise OSError(f"cannot listen on {where}: port {port} is already in use "
+                              f"(another gradpool server? pick another with --port)") from None
+            raise OSError(f"cannot listen on {where}: {err.strerror}") from None
 
 
 def announce(role: str, host: str, port: int) -> None:
