@@ -27,7 +27,8 @@ from gradpool.protos import gradpool_pb2 as pb
 from gradpool.protos import gradpool_pb2_grpc as pb_grpc
 from gradpool.worker.engine import from_named
 from gradpool.worker.engine.errors import GradpoolError, GraphError, InputError, ShardingError
-from gradpool.worker.rpc import (DEFAULT_MAX_MESSAGE_MB, add_named, auth_metadata, channel_options, rpc_error_kind,
+from gradpool.worker.engine.tensors import add_named
+from gradpool.worker.rpc import (DEFAULT_MAX_MESSAGE_MB, auth_metadata, channel_options, rpc_error_kind,
                                  with_port)
 
 from .graph import Graph

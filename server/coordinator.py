@@ -22,6 +22,7 @@ import grpc
 
 from gradpool.protos import gradpool_pb2 as pb
 from gradpool.protos import gradpool_pb2_grpc as pb_grpc
+from gradpool.worker.engine.tensors import add_named
 from gradpool.worker.engine import OrderedSum, Program, from_named, graph_id
 from gradpool.worker.engine.errors import GradpoolError, quoted
 from gradpool.worker.engine.signature import WireInput
@@ -31,7 +32,6 @@ from gradpool.worker.rpc import (
     LruCache,
     RpcFailure,
     add_health_and_reflection,
-    add_named,
     announce,
     auth_metadata,
     bind,

@@ -18,14 +18,11 @@ import socket
 import threading
 from collections import OrderedDict
 from concurrent import futures
-from typing import Any, Callable, Generic, Iterable, Mapping, Optional, TypeVar
+from typing import Any, Callable, Generic, Iterable, Optional, TypeVar
 
 import grpc
-import numpy as np
 
-from gradpool.worker.engine import as_dtype
 from gradpool.worker.engine.errors import GradpoolError
-from gradpool.worker.engine.tensors import DTYPE_TO_PROTO
 
 log = logging.getLogger("gradpool.rpc")
 
@@ -232,21 +229,6 @@ def wait_for_shutdown(stop: Optional[threading.Event] = None) -> str:
             reason[0] = f"parent process {parent_pid} exited"
             break
     return reason[0]
-
-
-def add_named(field, arrays: Mapping[str, np.ndarray]) -> None:  # type: ignore[no-untyped-def]
-    """Encode arrays straight into a repeated NamedTensor field of a message.
-
-    Same bytes as `to_named`, but each tensor's data is copied once into the
-    message instead of being built as a separate message and copied again:
-    for 100 MB tensors every copy counts.
-    """
-    for name, array in arrays.items():
-        dtype = as_dtype(array.dtype)
-        tensor = field.add(name=name).tensor
-        tensor.dtype = DTYPE_TO_PROTO[dtype]
-        tensor.shape.extend(array.shape)
-        tensor.data = np.ascontiguousarray(array, dtype=dtype.newbyteorder("<")).tobytes()
 
 
 # Trailing metadata naming the engine error class behind an INVALID_ARGUMENT,

@@ -28,6 +28,7 @@ import grpc
 
 from gradpool.protos import gradpool_pb2 as pb
 from gradpool.protos import gradpool_pb2_grpc as pb_grpc
+from gradpool.worker.engine.tensors import add_named
 from gradpool.worker.engine import Program, from_named, graph_id
 from gradpool.worker.engine.errors import GradpoolError
 from gradpool.worker.rpc import (
@@ -35,7 +36,6 @@ from gradpool.worker.rpc import (
     LruCache,
     RpcFailure,
     add_health_and_reflection,
-    add_named,
     announce,
     auth_metadata,
     bind,

@@ -20,7 +20,7 @@ from gradpool.protos import gradpool_pb2 as pb
 
 from .errors import GradpoolError, GraphError, InputError, ShardingError, quoted
 from .ops import BATCH, FLOATS, Attrs, Call, fmt, get_op, is_per_example
-from .sharding import BATCH_INDEPENDENT, BATCH_REDUCED, PER_EXAMPLE, SOURCES, classify
+from .sharding import BATCH_INDEPENDENT, PER_EXAMPLE, SOURCES, classify
 from .signature import IndexLimit, Signature, TensorSpec
 from .tensors import PROTO_TO_DTYPE, from_tensor
 
