@@ -26,6 +26,7 @@ for _module, _names in {
                            "maximum mean minimum power relu reshape sigmoid slice softmax softmax_cross_entropy "
                            "softplus sqrt square sum tanh transpose",
     "gradpool.graph": "Expr Graph",
+    "gradpool.data": "DatasetRef DatasetRows",
     "gradpool.local": "local_forward local_gradients",
     "gradpool.checkpoint": "Checkpoint CheckpointError latest_checkpoint load_checkpoint save_checkpoint",
     "gradpool.cluster": "ClusterError LocalCluster gradient_service",
@@ -62,6 +63,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, eagerly
                                      log_softmax, matmul, max, maximum, mean, minimum, power, relu, reshape,
                                      sigmoid, slice, softmax, softmax_cross_entropy, softplus, sqrt, square, sum,
                                      tanh, transpose)
+    from gradpool.data import DatasetRef, DatasetRows
     from gradpool.graph import Expr, Graph
     from gradpool.local import local_forward, local_gradients
     from gradpool.optim import SGD, Adam, AdamW, ConstantLR, CosineLR, Optimizer, Schedule, StepLR

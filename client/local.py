@@ -9,6 +9,7 @@ import numpy as np
 from gradpool.worker.engine import OrderedSum, Program, shard_bounds
 from gradpool.worker.engine.errors import InputError
 
+from .data import DatasetRows
 from .graph import Graph
 
 Arrays = Mapping[str, np.ndarray]
@@ -36,28 +37,48 @@ def prepare_arrays(graph: Graph, arrays: Mapping[str, object], what: str) -> dic
     return out
 
 
-def checked_arrays(graph: Graph, params: Mapping[str, object], batch: Mapping[str, object],
+def check_rows(graph: Graph, rows: DatasetRows, required: Optional[set[str]] = None) -> int:
+    """Rows of a dataset fit the graph: its arrays hold what the graph takes
+    (names, dtypes, row shapes), and the chosen rows' labels and indices are
+    in range. The same check, and words, for every backend; returns the
+    number of examples."""
+    signature = graph.program().signature
+    arrays = rows.dataset.arrays
+    signature.check_dataset({name: (a.dtype.newbyteorder("="), a.shape) for name, a in arrays.items()},
+                            rows.dataset.dataset_id[:12], required)
+    if not len(rows):
+        raise InputError("the batch is empty: send at least one example")
+    signature.check_index_ranges(rows.gather({limit.input for limit in signature.index_limits} & set(arrays)))
+    return len(rows)
+
+
+def checked_arrays(graph: Graph, params: Mapping[str, object], batch: "Mapping[str, object] | DatasetRows",
                    outputs: Optional[Sequence[str]] = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], int]:
     """Params and batch cast to the graph's dtypes and checked against its
     signature, before anything runs or is sent: every backend raises the
     same `InputError` with the same message for the same mistake.
 
-    With `outputs` (forward only), just the params and inputs they need.
+    With `outputs` (forward only), just the params and inputs they need. A
+    batch given as `DatasetRows` is gathered here.
     """
     program = graph.program()
-    params, batch = prepare_arrays(graph, params, "param"), prepare_arrays(graph, batch, "input")
     needed_inputs: Optional[set[str]] = None
     needed_params: Optional[set[str]] = None
     if outputs is not None:
         program.check_outputs(outputs)
         needed_inputs, needed_params = program.sources_for(outputs)
+    if isinstance(batch, DatasetRows):
+        check_rows(graph, batch, needed_inputs)
+        batch = batch.gather(set(program.inputs if needed_inputs is None else needed_inputs))
+    params, batch = prepare_arrays(graph, params, "param"), prepare_arrays(graph, batch, "input")
     examples = program.signature.check_arrays(batch, "input", needed_inputs)
     program.signature.check_arrays(params, "param", needed_params)
     program.signature.check_index_ranges(batch)
     return params, batch, examples
 
 
-def local_gradients(graph: Graph, params: Arrays, batch: Arrays, shards: int = 1) -> tuple[float, dict[str, np.ndarray]]:
+def local_gradients(graph: Graph, params: Arrays, batch: "Arrays | DatasetRows",
+                    shards: int = 1) -> tuple[float, dict[str, np.ndarray]]:
     """Loss and parameter gradients of the whole batch, computed as the workers do.
 
     With `shards` > 1 the batch is cut into that many contiguous pieces (empty
@@ -79,7 +100,8 @@ def local_gradients(graph: Graph, params: Arrays, batch: Arrays, shards: int = 1
     return total.loss, total.grads
 
 
-def local_forward(graph: Graph, params: Arrays, batch: Arrays, outputs: Sequence[str]) -> dict[str, np.ndarray]:
+def local_forward(graph: Graph, params: Arrays, batch: "Arrays | DatasetRows",
+                  outputs: Sequence[str]) -> dict[str, np.ndarray]:
     """Values of per-example nodes (predictions) for a batch, forward only."""
     outputs = [outputs] if isinstance(outputs, str) else list(outputs)
     params, batch, _ = checked_arrays(graph, params, batch, outputs)

@@ -27,12 +27,13 @@ from gradpool.protos import gradpool_pb2 as pb
 from gradpool.protos import gradpool_pb2_grpc as pb_grpc
 from gradpool.worker.engine import from_named
 from gradpool.worker.engine.errors import GradpoolError, GraphError, InputError, ShardingError
-from gradpool.worker.engine.tensors import add_named
-from gradpool.worker.rpc import (DEFAULT_MAX_MESSAGE_MB, auth_metadata, channel_options, rpc_error_kind,
+from gradpool.worker.engine.tensors import add_named, fill_tensor
+from gradpool.worker.rpc import (DEFAULT_MAX_MESSAGE_MB, MISSING_DATASET, auth_metadata, channel_options, rpc_error_kind,
                                  with_port)
 
 from .graph import Graph
-from .local import checked_arrays
+from .data import DatasetRef, DatasetRows
+from .local import check_rows, checked_arrays, prepare_arrays
 
 # Retrying these cannot help: the request itself is wrong, or the caller may
 # not make it, or it already ran out of time (the deadline bounds all tries).
@@ -63,10 +64,11 @@ class ServiceError(GradpoolError):
     """The service refused or failed a request; `.code` is the gRPC status code
     and `.details` the server's own message."""
 
-    def __init__(self, message: str, code: Optional[grpc.StatusCode] = None, details: str = ""):
+    def __init__(self, message: str, code: Optional[grpc.StatusCode] = None, details: str = "", kind: str = ""):
         super().__init__(message)
         self.code = code
         self.details = details
+        self.kind = kind  # what a NOT_FOUND is missing ("graph", "dataset"), or the engine error class
 
 
 class ServiceUnavailable(ServiceError):
@@ -101,8 +103,11 @@ def service_error(err: grpc.RpcError, address: str) -> ServiceError:
                                   code, details)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return ServiceError(f"deadline exceeded: {details}", code, details)
-    if code == grpc.StatusCode.INVALID_ARGUMENT and rpc_error_kind(err):
-        return REMOTE_ERRORS[rpc_error_kind(err)](details, code, details)
+    kind = rpc_error_kind(err)
+    if code == grpc.StatusCode.INVALID_ARGUMENT and kind in REMOTE_ERRORS:
+        return REMOTE_ERRORS[kind](details, code, details, kind)
+    if code == grpc.StatusCode.NOT_FOUND:
+        return ServiceError(f"NOT_FOUND: {details}", code, details, kind)
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return ServiceError(f"the coordinator at {address} refused the token: {details}", code, details)
     return ServiceError(f"{code.name}: {details}", code, details)
@@ -169,6 +174,16 @@ class CoordinatorRpc:
     @retried
     def evaluate(self, request: pb.EvaluateRequest, *, timeout: Optional[float] = None) -> pb.EvaluateResponse:
         return self._stub.Evaluate(request, timeout=timeout, metadata=self._metadata)
+
+    @retried
+    def upload_dataset(self, dataset: DatasetRef, *, timeout: Optional[float] = None) -> pb.DatasetInfo:
+        """Streams the dataset's chunks (afresh on every attempt)."""
+        return self._stub.UploadDataset(dataset.chunks(), timeout=timeout, metadata=self._metadata)
+
+    @retried
+    def get_dataset(self, dataset_id: str, *, timeout: Optional[float] = None) -> pb.DatasetInfo:
+        return self._stub.GetDataset(pb.GetDatasetRequest(dataset_id=dataset_id), timeout=timeout,
+                                     metadata=self._metadata)
 
     @retried
     def get_status(self, *, timeout: Optional[float] = None) -> pb.StatusResponse:
@@ -297,6 +312,7 @@ class Client:
         self._channel = grpc.insecure_channel(address, options=channel_options(max_message_mb))
         self._rpc = CoordinatorRpc(self._channel, address, token, retry)
         self._registered: set[str] = set()
+        self._uploaded: set[str] = set()
 
     # ------------------------------------------------------------ graphs
 
@@ -311,57 +327,103 @@ class Client:
         self._registered.add(key)
         return key
 
-    def _with_graph(self, graph: Graph, call: Callable[[str], T], timeout: Optional[float]) -> T:
-        """Run `call(graph_id)`, registering the graph first if this connection
-        has not, and once more if the coordinator forgot it (restart, eviction)."""
-        key = graph.graph_id
-        if key not in self._registered:
-            self.register(graph, timeout=timeout)
+    def upload(self, data: "Mapping[str, Any] | DatasetRef", *, timeout: Optional[float] = None) -> DatasetRef:
+        """Make a dataset (input name -> array, examples first) resident on the
+        service, streamed in chunks, and return its reference; `ref.take(indices)`
+        then names a minibatch. Idempotent: a dataset the coordinator already
+        holds (same content) is not sent again."""
+        ref = data if isinstance(data, DatasetRef) else DatasetRef.of(data)
+        timeout = self._timeout(timeout)
+        if ref.dataset_id in self._uploaded:
+            return ref
         try:
-            return call(key)
+            self._rpc.get_dataset(ref.dataset_id, timeout=timeout)
         except ServiceError as err:
             if err.code != grpc.StatusCode.NOT_FOUND:
                 raise
-        self._registered.discard(key)
-        self.register(graph, timeout=timeout)
-        return call(key)
+            info = self._rpc.upload_dataset(ref, timeout=timeout)
+            if info.dataset_id != ref.dataset_id:
+                raise ServiceError(f"the coordinator names this dataset {info.dataset_id[:12]}, the SDK "
+                                   f"{ref.dataset_id[:12]}: client and coordinator versions differ",
+                                   grpc.StatusCode.FAILED_PRECONDITION)
+        self._uploaded.add(ref.dataset_id)
+        return ref
+
+    def _with_resources(self, graph: Graph, rows: Optional[DatasetRows], call: Callable[[str], T],
+                        timeout: Optional[float]) -> T:
+        """Run `call(graph_id)` with the graph registered and the dataset (if the
+        batch names rows of one) resident, sending either again, invisibly, if
+        the coordinator forgot it (a restart, an eviction)."""
+        key = graph.graph_id
+        for attempt in range(3):
+            if key not in self._registered:
+                self.register(graph, timeout=timeout)
+            if rows is not None:
+                self.upload(rows.dataset, timeout=timeout)
+            try:
+                return call(key)
+            except ServiceError as err:
+                if err.code != grpc.StatusCode.NOT_FOUND or attempt == 2:
+                    raise
+                if err.kind == MISSING_DATASET and rows is not None:
+                    self._uploaded.discard(rows.dataset.dataset_id)
+                else:
+                    self._registered.discard(key)
+        raise AssertionError("unreachable")
+
+    def _batch_into(self, graph: Graph, params: Mapping[str, Any], batch: "Mapping[str, Any] | DatasetRows",
+                    request: "pb.GradientsRequest | pb.EvaluateRequest",
+                    outputs: Optional[Sequence[str]] = None) -> Optional[DatasetRows]:
+        """Check params and batch as every backend does, and put them into the request."""
+        if isinstance(batch, DatasetRows):
+            needed_inputs, needed_params = (None, None) if outputs is None else graph.program().sources_for(outputs)
+            if outputs is not None:
+                graph.program().check_outputs(outputs)
+            check_rows(graph, batch, needed_inputs)
+            params = prepare_arrays(graph, params, "param")
+            graph.program().signature.check_arrays(params, "param", needed_params)
+            add_named(request.params, params)
+            request.rows.dataset_id = batch.dataset.dataset_id
+            fill_tensor(request.rows.indices, batch.indices)
+            return batch
+        params, arrays, _ = checked_arrays(graph, params, batch, outputs)
+        add_named(request.params, params)
+        add_named(request.inputs, arrays)
+        return None
 
     # ------------------------------------------------------------ computing
 
-    def gradients(self, graph: Graph, params: Mapping[str, Any], batch: Mapping[str, Any], *,
+    def gradients(self, graph: Graph, params: Mapping[str, Any], batch: "Mapping[str, Any] | DatasetRows", *,
                   timeout: Optional[float] = None) -> GradientsResult:
         """Loss and parameter gradients of the whole batch, as `local_gradients`
-        computes them (`loss, grads = ...` unpacks it), with where each shard ran."""
+        computes them (`loss, grads = ...` unpacks it), with where each shard ran.
+        `batch` is arrays, or rows of an uploaded dataset (`ref.take(indices)`)."""
         timeout = self._timeout(timeout)
-        params, batch, _ = checked_arrays(graph, params, batch)
         request = pb.GradientsRequest(request_id=uuid.uuid4().hex)
-        add_named(request.params, params)
-        add_named(request.inputs, batch)
+        rows = self._batch_into(graph, params, batch, request)
 
         def call(key: str) -> pb.GradientsResponse:
             request.graph_id = key
             return self._rpc.compute_gradients(request, timeout=timeout)
 
-        response = self._with_graph(graph, call, timeout)
+        response = self._with_resources(graph, rows, call, timeout)
         return GradientsResult(response.loss, _arrays(response.grads, "gradient"), response.examples,
                                [ShardStat.from_proto(s) for s in response.shards], response.seconds)
 
-    def forward(self, graph: Graph, params: Mapping[str, Any], batch: Mapping[str, Any],
+    def forward(self, graph: Graph, params: Mapping[str, Any], batch: "Mapping[str, Any] | DatasetRows",
                 outputs: Union[str, Sequence[str]], *, timeout: Optional[float] = None) -> ForwardResult:
         """Values of per-example nodes (e.g. predictions) for the batch, forward
         only, as `local_forward` computes them."""
         timeout = self._timeout(timeout)
         outputs = [outputs] if isinstance(outputs, str) else list(outputs)
-        params, batch, _ = checked_arrays(graph, params, batch, outputs)
         request = pb.EvaluateRequest(outputs=outputs, request_id=uuid.uuid4().hex)
-        add_named(request.params, params)
-        add_named(request.inputs, batch)
+        rows = self._batch_into(graph, params, batch, request, outputs)
 
         def call(key: str) -> pb.EvaluateResponse:
             request.graph_id = key
             return self._rpc.evaluate(request, timeout=timeout)
 
-        response = self._with_graph(graph, call, timeout)
+        response = self._with_resources(graph, rows, call, timeout)
         return ForwardResult(_arrays(response.outputs, "output"), response.examples,
                              [ShardStat.from_proto(s) for s in response.shards], response.seconds)
 

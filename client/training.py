@@ -30,6 +30,7 @@ from gradpool.worker.engine.signature import IndexLimit, check_index_range
 from . import optim
 from .checkpoint import (Checkpoint, CheckpointError, PathLike, load_checkpoint, save_checkpoint,
                          step_checkpoint_path, step_checkpoints)
+from .data import DatasetRef
 from .graph import Graph
 from .local import local_forward, local_gradients, prepare_arrays
 
@@ -342,13 +343,14 @@ class Trainer:
             raise InputError(f"training stopped mid-epoch over {len(self._order)} examples, but this training "
                              f"data has {examples}; resume with the same data")
         evaluate = self._evaluator(eval_data, eval_fn)
+        source = self._resident(arrays)
         per_epoch = self.steps_per_epoch(examples)
         total = epochs * per_epoch if max_steps is None else min(epochs * per_epoch, max_steps)
         shown: dict[str, str] = {}  # the last evaluation, on the progress bar
         bar = _progress_bar(self.progress and self.step < total, total, min(self.step, total), "training")
         try:
             while self.epoch < epochs and (max_steps is None or self.step < max_steps):
-                loss, size = self._train_step(arrays, examples)
+                loss, size = self._train_step(source, examples)
                 epoch = self.epoch + 1
                 remaining = examples - self._position
                 if remaining == 0 or (self.drop_last and remaining < self.batch_size):
@@ -376,7 +378,13 @@ class Trainer:
                 bar.close()
         return self.history
 
-    def _train_step(self, arrays: dict[str, np.ndarray], examples: int) -> tuple[float, int]:
+    def _resident(self, arrays: dict[str, np.ndarray]) -> "dict[str, np.ndarray] | DatasetRef":
+        """On a backend that keeps datasets (a Client), upload the data once;
+        each step then sends indices, not examples. Elsewhere the arrays."""
+        upload = getattr(self.backend, "upload", None)
+        return upload(arrays) if callable(upload) else arrays
+
+    def _train_step(self, source: "dict[str, np.ndarray] | DatasetRef", examples: int) -> tuple[float, int]:
         """One optimizer step on the next batch; the state changes only if it succeeds."""
         started = time.perf_counter()
         if self._order is None:  # a new epoch; kept at once, since drawing it advanced the RNG
@@ -385,7 +393,8 @@ class Trainer:
         order = self._order
         stop = min(self._position + self.batch_size, examples)
         rows = order[self._position:stop]
-        batch = {name: array[rows] for name, array in arrays.items()}
+        batch = (source.take(rows) if isinstance(source, DatasetRef)
+                 else {name: array[rows] for name, array in source.items()})
         loss, grads = self.backend.gradients(self.graph, self.params, batch)
         loss = float(loss)
         if not math.isfinite(loss):
@@ -459,9 +468,11 @@ class Trainer:
                 raise InputError(f"the graph has no node named {name!r}; name it with expr.named({name!r})")
         size = _positive_int("batch_size", batch_size or self.eval_batch_size)
         arrays, examples = prepare_data(self.graph, data, "prediction data", needed=set())
+        source = self._resident(arrays) if examples > size else arrays  # one request: send it inline
         pieces: dict[str, list[np.ndarray]] = {name: [] for name in names}
         for start in range(0, examples, size):
-            chunk = {key: array[start:start + size] for key, array in arrays.items()}
+            chunk = (source.take(np.arange(start, min(start + size, examples))) if isinstance(source, DatasetRef)
+                     else {key: array[start:start + size] for key, array in source.items()})
             values = self.backend.forward(self.graph, self.params, chunk, names)
             for name in names:
                 pieces[name].append(np.asarray(values[name]))

@@ -110,16 +110,70 @@ class RegisterGraphResponse(_message.Message):
     def __init__(self, graph_id: _Optional[str] = ...) -> None: ...
 
 class GradientsRequest(_message.Message):
-    __slots__ = ("graph_id", "params", "inputs", "request_id")
+    __slots__ = ("graph_id", "params", "inputs", "request_id", "rows")
     GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     graph_id: str
     params: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     inputs: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     request_id: str
-    def __init__(self, graph_id: _Optional[str] = ..., params: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    rows: DatasetRows
+    def __init__(self, graph_id: _Optional[str] = ..., params: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., request_id: _Optional[str] = ..., rows: _Optional[_Union[DatasetRows, _Mapping]] = ...) -> None: ...
+
+class ArraySpec(_message.Message):
+    __slots__ = ("name", "dtype", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class DatasetHeader(_message.Message):
+    __slots__ = ("dataset_id", "arrays")
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    ARRAYS_FIELD_NUMBER: _ClassVar[int]
+    dataset_id: str
+    arrays: _containers.RepeatedCompositeFieldContainer[ArraySpec]
+    def __init__(self, dataset_id: _Optional[str] = ..., arrays: _Optional[_Iterable[_Union[ArraySpec, _Mapping]]] = ...) -> None: ...
+
+class DatasetChunk(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: DatasetHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[DatasetHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class DatasetInfo(_message.Message):
+    __slots__ = ("dataset_id", "examples", "bytes", "arrays")
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    ARRAYS_FIELD_NUMBER: _ClassVar[int]
+    dataset_id: str
+    examples: int
+    bytes: int
+    arrays: _containers.RepeatedCompositeFieldContainer[ArraySpec]
+    def __init__(self, dataset_id: _Optional[str] = ..., examples: _Optional[int] = ..., bytes: _Optional[int] = ..., arrays: _Optional[_Iterable[_Union[ArraySpec, _Mapping]]] = ...) -> None: ...
+
+class GetDatasetRequest(_message.Message):
+    __slots__ = ("dataset_id",)
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    dataset_id: str
+    def __init__(self, dataset_id: _Optional[str] = ...) -> None: ...
+
+class DatasetRows(_message.Message):
+    __slots__ = ("dataset_id", "indices")
+    DATASET_ID_FIELD_NUMBER: _ClassVar[int]
+    INDICES_FIELD_NUMBER: _ClassVar[int]
+    dataset_id: str
+    indices: Tensor
+    def __init__(self, dataset_id: _Optional[str] = ..., indices: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ShardStats(_message.Message):
     __slots__ = ("worker", "start", "examples", "seconds", "attempts")
@@ -150,18 +204,20 @@ class GradientsResponse(_message.Message):
     def __init__(self, loss: _Optional[float] = ..., grads: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., examples: _Optional[int] = ..., shards: _Optional[_Iterable[_Union[ShardStats, _Mapping]]] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class EvaluateRequest(_message.Message):
-    __slots__ = ("graph_id", "params", "inputs", "outputs", "request_id")
+    __slots__ = ("graph_id", "params", "inputs", "outputs", "request_id", "rows")
     GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     graph_id: str
     params: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     inputs: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     outputs: _containers.RepeatedScalarFieldContainer[str]
     request_id: str
-    def __init__(self, graph_id: _Optional[str] = ..., params: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    rows: DatasetRows
+    def __init__(self, graph_id: _Optional[str] = ..., params: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., rows: _Optional[_Union[DatasetRows, _Mapping]] = ...) -> None: ...
 
 class EvaluateResponse(_message.Message):
     __slots__ = ("outputs", "examples", "shards", "seconds")
@@ -204,7 +260,7 @@ class WorkerInfo(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., capacity: _Optional[float] = ..., state: _Optional[str] = ..., seconds_since_heartbeat: _Optional[float] = ..., shards_served: _Optional[int] = ..., examples_served: _Optional[int] = ..., graphs_sent: _Optional[int] = ..., errors: _Optional[int] = ..., static: _Optional[bool] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("workers", "requests_served", "examples_served", "graphs_registered", "uptime_seconds", "version", "requests_failed")
+    __slots__ = ("workers", "requests_served", "examples_served", "graphs_registered", "uptime_seconds", "version", "requests_failed", "datasets_resident", "dataset_bytes")
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_SERVED_FIELD_NUMBER: _ClassVar[int]
     EXAMPLES_SERVED_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +268,8 @@ class StatusResponse(_message.Message):
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FAILED_FIELD_NUMBER: _ClassVar[int]
+    DATASETS_RESIDENT_FIELD_NUMBER: _ClassVar[int]
+    DATASET_BYTES_FIELD_NUMBER: _ClassVar[int]
     workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
     requests_served: int
     examples_served: int
@@ -219,7 +277,9 @@ class StatusResponse(_message.Message):
     uptime_seconds: float
     version: str
     requests_failed: int
-    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., requests_served: _Optional[int] = ..., examples_served: _Optional[int] = ..., graphs_registered: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., version: _Optional[str] = ..., requests_failed: _Optional[int] = ...) -> None: ...
+    datasets_resident: int
+    dataset_bytes: int
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., requests_served: _Optional[int] = ..., examples_served: _Optional[int] = ..., graphs_registered: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., version: _Optional[str] = ..., requests_failed: _Optional[int] = ..., datasets_resident: _Optional[int] = ..., dataset_bytes: _Optional[int] = ...) -> None: ...
 
 class RegisterWorkerRequest(_message.Message):
     __slots__ = ("address", "capacity", "worker_id")
@@ -276,7 +336,7 @@ class LoadGraphResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ShardRequest(_message.Message):
-    __slots__ = ("graph_id", "params", "inputs", "global_batch", "include_batch_independent", "mode", "outputs")
+    __slots__ = ("graph_id", "params", "inputs", "global_batch", "include_batch_independent", "mode", "outputs", "rows")
     class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         GRADIENTS: _ClassVar[ShardRequest.Mode]
@@ -290,6 +350,7 @@ class ShardRequest(_message.Message):
     INCLUDE_BATCH_INDEPENDENT_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     graph_id: str
     params: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     inputs: _containers.RepeatedCompositeFieldContainer[NamedTensor]
@@ -297,7 +358,8 @@ class ShardRequest(_message.Message):
     include_batch_independent: bool
     mode: ShardRequest.Mode
     outputs: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, graph_id: _Optional[str] = ..., params: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., global_batch: _Optional[int] = ..., include_batch_independent: _Optional[bool] = ..., mode: _Optional[_Union[ShardRequest.Mode, str]] = ..., outputs: _Optional[_Iterable[str]] = ...) -> None: ...
+    rows: DatasetRows
+    def __init__(self, graph_id: _Optional[str] = ..., params: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., global_batch: _Optional[int] = ..., include_batch_independent: _Optional[bool] = ..., mode: _Optional[_Union[ShardRequest.Mode, str]] = ..., outputs: _Optional[_Iterable[str]] = ..., rows: _Optional[_Union[DatasetRows, _Mapping]] = ...) -> None: ...
 
 class ShardResponse(_message.Message):
     __slots__ = ("loss", "grads", "outputs", "examples", "seconds")
@@ -318,15 +380,19 @@ class WorkerStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatusResponse(_message.Message):
-    __slots__ = ("worker_id", "graphs_cached", "graphs_loaded", "shards_served", "examples_served")
+    __slots__ = ("worker_id", "graphs_cached", "graphs_loaded", "shards_served", "examples_served", "datasets_cached", "dataset_bytes_cached")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     GRAPHS_CACHED_FIELD_NUMBER: _ClassVar[int]
     GRAPHS_LOADED_FIELD_NUMBER: _ClassVar[int]
     SHARDS_SERVED_FIELD_NUMBER: _ClassVar[int]
     EXAMPLES_SERVED_FIELD_NUMBER: _ClassVar[int]
+    DATASETS_CACHED_FIELD_NUMBER: _ClassVar[int]
+    DATASET_BYTES_CACHED_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     graphs_cached: int
     graphs_loaded: int
     shards_served: int
     examples_served: int
-    def __init__(self, worker_id: _Optional[str] = ..., graphs_cached: _Optional[int] = ..., graphs_loaded: _Optional[int] = ..., shards_served: _Optional[int] = ..., examples_served: _Optional[int] = ...) -> None: ...
+    datasets_cached: int
+    dataset_bytes_cached: int
+    def __init__(self, worker_id: _Optional[str] = ..., graphs_cached: _Optional[int] = ..., graphs_loaded: _Optional[int] = ..., shards_served: _Optional[int] = ..., examples_served: _Optional[int] = ..., datasets_cached: _Optional[int] = ..., dataset_bytes_cached: _Optional[int] = ...) -> None: ...

@@ -58,6 +58,16 @@ class CoordinatorStub:
                 request_serializer=gradpool_dot_protos_dot_gradpool__pb2.StatusRequest.SerializeToString,
                 response_deserializer=gradpool_dot_protos_dot_gradpool__pb2.StatusResponse.FromString,
                 _registered_method=True)
+        self.UploadDataset = channel.stream_unary(
+                '/gradpool.v1.Coordinator/UploadDataset',
+                request_serializer=gradpool_dot_protos_dot_gradpool__pb2.DatasetChunk.SerializeToString,
+                response_deserializer=gradpool_dot_protos_dot_gradpool__pb2.DatasetInfo.FromString,
+                _registered_method=True)
+        self.GetDataset = channel.unary_unary(
+                '/gradpool.v1.Coordinator/GetDataset',
+                request_serializer=gradpool_dot_protos_dot_gradpool__pb2.GetDatasetRequest.SerializeToString,
+                response_deserializer=gradpool_dot_protos_dot_gradpool__pb2.DatasetInfo.FromString,
+                _registered_method=True)
         self.RegisterWorker = channel.unary_unary(
                 '/gradpool.v1.Coordinator/RegisterWorker',
                 request_serializer=gradpool_dot_protos_dot_gradpool__pb2.RegisterWorkerRequest.SerializeToString,
@@ -109,6 +119,24 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadDataset(self, request_iterator, context):
+        """Datasets: uploaded once as a stream of chunks (named by content hash, so
+        an upload of the same arrays is recognised), kept by the coordinator and
+        sent on to the workers; a step then names its examples by index
+        (GradientsRequest.rows) and its traffic is params + indices, not the
+        batch. RESOURCE_EXHAUSTED when the dataset does not fit the cache.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDataset(self, request, context):
+        """NOT_FOUND when the dataset is not resident (never uploaded, or evicted).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RegisterWorker(self, request, context):
         """What workers call.
         """
@@ -150,6 +178,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=gradpool_dot_protos_dot_gradpool__pb2.StatusRequest.FromString,
                     response_serializer=gradpool_dot_protos_dot_gradpool__pb2.StatusResponse.SerializeToString,
+            ),
+            'UploadDataset': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadDataset,
+                    request_deserializer=gradpool_dot_protos_dot_gradpool__pb2.DatasetChunk.FromString,
+                    response_serializer=gradpool_dot_protos_dot_gradpool__pb2.DatasetInfo.SerializeToString,
+            ),
+            'GetDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDataset,
+                    request_deserializer=gradpool_dot_protos_dot_gradpool__pb2.GetDatasetRequest.FromString,
+                    response_serializer=gradpool_dot_protos_dot_gradpool__pb2.DatasetInfo.SerializeToString,
             ),
             'RegisterWorker': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterWorker,
@@ -290,6 +328,60 @@ class Coordinator:
             _registered_method=True)
 
     @staticmethod
+    def UploadDataset(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/gradpool.v1.Coordinator/UploadDataset',
+            gradpool_dot_protos_dot_gradpool__pb2.DatasetChunk.SerializeToString,
+            gradpool_dot_protos_dot_gradpool__pb2.DatasetInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gradpool.v1.Coordinator/GetDataset',
+            gradpool_dot_protos_dot_gradpool__pb2.GetDatasetRequest.SerializeToString,
+            gradpool_dot_protos_dot_gradpool__pb2.DatasetInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def RegisterWorker(request,
             target,
             options=(),
@@ -398,6 +490,11 @@ class WorkerStub:
                 request_serializer=gradpool_dot_protos_dot_gradpool__pb2.WorkerStatusRequest.SerializeToString,
                 response_deserializer=gradpool_dot_protos_dot_gradpool__pb2.WorkerStatusResponse.FromString,
                 _registered_method=True)
+        self.LoadDataset = channel.stream_unary(
+                '/gradpool.v1.Worker/LoadDataset',
+                request_serializer=gradpool_dot_protos_dot_gradpool__pb2.DatasetChunk.SerializeToString,
+                response_deserializer=gradpool_dot_protos_dot_gradpool__pb2.DatasetInfo.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -427,6 +524,14 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LoadDataset(self, request_iterator, context):
+        """Caches a dataset (the coordinator's copy, streamed in chunks) for
+        RunShard requests that name rows of it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -444,6 +549,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.GetWorkerStatus,
                     request_deserializer=gradpool_dot_protos_dot_gradpool__pb2.WorkerStatusRequest.FromString,
                     response_serializer=gradpool_dot_protos_dot_gradpool__pb2.WorkerStatusResponse.SerializeToString,
+            ),
+            'LoadDataset': grpc.stream_unary_rpc_method_handler(
+                    servicer.LoadDataset,
+                    request_deserializer=gradpool_dot_protos_dot_gradpool__pb2.DatasetChunk.FromString,
+                    response_serializer=gradpool_dot_protos_dot_gradpool__pb2.DatasetInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -530,6 +640,33 @@ class Worker:
             '/gradpool.v1.Worker/GetWorkerStatus',
             gradpool_dot_protos_dot_gradpool__pb2.WorkerStatusRequest.SerializeToString,
             gradpool_dot_protos_dot_gradpool__pb2.WorkerStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadDataset(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/gradpool.v1.Worker/LoadDataset',
+            gradpool_dot_protos_dot_gradpool__pb2.DatasetChunk.SerializeToString,
+            gradpool_dot_protos_dot_gradpool__pb2.DatasetInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,8 +24,8 @@ from gradpool.protos import gradpool_pb2 as pb
 from gradpool.protos import gradpool_pb2_grpc as pb_grpc
 from gradpool.worker.engine.tensors import add_named
 from gradpool.worker.engine import OrderedSum, Program, from_named, graph_id
-from gradpool.worker.engine.errors import GradpoolError, quoted
-from gradpool.worker.engine.signature import WireInput
+from gradpool.worker.datasets import Dataset, DatasetStore, assemble, check_indices, indices_from
+from gradpool.worker.engine.errors import GradpoolError, InputError, quoted
 from gradpool.worker.engine.tensors import DTYPE_TO_PROTO, checked_bytes
 from gradpool.worker.rpc import (
     VERSION,
@@ -36,6 +36,8 @@ from gradpool.worker.rpc import (
     auth_metadata,
     bind,
     channel_options,
+    MISSING_DATASET,
+    MISSING_GRAPH,
     interceptors,
     run_main,
     serve_until_signalled,
@@ -45,6 +47,7 @@ from gradpool.worker.rpc import (
 
 from .config import CoordinatorConfig, parse_args
 from .fanout import (
+    Batch,
     FanOut,
     GraphRecord,
     Shard,
@@ -101,6 +104,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         for address in config.workers:
             self.registry.add_static(address)
         self.graphs = GraphStore(config.max_graphs)
+        self.datasets = DatasetStore(int(config.dataset_cache_mb * 2**20))
         self.totals = Totals()
         self._totals_lock = threading.Lock()
         self._metadata = auth_metadata(config.token)
@@ -119,17 +123,17 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         with self._tally() as tally:
             record = self._graph(request.graph_id)
             program = record.program
-            request_id = request.request_id
             program.signature.check_wire_params(request.params)
-            examples, inputs = program.signature.check_wire_inputs(request.inputs)
-            shards = self._shards(record, params_bytes(request), inputs, examples)
+            batch = self._batch(program, request)
+            shards = self._shards(record, params_bytes(request), batch)
             total = OrderedSum(len(shards))
-            with self._fan_out(shards, record, context, request_id) as results:
+            with self._fan_out(shards, record, batch.dataset, context, request.request_id) as results:
                 for shard, response in results:
                     total.add(shard.index, response.loss, self._shard_grads(program, shard, response))
             assert total.grads is not None
-            tally.examples = examples
-            reply = pb.GradientsResponse(loss=total.loss, examples=examples, shards=[s.stats() for s in shards])
+            tally.examples = batch.examples
+            reply = pb.GradientsResponse(loss=total.loss, examples=batch.examples,
+                                         shards=[s.stats() for s in shards])
             add_named(reply.grads, total.grads)
             reply.seconds = time.perf_counter() - started
             return reply
@@ -140,32 +144,48 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         with self._tally() as tally:
             record = self._graph(request.graph_id)
             program = record.program
-            outputs, request_id = list(request.outputs), request.request_id
+            outputs = list(request.outputs)
             program.check_outputs(outputs)
             needed_inputs, needed_params = program.sources_for(outputs)
             program.signature.check_wire_params(request.params, needed_params)
-            examples, inputs = program.signature.check_wire_inputs(request.inputs, needed_inputs)
-            shards = self._shards(record, params_bytes(request), inputs, examples,
-                                  mode=pb.ShardRequest.FORWARD, outputs=outputs)
+            batch = self._batch(program, request, needed_inputs)
+            shards = self._shards(record, params_bytes(request), batch, mode=pb.ShardRequest.FORWARD,
+                                  outputs=outputs)
             pieces: list[Optional[pb.ShardResponse]] = [None] * len(shards)
-            with self._fan_out(shards, record, context, request_id) as results:
+            with self._fan_out(shards, record, batch.dataset, context, request.request_id) as results:
                 for shard, response in results:
                     self._check_examples(shard, response)
                     pieces[shard.index] = response
-            tally.examples = examples
+            tally.examples = batch.examples
             return pb.EvaluateResponse(outputs=self._concat_outputs(program, outputs, shards, pieces),
-                                       examples=examples, shards=[s.stats() for s in shards],
+                                       examples=batch.examples, shards=[s.stats() for s in shards],
                                        seconds=time.perf_counter() - started)
+
+    @translate_errors
+    def UploadDataset(self, request_iterator: Iterator[pb.DatasetChunk],
+                      context: grpc.ServicerContext) -> pb.DatasetInfo:
+        dataset = assemble(request_iterator, self.datasets.max_bytes)
+        for evicted in self.datasets.put(dataset):
+            log.info("evicted dataset %s (least recently used) to make room", evicted[:12])
+        log.info("dataset %s resident (%d examples, %.1f MB)", dataset.dataset_id[:12], dataset.examples,
+                 dataset.nbytes / 2**20)
+        return dataset.info()
+
+    @translate_errors
+    def GetDataset(self, request: pb.GetDatasetRequest, context: grpc.ServicerContext) -> pb.DatasetInfo:
+        return self._dataset(request.dataset_id).info()
 
     @translate_errors
     def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusResponse:
         now = time.monotonic()
         with self._totals_lock:
             totals = Totals(**vars(self.totals))
+        datasets, dataset_bytes = self.datasets.stats()
         return pb.StatusResponse(workers=[w.info(now) for w in self.registry.all()],
                                  requests_served=totals.requests_served, requests_failed=totals.requests_failed,
                                  examples_served=totals.examples_served, graphs_registered=len(self.graphs),
-                                 uptime_seconds=now - self._started, version=VERSION)
+                                 uptime_seconds=now - self._started, version=VERSION,
+                                 datasets_resident=datasets, dataset_bytes=dataset_bytes)
 
     # ------------------------------------------------------------ workers
 
@@ -212,25 +232,50 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def _graph(self, key: str) -> GraphRecord:
         record = self.graphs.get(key)
         if record is None:
-            raise RpcFailure(grpc.StatusCode.NOT_FOUND,
-                             f"graph {quoted(key)} not registered (the coordinator may have restarted): register it again")
+            raise RpcFailure(grpc.StatusCode.NOT_FOUND, f"graph {quoted(key, 80)} not registered (the coordinator "
+                             "may have restarted): register it again", MISSING_GRAPH)
         return record
 
-    def _shards(self, record: GraphRecord, params: bytes, inputs: Sequence[WireInput], examples: int,
+    def _dataset(self, key: str) -> Dataset:
+        dataset = self.datasets.get(key)
+        if dataset is None:
+            raise RpcFailure(grpc.StatusCode.NOT_FOUND, f"dataset {quoted(key, 80)} is not resident (never "
+                             "uploaded, evicted, or the coordinator restarted): upload it again", MISSING_DATASET)
+        return dataset
+
+    def _batch(self, program: Program, request: "pb.GradientsRequest | pb.EvaluateRequest",
+               required: Optional[set[str]] = None) -> Batch:
+        """The request's examples: inline inputs (checked, bytes kept to slice)
+        or rows of a resident dataset (checked against the graph, indices in range)."""
+        if not request.HasField("rows"):
+            examples, inputs = program.signature.check_wire_inputs(request.inputs, required)
+            return Batch(examples, inputs=inputs)
+        if request.inputs:
+            raise InputError("send the batch as inputs or as dataset rows, not both")
+        dataset = self._dataset(request.rows.dataset_id)
+        program.signature.check_dataset({name: (a.dtype.newbyteorder("="), a.shape)
+                                         for name, a in dataset.arrays.items()},
+                                        f"{dataset.dataset_id[:12]}", required)
+        indices = indices_from(request.rows)
+        check_indices(indices, dataset.examples, dataset.dataset_id)
+        if not indices.size:
+            raise InputError("the batch is empty: send at least one example")
+        return Batch(int(indices.size), dataset=dataset, indices=indices)
+
+    def _shards(self, record: GraphRecord, params: bytes, batch: Batch,
                 mode: int = pb.ShardRequest.GRADIENTS, outputs: Sequence[str] = ()) -> list[Shard]:
         pool = self.registry.pool()
         if not pool:
             raise RpcFailure(grpc.StatusCode.UNAVAILABLE,
                              "no live workers: start one with `gradpool worker --coordinator HOST:PORT`")
-        assignment = plan(pool, examples)
-        requests = shard_requests(record.graph_id, params, inputs, [(a, b) for _, a, b in assignment], examples,
-                                  mode, outputs)
+        assignment = plan(pool, batch.examples)
+        requests = shard_requests(record.graph_id, params, batch, [(a, b) for _, a, b in assignment], mode, outputs)
         return [Shard(i, start, stop, request, worker)
                 for i, ((worker, start, stop), request) in enumerate(zip(assignment, requests))]
 
     @contextlib.contextmanager
-    def _fan_out(self, shards: list[Shard], record: GraphRecord, context: grpc.ServicerContext,
-                 request_id: str) -> Iterator[Iterator[tuple[Shard, pb.ShardResponse]]]:
+    def _fan_out(self, shards: list[Shard], record: GraphRecord, dataset: Optional[Dataset],
+                 context: grpc.ServicerContext, request_id: str) -> Iterator[Iterator[tuple[Shard, pb.ShardResponse]]]:
         """The shard results as they arrive, under the client's deadline (or
         ours); a failed shard becomes the request's status, and leaving the
         block for any reason cancels what is still running."""
@@ -238,7 +283,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         limit = self.config.request_timeout_seconds
         timeout = limit if remaining is None or remaining > limit else remaining
         log.debug("request %s: %d shard(s), %.1fs to go", request_id or "-", len(shards), timeout)
-        with FanOut(shards, record, self.registry, time.monotonic() + timeout, self._metadata) as fan:
+        with FanOut(shards, record, self.registry, time.monotonic() + timeout, self._metadata, dataset) as fan:
             context.add_callback(fan.cancel)  # the client went away
             try:
                 yield fan.results()

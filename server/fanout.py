@@ -15,14 +15,17 @@ from __future__ import annotations
 import queue
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import grpc
+import numpy as np
 
 from gradpool.protos import gradpool_pb2 as pb
+from gradpool.worker.datasets import Dataset
 from gradpool.worker.engine import Program, shard_bounds
 from gradpool.worker.engine.signature import WireInput
-from gradpool.worker.rpc import RpcFailure, rpc_error_kind
+from gradpool.worker.engine.tensors import fill_tensor
+from gradpool.worker.rpc import MISSING_DATASET, RpcFailure, rpc_error_kind
 
 from .registry import WorkerEntry, WorkerRegistry
 
@@ -37,6 +40,15 @@ class GraphRecord:
     graph_id: str
     program: Program
     load_request: pb.LoadGraphRequest
+
+
+@dataclass
+class Batch:
+    """A request's examples: inline inputs' bytes, or indices into a resident dataset."""
+    examples: int
+    inputs: Sequence[WireInput] = ()
+    dataset: Optional[Dataset] = None
+    indices: Optional[np.ndarray] = None
 
 
 @dataclass(eq=False)
@@ -127,20 +139,24 @@ def _check_params_fields_agree() -> None:
 _check_params_fields_agree()
 
 
-def shard_requests(graph_id: str, params: bytes, inputs: Sequence[WireInput], bounds: Sequence[tuple[int, int]],
-                   examples: int, mode: int = pb.ShardRequest.GRADIENTS, outputs: Sequence[str] = ()) -> list[bytes]:
+def shard_requests(graph_id: str, params: bytes, batch: Batch, bounds: Sequence[tuple[int, int]],
+                   mode: int = pb.ShardRequest.GRADIENTS, outputs: Sequence[str] = ()) -> list[bytes]:
     """Serialized ShardRequests, one per (start, stop).
 
     `params` (from `params_bytes`) is appended to every shard's bytes:
     protobuf concatenation appends repeated fields, so the params are never
-    re-encoded. Inputs are cut by row stride from their raw bytes, never
-    decoded.
+    re-encoded. Inline inputs are cut by row stride from their raw bytes,
+    never decoded; a resident dataset's shard is its slice of the indices.
     """
     requests = []
     for index, (start, stop) in enumerate(bounds):
-        header = pb.ShardRequest(graph_id=graph_id, global_batch=examples, include_batch_independent=index == 0,
-                                 mode=mode, outputs=outputs)
-        for item in inputs:
+        header = pb.ShardRequest(graph_id=graph_id, global_batch=batch.examples,
+                                 include_batch_independent=index == 0, mode=mode, outputs=outputs)
+        if batch.dataset is not None:
+            assert batch.indices is not None
+            header.rows.dataset_id = batch.dataset.dataset_id
+            fill_tensor(header.rows.indices, batch.indices[start:stop])
+        for item in batch.inputs:
             tensor = header.inputs.add(name=item.name).tensor
             tensor.dtype = item.dtype
             tensor.shape.extend((stop - start, *item.row_shape))
@@ -162,6 +178,7 @@ class FanOut:
     registry: WorkerRegistry
     deadline: float  # time.monotonic()
     metadata: tuple[tuple[str, str], ...] = ()
+    dataset: Optional[Dataset] = None
     _done: "queue.SimpleQueue[tuple[Shard, grpc.Future]]" = field(default_factory=queue.SimpleQueue)
     _futures: dict[int, grpc.Future] = field(default_factory=dict)
 
@@ -211,7 +228,10 @@ class FanOut:
     def _retry(self, shard: Shard, code: grpc.StatusCode, details: str, kind: str = "") -> None:
         """Send the shard again where that can help; otherwise fail the request."""
         if code == grpc.StatusCode.NOT_FOUND and shard.attempts < MAX_ATTEMPTS:
-            shard.worker.forget_graph(self.graph.graph_id)
+            if kind == MISSING_DATASET and self.dataset is not None:
+                shard.worker.forget_dataset(self.dataset.dataset_id)
+            else:
+                shard.worker.forget_graph(self.graph.graph_id)
             self._dispatch(shard)
             return
         self._failed(shard, code, details, kind)
@@ -228,6 +248,7 @@ class FanOut:
             raise ShardFailed(shard, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the shard was sent")
         worker = shard.worker
         self._ensure_graph(shard, remaining)
+        self._ensure_dataset(shard)
         shard.attempts += 1
         worker.acquire()
         try:
@@ -262,3 +283,23 @@ class FanOut:
             finally:
                 worker.release()
             worker.graph_sent(key)
+
+    def _ensure_dataset(self, shard: Shard) -> None:
+        """LoadDataset once per worker and dataset, streamed from the coordinator's copy."""
+        worker, dataset = shard.worker, self.dataset
+        if dataset is None or worker.has_dataset(dataset.dataset_id):
+            return
+        with worker.load_lock:
+            if worker.has_dataset(dataset.dataset_id):
+                return
+            worker.acquire()
+            try:
+                worker.stub.LoadDataset(dataset.chunks(), timeout=max(0.0, self._remaining()),
+                                        metadata=self.metadata)
+            except grpc.RpcError as err:
+                self._failed(shard, err.code(), f"sending dataset {dataset.dataset_id[:12]}: {err.details()}")
+            except ValueError:
+                self._failed(shard, grpc.StatusCode.UNAVAILABLE, "the worker left the pool")
+            finally:
+                worker.release()
+            worker.dataset_sent(dataset.dataset_id)

@@ -44,6 +44,7 @@ class WorkerEntry:
     last_contact: float = field(default_factory=time.monotonic)
     state: str = LIVE
     graphs: set[str] = field(default_factory=set)
+    datasets: set[str] = field(default_factory=set)
     shards_served: int = 0
     examples_served: int = 0
     graphs_sent: int = 0
@@ -90,6 +91,18 @@ class WorkerEntry:
         """The worker answered NOT_FOUND: it restarted or evicted the graph."""
         with self.lock:
             self.graphs.discard(graph_id)
+
+    def has_dataset(self, dataset_id: str) -> bool:
+        with self.lock:
+            return dataset_id in self.datasets
+
+    def dataset_sent(self, dataset_id: str) -> None:
+        with self.lock:
+            self.datasets.add(dataset_id)
+
+    def forget_dataset(self, dataset_id: str) -> None:
+        with self.lock:
+            self.datasets.discard(dataset_id)
 
     def served(self, examples: int) -> None:
         with self.lock:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Generic, Iterable, Optional, TypeVar
 
 import grpc
 
-from gradpool.worker.engine.errors import GradpoolError
+from gradpool.worker.engine.errors import CapacityError, GradpoolError
 
 log = logging.getLogger("gradpool.rpc")
 
@@ -236,6 +236,9 @@ def wait_for_shutdown(stop: Optional[threading.Event] = None) -> str:
 # ShardingError) whether the mistake was found in-process or on a server.
 ERROR_KIND_KEY = "gradpool-error"
 ERROR_KINDS = ("InputError", "GraphError", "ShardingError")
+# With NOT_FOUND, the same key says what is missing, so the caller knows what to send.
+MISSING_GRAPH = "graph"
+MISSING_DATASET = "dataset"
 
 
 def error_kind(err: BaseException) -> str:
@@ -250,7 +253,7 @@ def rpc_error_kind(err: grpc.RpcError) -> str:
     """The error kind a server attached to a failed call ("" if none)."""
     trailing = err.trailing_metadata() if callable(getattr(err, "trailing_metadata", None)) else None
     kind = dict(trailing or ()).get(ERROR_KIND_KEY, "")
-    return kind if kind in ERROR_KINDS else ""
+    return kind if kind in ERROR_KINDS + (MISSING_GRAPH, MISSING_DATASET) else ""
 
 
 class RpcFailure(Exception):
@@ -274,6 +277,8 @@ def translate_errors(method: Callable) -> Callable:
             return method(self, request, context)
         except RpcFailure as err:
             code, message, kind = err.code, str(err), err.kind
+        except CapacityError as err:
+            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)
         except GradpoolError as err:
             code, message, kind = grpc.StatusCode.INVALID_ARGUMENT, str(err), error_kind(err)
         except Exception as err:  # a bug; keep serving and say what happened

@@ -22,13 +22,14 @@ import time
 import uuid
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import grpc
 
 from gradpool.protos import gradpool_pb2 as pb
 from gradpool.protos import gradpool_pb2_grpc as pb_grpc
 from gradpool.worker.engine.tensors import add_named
+from gradpool.worker.datasets import DEFAULT_DATASET_CACHE_BYTES, DatasetStore, assemble, indices_from
 from gradpool.worker.engine import Program, from_named, graph_id
 from gradpool.worker.engine.errors import GradpoolError
 from gradpool.worker.rpc import (
@@ -49,6 +50,8 @@ from gradpool.worker.rpc import (
     server_options,
     translate_errors,
     with_port,
+    MISSING_DATASET,
+    MISSING_GRAPH,
 )
 
 log = logging.getLogger("gradpool.worker")
@@ -58,9 +61,10 @@ log = logging.getLogger("gradpool.worker")
 class WorkerServicer(pb_grpc.WorkerServicer):
     """LoadGraph / RunShard / GetWorkerStatus on top of the engine."""
 
-    def __init__(self, worker_id: str, max_graphs: int = 64):
+    def __init__(self, worker_id: str, max_graphs: int = 64, dataset_cache_bytes: int = DEFAULT_DATASET_CACHE_BYTES):
         self.worker_id = worker_id
         self.graphs: LruCache[Program] = LruCache(max_graphs, what="graph")
+        self.datasets = DatasetStore(dataset_cache_bytes)
         self._lock = threading.Lock()
         self.graphs_loaded = 0
         self.shards_served = 0
@@ -92,11 +96,11 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         if program is None:
             raise RpcFailure(grpc.StatusCode.NOT_FOUND,
                              f"graph {request.graph_id[:12]!r} is not loaded on worker {self.worker_id}; "
-                             "send it with LoadGraph")
+                             "send it with LoadGraph", MISSING_GRAPH)
         if not context.is_active():  # the caller gave up (deadline, cancel) while this waited for a thread
             raise RpcFailure(grpc.StatusCode.CANCELLED, "the caller gave up before the shard started")
         params = from_named(request.params, "param")
-        inputs = from_named(request.inputs, "input")
+        inputs = self._inputs(program, request)
         global_batch = request.global_batch or None
         if request.mode == pb.ShardRequest.GRADIENTS:
             result = program.run(params, inputs, global_batch=global_batch,
@@ -118,13 +122,42 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         response.seconds = time.perf_counter() - started
         return response
 
+    def _inputs(self, program: Program, request: pb.ShardRequest) -> dict:
+        """The shard's inputs: sent along, or gathered from a cached dataset's rows."""
+        if not request.HasField("rows"):
+            return from_named(request.inputs, "input")
+        if request.inputs:
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, "a shard carries inputs or dataset rows, not both")
+        dataset_id = request.rows.dataset_id
+        dataset = self.datasets.get(dataset_id)
+        if dataset is None:
+            raise RpcFailure(grpc.StatusCode.NOT_FOUND, f"dataset {dataset_id[:12]!r} is not cached on worker "
+                             f"{self.worker_id}; send it with LoadDataset", MISSING_DATASET)
+        if request.mode == pb.ShardRequest.FORWARD:
+            names = program.sources_for(list(request.outputs))[0]
+        else:
+            names = set(program.inputs)
+        return dataset.rows(indices_from(request.rows), names & set(dataset.arrays))
+
+    @translate_errors
+    def LoadDataset(self, request_iterator: Iterator[pb.DatasetChunk],
+                    context: grpc.ServicerContext) -> pb.DatasetInfo:
+        dataset = assemble(request_iterator, self.datasets.max_bytes)
+        for evicted in self.datasets.put(dataset):
+            log.info("evicted dataset %s from the cache", evicted[:12])
+        log.info("cached dataset %s (%d examples, %.1f MB)", dataset.dataset_id[:12], dataset.examples,
+                 dataset.nbytes / 2**20)
+        return dataset.info()
+
     @translate_errors
     def GetWorkerStatus(self, request: pb.WorkerStatusRequest,
                         context: grpc.ServicerContext) -> pb.WorkerStatusResponse:
         with self._lock:
+            datasets, dataset_bytes = self.datasets.stats()
             return pb.WorkerStatusResponse(worker_id=self.worker_id, graphs_cached=len(self.graphs),
                                            graphs_loaded=self.graphs_loaded, shards_served=self.shards_served,
-                                           examples_served=self.examples_served)
+                                           examples_served=self.examples_served, datasets_cached=datasets,
+                                           dataset_bytes_cached=dataset_bytes)
 
 
 # ---------------------------------------------------------------- staying registered
@@ -236,6 +269,7 @@ class WorkerConfig:
     token: Optional[str] = None
     max_message_mb: float = DEFAULT_MAX_MESSAGE_MB
     max_graphs: int = 64
+    dataset_cache_mb: float = DEFAULT_DATASET_CACHE_BYTES / 2**20
     threads: int = 8
     grace_seconds: float = 5.0
     log_level: str = "INFO"
@@ -268,6 +302,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "gradpool worke
              "default %(default)s)")
     add("--max-graphs", type=int, default=env_default("GRADPOOL_MAX_GRAPHS", 64),
         help="graphs kept in the LRU cache (env GRADPOOL_MAX_GRAPHS, default %(default)s)")
+    add("--dataset-cache-mb", type=float, default=env_default("GRADPOOL_DATASET_CACHE_MB",
+                                                               DEFAULT_DATASET_CACHE_BYTES // 2**20),
+        help="memory for resident datasets, in MB (LRU; env GRADPOOL_DATASET_CACHE_MB, default %(default)s)")
     add("--threads", type=int, default=env_default("GRADPOOL_THREADS", 8),
         help="concurrent RPCs served (env GRADPOOL_THREADS, default %(default)s)")
     add("--grace-seconds", type=float, default=env_default("GRADPOOL_GRACE_SECONDS", 5.0),
@@ -278,8 +315,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "gradpool worke
     args = parser.parse_args(argv)
     if not args.capacity > 0:
         parser.error(f"--capacity must be positive, got {args.capacity}")
-    if args.max_graphs < 1 or args.threads < 1:
-        parser.error("--max-graphs and --threads must be at least 1")
+    if args.max_graphs < 1 or args.threads < 1 or not args.dataset_cache_mb > 0:
+        parser.error("--max-graphs, --threads and --dataset-cache-mb must be positive")
     try:
         message_limit_bytes(args.max_message_mb)
     except ValueError as err:
@@ -310,7 +347,7 @@ def start(config: WorkerConfig) -> RunningWorker:
     worker_id = config.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="worker-rpc"),
                          options=server_options(config.max_message_mb), interceptors=interceptors(config.token))
-    servicer = WorkerServicer(worker_id, config.max_graphs)
+    servicer = WorkerServicer(worker_id, config.max_graphs, int(config.dataset_cache_mb * 2**20))
     pb_grpc.add_WorkerServicer_to_server(servicer, server)
     health = add_health_and_reflection(server, [pb.DESCRIPTOR.services_by_name["Worker"].full_name])
     port = bind(server, config.host, config.port)

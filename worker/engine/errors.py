@@ -18,6 +18,11 @@ class InputError(GradpoolError, ValueError):
     """Parameters or batch do not fit the graph (names, dtypes, shapes, ranges)."""
 
 
+class CapacityError(GradpoolError):
+    """Something does not fit a server's configured capacity (a dataset larger
+    than its cache): RESOURCE_EXHAUSTED on the wire, not the caller's typo."""
+
+
 def quoted(value: object, limit: int = 120) -> str:
     """repr(value) for an error message, cut to `limit` characters.
 

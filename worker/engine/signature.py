@@ -130,6 +130,18 @@ class Signature:
             if limit.input in inputs:
                 check_index_range(inputs[limit.input], limit)
 
+    def check_dataset(self, columns: Mapping[str, tuple[np.dtype, tuple[int, ...]]], dataset: str,
+                      required: Optional[Iterable[str]] = None) -> None:
+        """A resident dataset's arrays (name -> dtype, shape with examples first)
+        hold every required input; arrays the graph does not take are ignored."""
+        missing = sorted(set(self.inputs if required is None else required) - set(columns))
+        if missing:
+            raise InputError(f"dataset {dataset} has no array for input(s) {quoted(missing)}; it holds "
+                             f"{quoted(sorted(columns))}")
+        for name in set(columns) & set(self.inputs):
+            dtype, shape = columns[name]
+            self.check_tensor(self.inputs[name], dtype, shape)
+
     # ------------------------------------------------------------ wire
 
     def check_wire_params(self, params: Sequence[pb.NamedTensor], required: Optional[Iterable[str]] = None) -> None:
