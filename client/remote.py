@@ -264,6 +264,8 @@ class ClusterStatus:
     graphs_registered: int
     uptime_seconds: float
     version: str
+    datasets_resident: int = 0
+    dataset_bytes: int = 0
 
     @classmethod
     def from_proto(cls, s: pb.StatusResponse) -> "ClusterStatus":
@@ -271,7 +273,7 @@ class ClusterStatus:
                                 w.shards_served, w.examples_served, w.graphs_sent, w.errors, w.static)
                    for w in s.workers]
         return cls(workers, s.requests_served, s.requests_failed, s.examples_served, s.graphs_registered,
-                   s.uptime_seconds, s.version)
+                   s.uptime_seconds, s.version, s.datasets_resident, s.dataset_bytes)
 
     @property
     def live_workers(self) -> list[WorkerStatus]:
@@ -292,6 +294,7 @@ class ClusterStatus:
                   f"{len(self.live_workers)} live of {len(self.workers)} worker(s); "
                   f"{self.requests_served} request(s) served, {self.requests_failed} failed, "
                   f"{self.examples_served} example(s); {self.graphs_registered} graph(s) registered; "
+                  f"{self.datasets_resident} dataset(s) resident ({self.dataset_bytes / 2**20:.1f} MB); "
                   f"up {self.uptime_seconds:.0f}s; gradpool {self.version}"]
         return "\n".join(lines)
 
