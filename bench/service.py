@@ -1,13 +1,21 @@
 """Step time through the service vs in-process, for an MLP 784-256-256-10.
 
-    python bench/service.py [--batches 512,4096] [--workers 1,2] [--repeats 10] [--warmup 2]
+    python bench/service.py [--batches 512,4096,16384] [--workers 1,2] [--repeats 10] [--warmup 2]
 
-For each batch size: the median time of `local_gradients` in this process
-(the baseline, measured in the same run), then the median time of
-`Client.gradients` through a LocalCluster (a coordinator and N worker
-processes on this machine) for each worker count, as a table with
-examples/s and the ratio to in-process. Every remote result is checked
-against the in-process one first, so a fast wrong answer cannot pass.
+The baseline is `local_gradients` in this process, measured in the same run
+and interleaved with the service's steps (one of each per repeat), so that
+the shared machine's noise falls on both alike. For each worker count a
+LocalCluster (a coordinator and N worker processes on this machine) runs the
+same minibatch two ways:
+
+* inline   -- the batch travels with every request (`client.gradients(g, p, batch)`);
+* resident -- the data was uploaded once (`ref = client.upload(data)`) and each
+  step names its rows (`client.gradients(g, p, ref.take(indices))`).
+
+Every remote result is checked against the in-process one first, so a fast
+wrong answer cannot pass. Prints min/median/max per case, the median ratio
+to in-process, and the coordinator's CPU time per step (from /proc): the
+ceiling on how many steps, and so workers, one coordinator can feed.
 """
 
 from __future__ import annotations
@@ -17,15 +25,12 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import gradpool as gp  # noqa: E402
-from gradpool.cluster import LocalCluster  # noqa: E402
+import gradpool as gp
+from gradpool.cluster import LocalCluster
 
 
 def mlp(sizes: tuple[int, ...] = (784, 256, 256, 10)) -> gp.Graph:
@@ -44,31 +49,48 @@ def mlp(sizes: tuple[int, ...] = (784, 256, 256, 10)) -> gp.Graph:
     return g
 
 
-def batch_of(n: int, seed: int) -> dict[str, np.ndarray]:
+def dataset(n: int, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {"x": rng.normal(size=(n, 784)).astype(np.float32), "y": rng.integers(0, 10, size=n)}
 
 
-def median_seconds(step: Callable[[], object], repeats: int, warmup: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def interleaved(steps: dict[str, Callable[[], object]], repeats: int, warmup: int,
+                coordinator_pid: Optional[int] = None) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Seconds per step for each case, one step of each per repeat; and the
+    coordinator's CPU seconds per step for each case."""
     for _ in range(warmup):
-        step()
-    times = []
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, float] = {name: 0.0 for name in steps}
     for _ in range(repeats):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        for name, step in steps.items():
+            before = cpu_seconds(coordinator_pid) if coordinator_pid else 0.0
+            started = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - started)
+            if coordinator_pid:
+                cpu[name] += cpu_seconds(coordinator_pid) - before
+    return times, {name: total / repeats for name, total in cpu.items()}
 
 
-def check_same(remote: tuple[float, dict], local: tuple[float, dict]) -> None:
-    assert abs(remote[0] - local[0]) <= 1e-5 * max(1.0, abs(local[0])), (remote[0], local[0])
+def check_same(remote: gp.GradientsResult, local: tuple[float, dict]) -> None:
+    loss, grads = remote
+    assert abs(loss - local[0]) <= 1e-5 * max(1.0, abs(local[0])), (loss, local[0])
     for name, expected in local[1].items():
-        np.testing.assert_allclose(remote[1][name], expected, rtol=1e-4, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(grads[name], expected, rtol=1e-4, atol=1e-6, err_msg=name)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batches", default="512,4096", help="batch sizes, comma separated (default %(default)s)")
+    parser.add_argument("--batches", default="512,4096,16384", help="batch sizes (default %(default)s)")
     parser.add_argument("--workers", default="1,2", help="worker counts, comma separated (default %(default)s)")
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per case (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default %(default)s)")
@@ -81,34 +103,46 @@ def main(argv: list[str] | None = None) -> int:
 
     graph = mlp()
     params = graph.init_params(args.seed)
-    data = {n: batch_of(n, args.seed + n) for n in batches}
-    local = {n: gp.local_gradients(graph, params, data[n]) for n in batches}
-    baseline = {n: median_seconds(lambda n=n: gp.local_gradients(graph, params, data[n]), args.repeats,
-                                  args.warmup) for n in batches}
-    remote: dict[tuple[int, int], float] = {}
+    data = dataset(2 * max(batches), args.seed)
+    rng = np.random.default_rng(args.seed)
+    rows = {n: np.sort(rng.choice(len(data["y"]), size=n, replace=False)) for n in batches}
+    inline = {n: {k: v[rows[n]] for k, v in data.items()} for n in batches}
+    results: dict[tuple[int, int], tuple[dict[str, list[float]], dict[str, float]]] = {}
     threads: dict[int, int] = {}
     for workers in worker_counts:  # a fresh cluster per size: thread caps are set at start
         threads[workers] = args.threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
         with LocalCluster(workers=workers, threads_per_worker=threads[workers]) as cluster, \
                 cluster.client(timeout=600) as service:
+            ref = service.upload(data)
+            pid = cluster.coordinator.pid if cluster.coordinator else None
             for n in batches:
-                check_same(service.gradients(graph, params, data[n]), local[n])
-                remote[workers, n] = median_seconds(lambda n=n: service.gradients(graph, params, data[n]),
-                                                    args.repeats, args.warmup)
+                local = gp.local_gradients(graph, params, inline[n])
+                check_same(service.gradients(graph, params, inline[n]), local)
+                check_same(service.gradients(graph, params, ref.take(rows[n])), local)
+                results[workers, n] = interleaved({
+                    "in-process": lambda n=n: gp.local_gradients(graph, params, inline[n]),
+                    "inline": lambda n=n: service.gradients(graph, params, inline[n]),
+                    "resident": lambda n=n: service.gradients(graph, params, ref.take(rows[n])),
+                }, args.repeats, args.warmup, pid)
 
     print(f"MLP 784-256-256-10 (relu, softmax cross-entropy mean, float32); {os.cpu_count()} CPU core(s); "
-          f"median of {args.repeats} steps after {args.warmup} warm-up; worker rows go through a LocalCluster "
-          f"(client, coordinator and workers as processes on this machine)")
-    header = f"{'batch':>6}  {'where':<22}  {'median step':>12}  {'examples/s':>11}  {'time vs in-process':>18}"
+          f"{args.repeats} interleaved steps per case after {args.warmup} warm-up; the service rows go through "
+          "a LocalCluster (client, coordinator and workers as processes on this machine)")
+    header = (f"{'batch':>6}  {'workers':<17}  {'path':<10}  {'min ms':>8}  {'median ms':>9}  {'max ms':>8}  "
+              f"{'examples/s':>10}  {'vs in-process':>13}  {'coord. CPU/step':>15}")
     print(header)
     print("-" * len(header))
     for n in batches:
-        rows = [("in-process", baseline[n])] + [(f"{w} worker{'s' if w > 1 else ''} x {threads[w]} thread"
-                                                 f"{'s' if threads[w] > 1 else ''}", remote[w, n])
-                                                for w in worker_counts]
-        for where, seconds in rows:
-            print(f"{n:>6}  {where:<22}  {seconds * 1e3:>9.1f} ms  {n / seconds:>11,.0f}  "
-                  f"{seconds / baseline[n]:>17.2f}x")
+        for workers in worker_counts:
+            times, cpu = results[workers, n]
+            base = statistics.median(times["in-process"])
+            label = f"{workers} x {threads[workers]} thread{'s' if threads[workers] > 1 else ''}"
+            for path in ("in-process", "inline", "resident"):
+                t = times[path]
+                median = statistics.median(t)
+                coordinator = f"{cpu[path] * 1e3:>12.1f} ms" if path != "in-process" else f"{'-':>15}"
+                print(f"{n:>6}  {label:<17}  {path:<10}  {min(t) * 1e3:>8.1f}  {median * 1e3:>9.1f}  "
+                      f"{max(t) * 1e3:>8.1f}  {n / median:>10,.0f}  {median / base:>12.2f}x  {coordinator}")
     return 0
 
 
