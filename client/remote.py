@@ -28,6 +28,7 @@ from gradpool.protos import gradpool_pb2_grpc as pb_grpc
 from gradpool.worker.engine import from_named
 from gradpool.worker.engine.errors import GradpoolError, GraphError, InputError, ShardingError
 from gradpool.worker.engine.tensors import add_named, fill_tensor
+from gradpool.worker.streams import PROTOBUF_LIMIT_BYTES, STREAM_THRESHOLD_BYTES, call_streamed
 from gradpool.worker.rpc import (DEFAULT_MAX_MESSAGE_MB, MISSING_DATASET, auth_metadata, channel_options, rpc_error_kind,
                                  with_port)
 
@@ -155,9 +156,10 @@ class CoordinatorRpc:
     """The Coordinator stub with typed methods, retries and error translation."""
 
     def __init__(self, channel: grpc.Channel, address: str, token: Optional[str] = None,
-                 retry: RetryPolicy = RetryPolicy()):
+                 retry: RetryPolicy = RetryPolicy(), stream_threshold: int = STREAM_THRESHOLD_BYTES):
         self.address = address
         self.retry = retry
+        self.stream_threshold = stream_threshold
         self._stub = pb_grpc.CoordinatorStub(channel)
         self._metadata = auth_metadata(token)
 
@@ -169,10 +171,16 @@ class CoordinatorRpc:
     @retried
     def compute_gradients(self, request: pb.GradientsRequest, *,
                           timeout: Optional[float] = None) -> pb.GradientsResponse:
+        if request.ByteSize() > self.stream_threshold:
+            return call_streamed(self._stub.ComputeGradientsStream, request.SerializeToString(),
+                                 pb.GradientsResponse, PROTOBUF_LIMIT_BYTES, timeout=timeout, metadata=self._metadata)
         return self._stub.ComputeGradients(request, timeout=timeout, metadata=self._metadata)
 
     @retried
     def evaluate(self, request: pb.EvaluateRequest, *, timeout: Optional[float] = None) -> pb.EvaluateResponse:
+        if request.ByteSize() > self.stream_threshold:
+            return call_streamed(self._stub.EvaluateStream, request.SerializeToString(), pb.EvaluateResponse,
+                                 PROTOBUF_LIMIT_BYTES, timeout=timeout, metadata=self._metadata)
         return self._stub.Evaluate(request, timeout=timeout, metadata=self._metadata)
 
     @retried
@@ -309,11 +317,12 @@ class Client:
     """
 
     def __init__(self, address: str, token: Optional[str] = None, timeout: Optional[float] = None, *,
-                 max_message_mb: float = DEFAULT_MAX_MESSAGE_MB, retry: RetryPolicy = RetryPolicy()):
+                 max_message_mb: float = DEFAULT_MAX_MESSAGE_MB, retry: RetryPolicy = RetryPolicy(),
+                 stream_threshold_mb: float = STREAM_THRESHOLD_BYTES / 2**20):
         self.address = address = with_port(address)
         self.timeout = timeout
         self._channel = grpc.insecure_channel(address, options=channel_options(max_message_mb))
-        self._rpc = CoordinatorRpc(self._channel, address, token, retry)
+        self._rpc = CoordinatorRpc(self._channel, address, token, retry, int(stream_threshold_mb * 2**20))
         self._registered: set[str] = set()
         self._uploaded: set[str] = set()
 

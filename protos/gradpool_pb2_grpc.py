@@ -53,6 +53,16 @@ class CoordinatorStub:
                 request_serializer=gradpool_dot_protos_dot_gradpool__pb2.EvaluateRequest.SerializeToString,
                 response_deserializer=gradpool_dot_protos_dot_gradpool__pb2.EvaluateResponse.FromString,
                 _registered_method=True)
+        self.ComputeGradientsStream = channel.stream_stream(
+                '/gradpool.v1.Coordinator/ComputeGradientsStream',
+                request_serializer=gradpool_dot_protos_dot_gradpool__pb2.Frame.SerializeToString,
+                response_deserializer=gradpool_dot_protos_dot_gradpool__pb2.Frame.FromString,
+                _registered_method=True)
+        self.EvaluateStream = channel.stream_stream(
+                '/gradpool.v1.Coordinator/EvaluateStream',
+                request_serializer=gradpool_dot_protos_dot_gradpool__pb2.Frame.SerializeToString,
+                response_deserializer=gradpool_dot_protos_dot_gradpool__pb2.Frame.FromString,
+                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/gradpool.v1.Coordinator/GetStatus',
                 request_serializer=gradpool_dot_protos_dot_gradpool__pb2.StatusRequest.SerializeToString,
@@ -109,6 +119,21 @@ class CoordinatorServicer:
     def Evaluate(self, request, context):
         """Forward only: values of per-example nodes (predictions) for a batch.
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ComputeGradientsStream(self, request_iterator, context):
+        """The same two for messages above a few tens of MB: the serialized request
+        and response travel as streams of Frames, so no single message is large
+        and the message limit stays modest. The SDK picks these by size.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EvaluateStream(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -173,6 +198,16 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.Evaluate,
                     request_deserializer=gradpool_dot_protos_dot_gradpool__pb2.EvaluateRequest.FromString,
                     response_serializer=gradpool_dot_protos_dot_gradpool__pb2.EvaluateResponse.SerializeToString,
+            ),
+            'ComputeGradientsStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ComputeGradientsStream,
+                    request_deserializer=gradpool_dot_protos_dot_gradpool__pb2.Frame.FromString,
+                    response_serializer=gradpool_dot_protos_dot_gradpool__pb2.Frame.SerializeToString,
+            ),
+            'EvaluateStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.EvaluateStream,
+                    request_deserializer=gradpool_dot_protos_dot_gradpool__pb2.Frame.FromString,
+                    response_serializer=gradpool_dot_protos_dot_gradpool__pb2.Frame.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
@@ -290,6 +325,60 @@ class Coordinator:
             '/gradpool.v1.Coordinator/Evaluate',
             gradpool_dot_protos_dot_gradpool__pb2.EvaluateRequest.SerializeToString,
             gradpool_dot_protos_dot_gradpool__pb2.EvaluateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ComputeGradientsStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/gradpool.v1.Coordinator/ComputeGradientsStream',
+            gradpool_dot_protos_dot_gradpool__pb2.Frame.SerializeToString,
+            gradpool_dot_protos_dot_gradpool__pb2.Frame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EvaluateStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/gradpool.v1.Coordinator/EvaluateStream',
+            gradpool_dot_protos_dot_gradpool__pb2.Frame.SerializeToString,
+            gradpool_dot_protos_dot_gradpool__pb2.Frame.FromString,
             options,
             channel_credentials,
             insecure,
@@ -485,6 +574,11 @@ class WorkerStub:
                 request_serializer=gradpool_dot_protos_dot_gradpool__pb2.ShardRequest.SerializeToString,
                 response_deserializer=gradpool_dot_protos_dot_gradpool__pb2.ShardResponse.FromString,
                 _registered_method=True)
+        self.RunShardStream = channel.stream_stream(
+                '/gradpool.v1.Worker/RunShardStream',
+                request_serializer=gradpool_dot_protos_dot_gradpool__pb2.Frame.SerializeToString,
+                response_deserializer=gradpool_dot_protos_dot_gradpool__pb2.Frame.FromString,
+                _registered_method=True)
         self.GetWorkerStatus = channel.unary_unary(
                 '/gradpool.v1.Worker/GetWorkerStatus',
                 request_serializer=gradpool_dot_protos_dot_gradpool__pb2.WorkerStatusRequest.SerializeToString,
@@ -518,6 +612,13 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RunShardStream(self, request_iterator, context):
+        """RunShard for large shards: ShardRequest and ShardResponse as Frames.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetWorkerStatus(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -544,6 +645,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.RunShard,
                     request_deserializer=gradpool_dot_protos_dot_gradpool__pb2.ShardRequest.FromString,
                     response_serializer=gradpool_dot_protos_dot_gradpool__pb2.ShardResponse.SerializeToString,
+            ),
+            'RunShardStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.RunShardStream,
+                    request_deserializer=gradpool_dot_protos_dot_gradpool__pb2.Frame.FromString,
+                    response_serializer=gradpool_dot_protos_dot_gradpool__pb2.Frame.SerializeToString,
             ),
             'GetWorkerStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetWorkerStatus,
@@ -613,6 +719,33 @@ class Worker:
             '/gradpool.v1.Worker/RunShard',
             gradpool_dot_protos_dot_gradpool__pb2.ShardRequest.SerializeToString,
             gradpool_dot_protos_dot_gradpool__pb2.ShardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunShardStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/gradpool.v1.Worker/RunShardStream',
+            gradpool_dot_protos_dot_gradpool__pb2.Frame.SerializeToString,
+            gradpool_dot_protos_dot_gradpool__pb2.Frame.FromString,
             options,
             channel_credentials,
             insecure,

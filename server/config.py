@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from gradpool.worker.datasets import DEFAULT_DATASET_CACHE_BYTES
+from gradpool.worker.streams import STREAM_THRESHOLD_BYTES
 from gradpool.worker.rpc import DEFAULT_MAX_MESSAGE_MB, env_default, message_limit_bytes
 
 
@@ -25,6 +26,7 @@ class CoordinatorConfig:
     request_timeout_seconds: float = 600.0
     max_graphs: int = 256
     dataset_cache_mb: float = DEFAULT_DATASET_CACHE_BYTES / 2**20
+    stream_threshold_mb: float = STREAM_THRESHOLD_BYTES / 2**20
     threads: int = 32
     grace_seconds: float = 5.0
     log_level: str = "INFO"
@@ -62,6 +64,10 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "gradpool coord
                                                                DEFAULT_DATASET_CACHE_BYTES // 2**20),
         help="memory for resident datasets, in MB; the largest dataset a client may upload (LRU; an evicted "
              "one is uploaded again by the SDK) (env GRADPOOL_DATASET_CACHE_MB, default %(default)s)")
+    add("--stream-threshold-mb", type=float, default=env_default("GRADPOOL_STREAM_THRESHOLD_MB",
+                                                                  STREAM_THRESHOLD_BYTES // 2**20),
+        help="shards larger than this go to workers as a stream of chunks (RunShardStream), not one message "
+             "(env GRADPOOL_STREAM_THRESHOLD_MB, default %(default)s)")
     add("--threads", type=int, default=env_default("GRADPOOL_THREADS", 32),
         help="concurrent RPCs served (env GRADPOOL_THREADS, default %(default)s)")
     add("--grace-seconds", type=float, default=env_default("GRADPOOL_GRACE_SECONDS", 5.0),
@@ -80,7 +86,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "gradpool coord
         parser.error(f"need 0 < --heartbeat-seconds ({args.heartbeat_seconds}) < --lease-seconds "
                      f"({args.lease_seconds})")
     if (not args.request_timeout_seconds > 0 or args.max_graphs < 1 or args.threads < 1
-            or not args.dataset_cache_mb > 0):
+            or not args.dataset_cache_mb > 0 or not args.stream_threshold_mb > 0):
         parser.error("--request-timeout-seconds, --max-graphs, --dataset-cache-mb and --threads must be positive")
     try:
         message_limit_bytes(args.max_message_mb)

@@ -26,6 +26,7 @@ from gradpool.worker.engine.tensors import add_named
 from gradpool.worker.engine import OrderedSum, Program, from_named, graph_id
 from gradpool.worker.datasets import Dataset, DatasetStore, assemble, check_indices, indices_from
 from gradpool.worker.engine.errors import GradpoolError, InputError, quoted
+from gradpool.worker.streams import PROTOBUF_LIMIT_BYTES, from_frames, parse, to_frames
 from gradpool.worker.engine.tensors import DTYPE_TO_PROTO, checked_bytes
 from gradpool.worker.rpc import (
     VERSION,
@@ -105,6 +106,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             self.registry.add_static(address)
         self.graphs = GraphStore(config.max_graphs)
         self.datasets = DatasetStore(int(config.dataset_cache_mb * 2**20))
+        self.max_stream_bytes = PROTOBUF_LIMIT_BYTES
         self.totals = Totals()
         self._totals_lock = threading.Lock()
         self._metadata = auth_metadata(config.token)
@@ -119,6 +121,26 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     @translate_errors
     def ComputeGradients(self, request: pb.GradientsRequest, context: grpc.ServicerContext) -> pb.GradientsResponse:
+        return self._compute_gradients(request, context)
+
+    @translate_errors
+    def ComputeGradientsStream(self, request_iterator: Iterator[pb.Frame],
+                               context: grpc.ServicerContext) -> Iterator[pb.Frame]:
+        request = parse(pb.GradientsRequest, from_frames(request_iterator, self.max_stream_bytes))
+        return to_frames(self._compute_gradients(request, context).SerializeToString())
+
+    @translate_errors
+    def Evaluate(self, request: pb.EvaluateRequest, context: grpc.ServicerContext) -> pb.EvaluateResponse:
+        return self._evaluate(request, context)
+
+    @translate_errors
+    def EvaluateStream(self, request_iterator: Iterator[pb.Frame],
+                       context: grpc.ServicerContext) -> Iterator[pb.Frame]:
+        request = parse(pb.EvaluateRequest, from_frames(request_iterator, self.max_stream_bytes))
+        return to_frames(self._evaluate(request, context).SerializeToString())
+
+    def _compute_gradients(self, request: pb.GradientsRequest, context: grpc.ServicerContext
+                           ) -> pb.GradientsResponse:
         started = time.perf_counter()
         with self._tally() as tally:
             record = self._graph(request.graph_id)
@@ -138,8 +160,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             reply.seconds = time.perf_counter() - started
             return reply
 
-    @translate_errors
-    def Evaluate(self, request: pb.EvaluateRequest, context: grpc.ServicerContext) -> pb.EvaluateResponse:
+    def _evaluate(self, request: pb.EvaluateRequest, context: grpc.ServicerContext) -> pb.EvaluateResponse:
         started = time.perf_counter()
         with self._tally() as tally:
             record = self._graph(request.graph_id)
@@ -283,7 +304,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         limit = self.config.request_timeout_seconds
         timeout = limit if remaining is None or remaining > limit else remaining
         log.debug("request %s: %d shard(s), %.1fs to go", request_id or "-", len(shards), timeout)
-        with FanOut(shards, record, self.registry, time.monotonic() + timeout, self._metadata, dataset) as fan:
+        with FanOut(shards, record, self.registry, time.monotonic() + timeout, self._metadata, dataset,
+                    int(self.config.stream_threshold_mb * 2**20)) as fan:
             context.add_callback(fan.cancel)  # the client went away
             try:
                 yield fan.results()

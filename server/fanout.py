@@ -12,6 +12,7 @@ not depend on the worker.
 
 from __future__ import annotations
 
+import concurrent.futures
 import queue
 import time
 from dataclasses import dataclass, field
@@ -26,12 +27,15 @@ from gradpool.worker.engine import Program, shard_bounds
 from gradpool.worker.engine.signature import WireInput
 from gradpool.worker.engine.tensors import fill_tensor
 from gradpool.worker.rpc import MISSING_DATASET, RpcFailure, rpc_error_kind
+from gradpool.worker.streams import PROTOBUF_LIMIT_BYTES, STREAM_THRESHOLD_BYTES, StreamedCall, parse
 
 from .registry import WorkerEntry, WorkerRegistry
 
 # Including the first: one NOT_FOUND -> LoadGraph -> retry cycle, plus one
 # in case the worker evicted the graph again in between.
 MAX_ATTEMPTS = 3
+# Streamed shards block a thread each for their transfer (unary ones do not).
+STREAM_EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="shard-stream")
 
 
 @dataclass(frozen=True)
@@ -179,6 +183,7 @@ class FanOut:
     deadline: float  # time.monotonic()
     metadata: tuple[tuple[str, str], ...] = ()
     dataset: Optional[Dataset] = None
+    stream_threshold: int = STREAM_THRESHOLD_BYTES
     _done: "queue.SimpleQueue[tuple[Shard, grpc.Future]]" = field(default_factory=queue.SimpleQueue)
     _futures: dict[int, grpc.Future] = field(default_factory=dict)
 
@@ -202,7 +207,7 @@ class FanOut:
             shard, future = self._next_done()
             try:
                 response = future.result()
-            except (grpc.RpcError, grpc.FutureCancelledError) as err:
+            except (grpc.RpcError, grpc.FutureCancelledError, concurrent.futures.CancelledError) as err:
                 code = err.code() if isinstance(err, grpc.RpcError) else grpc.StatusCode.CANCELLED
                 details = err.details() if isinstance(err, grpc.RpcError) else "cancelled"
                 kind = rpc_error_kind(err) if isinstance(err, grpc.RpcError) else ""
@@ -252,7 +257,12 @@ class FanOut:
         shard.attempts += 1
         worker.acquire()
         try:
-            future = worker.run_shard.future(shard.request, timeout=self._remaining(), metadata=self.metadata)
+            if len(shard.request) > self.stream_threshold:
+                future = StreamedCall.start(STREAM_EXECUTOR, worker.stub.RunShardStream, shard.request,
+                                            lambda data: parse(pb.ShardResponse, data), PROTOBUF_LIMIT_BYTES,
+                                            timeout=self._remaining(), metadata=self.metadata)
+            else:
+                future = worker.run_shard.future(shard.request, timeout=self._remaining(), metadata=self.metadata)
         except ValueError:  # the channel closed: the worker left the pool just now
             worker.release()
             self._failed(shard, grpc.StatusCode.UNAVAILABLE, "the worker left the pool")

@@ -39,12 +39,12 @@ VERSION = _installed_version()
 
 # ---------------------------------------------------------------- shared gRPC plumbing
 
-# gRPC's default limit is 4 MB received per message. Tensors travel inside
-# one message each way (streaming in chunks is a later optimisation), so the
-# limit is raised on purpose, on every server and channel, to something that
-# fits 100 MB of params plus a 100 MB batch with room to spare. gRPC lengths
-# are signed 32-bit, so 2 GiB - 1 byte is the hard cap.
-DEFAULT_MAX_MESSAGE_MB = 1024.0
+# gRPC's default limit is 4 MB received per message. Messages above the
+# stream threshold (32 MB) travel as streams of 4 MB frames and datasets as
+# 4 MB chunks, so one message is never large: the limit is raised only to
+# 64 MB, which every unary message the SDK sends fits. gRPC lengths are
+# signed 32-bit, so 2 GiB - 1 byte is the hard cap.
+DEFAULT_MAX_MESSAGE_MB = 64.0
 GRPC_HARD_LIMIT_BYTES = 2**31 - 1
 AUTH_HEADER = "authorization"
 # Liveness probes (docker, grpc_health_probe) need no token; they learn nothing.

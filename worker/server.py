@@ -32,6 +32,7 @@ from gradpool.worker.engine.tensors import add_named
 from gradpool.worker.datasets import DEFAULT_DATASET_CACHE_BYTES, DatasetStore, assemble, indices_from
 from gradpool.worker.engine import Program, from_named, graph_id
 from gradpool.worker.engine.errors import GradpoolError
+from gradpool.worker.streams import PROTOBUF_LIMIT_BYTES, from_frames, parse, to_frames
 from gradpool.worker.rpc import (
     DEFAULT_MAX_MESSAGE_MB,
     LruCache,
@@ -91,6 +92,15 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     @translate_errors
     def RunShard(self, request: pb.ShardRequest, context: grpc.ServicerContext) -> pb.ShardResponse:
+        return self._run_shard(request, context)
+
+    @translate_errors
+    def RunShardStream(self, request_iterator: Iterator[pb.Frame],
+                       context: grpc.ServicerContext) -> Iterator[pb.Frame]:
+        request = parse(pb.ShardRequest, from_frames(request_iterator, PROTOBUF_LIMIT_BYTES))
+        return to_frames(self._run_shard(request, context).SerializeToString())
+
+    def _run_shard(self, request: pb.ShardRequest, context: grpc.ServicerContext) -> pb.ShardResponse:
         started = time.perf_counter()
         program = self.graphs.get(request.graph_id)
         if program is None:
