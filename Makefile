@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test protos bench clean
+.PHONY: setup demo test compose-test protos bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The docker-compose cluster on a real Docker engine: build, up, the checks, down -v.
+compose-test: setup
+	$(BIN)/python scripts/compose_test.py
 
 protos: setup
 	$(BIN)/python scripts/gen_protos.py

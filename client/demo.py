@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -203,11 +204,20 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
 
 
 def prepare_out(folder: str) -> Path:
+    """Create the output folder and prove it writable (a file is created and removed),
+    so that a path error costs nothing rather than the whole run: a folder can exist
+    and still refuse this user (a Docker volume created by root, a read-only mount)."""
     out = Path(folder)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise DemoError(f"cannot create the output folder {out}: {err.strerror or err}") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".gradpool-write-check.", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise DemoError(f"cannot write to the output folder {out}: {err.strerror or err}") from None
     return out
 
 

@@ -49,7 +49,10 @@ NEVER_RETRIED: tuple[grpc.StatusCode, ...] = (
     grpc.StatusCode.UNIMPLEMENTED,
     grpc.StatusCode.RESOURCE_EXHAUSTED,  # mostly "message larger than max": the same message fails again
     grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.CANCELLED,
+    # Not CANCELLED: the SDK never cancels its own calls, so a CANCELLED comes
+    # from the other side, as gRPC answers the calls that reach a server while
+    # it shuts down (seen on every third or so restart of the compose coordinator
+    # during training); every call here is idempotent, so it is sent again.
     grpc.StatusCode.INTERNAL,
     grpc.StatusCode.DATA_LOSS,
     grpc.StatusCode.UNKNOWN,

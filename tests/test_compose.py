@@ -1,8 +1,9 @@
-"""docker-compose.yml, checked without a Docker engine.
+"""docker-compose.yml, checked without a Docker engine; `make compose-test`
+(scripts/compose_test.py) runs the real thing where there is one.
 
-This machine has none, so the test reads the compose file, checks its
-structure, and starts each service's exact `command` and `environment` as
-local processes of the image's entrypoint (`gradpool`). Only two things
+Here the test reads the compose file, checks its structure, and starts
+each service's exact `command` and `environment` as local processes of the
+image's entrypoint (`gradpool`). Only two things
 change: service names resolve to 127.0.0.1, and the container ports (50051,
 50052) map to free local ports, since two "containers" share one host here.
 Then a gradient request goes through them and each healthcheck command runs:
@@ -45,6 +46,9 @@ def test_compose_structure() -> None:
         assert service["restart"] in ("unless-stopped", "always", "on-failure")
         assert service["healthcheck"]["test"][:3] == ["CMD", "gradpool", "health"]
         assert service["image"] == "gradpool:latest"
+    assert worker["expose"] == ["50052"] and worker["environment"]["GRADPOOL_WORKER_PORT"] == "50052", \
+        "workers declare the port they listen on"
+    assert demo["healthcheck"] == {"disable": True}, "a one-off job does not inherit the servers' healthcheck"
     assert demo["profiles"] == ["demo"] and demo["build"]["args"]["EXTRAS"] == "demo"
     assert demo["command"][0] == "demo" and "coordinator:50051" in demo["command"]
 
@@ -52,12 +56,37 @@ def test_compose_structure() -> None:
 def test_dockerfile_is_small_and_unprivileged() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^FROM python:\$\{PYTHON_VERSION\}-slim\s*$", dockerfile, re.M), "slim final stage"
-    assert re.search(r"^USER gradpool$", dockerfile, re.M), "runs as a non-root user"
+    assert re.search(r"^USER 10001$", dockerfile, re.M), "runs as a non-root user, numeric (hadolint DL3066)"
+    assert re.search(r"install -d -o 10001 -g 10001 /home/gradpool/gradpool-out", dockerfile), \
+        "the demo's output folder exists and is the user's, so its named volume is writable"
+    assert SERVICES["demo"]["volumes"] == ["demo-out:/home/gradpool/gradpool-out"]
+    assert re.search(r"^HEALTHCHECK .*\n\s+CMD gradpool health", dockerfile, re.M)
+    build_stage = dockerfile.rsplit("FROM ", 1)[0]
+    assert build_stage.index("requirements.txt") < build_stage.index("COPY client"), \
+        "dependencies are installed in a layer before the sources are copied"
+    assert "--no-deps" in build_stage
     assert 'ENTRYPOINT ["gradpool"]' in dockerfile
     final_stage = dockerfile.rsplit("FROM ", 1)[1]
     assert "COPY tests" not in dockerfile and "pip install" not in final_stage, "no tests or build steps in it"
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {"tests", ".venv", ".git"} <= set(ignored)
+
+
+def test_the_image_dependency_layer_installs_what_pyproject_declares() -> None:
+    """The Dockerfile installs the dependencies from scripts/requirements.py before the
+    sources: it must list exactly pyproject's, with the extra's, or the image breaks."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10, as scripts/requirements.py does
+        from pip._vendor import tomli as tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for extras, want in (("", project["dependencies"]),
+                         ("demo", project["dependencies"] + project["optional-dependencies"]["demo"])):
+        result = subprocess.run([sys.executable, "scripts/requirements.py", "--extras", extras], cwd=ROOT,
+                                capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split("\n")[:-1] == want
 
 
 def free_port() -> str:

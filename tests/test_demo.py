@@ -7,6 +7,7 @@ must reach 90%, and the files it writes must be what the report says.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,27 @@ def test_an_unwritable_output_folder_fails_before_training(tmp_path: Path, capsy
     assert demo.main(["--local", "--out", str(blocker / "out")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("gradpool demo: error: cannot create the output folder") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("which", ["proc", "mode-555"])
+def test_an_existing_folder_that_refuses_writes_fails_before_training(which: str, tmp_path: Path, capsys,
+                                                                      monkeypatch) -> None:
+    """The Docker case: a volume created by root, the demo running as uid 10001.
+    Training then failing at the checkpoint lost the whole run; now nothing trains."""
+    if which == "mode-555" and os.geteuid() == 0:
+        pytest.skip("root writes through file modes (the proc case runs instead)")
+    folder = "/proc" if which == "proc" else tmp_path / "locked"
+    if which == "mode-555":
+        folder.mkdir(mode=0o555)
+
+    def tripwire(*args, **kwargs):
+        raise AssertionError("the demo loaded data and trained before checking --out")
+    monkeypatch.setattr(demo, "load_digits_split", tripwire)
+    assert demo.main(["--local", "--no-progress", "--out", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"gradpool demo: error: cannot write to the output folder {folder}: "), err
+    assert err.count("\n") == 1
+    assert not list(Path(folder).glob(".gradpool-write-check.*"))
 
 
 def test_help_through_the_gradpool_command(capsys) -> None:

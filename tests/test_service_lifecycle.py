@@ -163,3 +163,36 @@ def test_every_flag_has_an_environment_variable(monkeypatch):
     monkeypatch.setenv("GRADPOOL_LEASE_SECONDS", "0.1")
     with pytest.raises(SystemExit):
         coordinator_args([])  # a lease shorter than the heartbeat is refused
+
+
+def test_a_call_cancelled_by_a_stopping_server_is_sent_again():
+    """What a coordinator that is shutting down does to calls that reach it:
+    gRPC ends them CANCELLED. A real gRPC server on localhost answers the first
+    GetStatus that way; the SDK must retry it, not stop the training run."""
+    from concurrent import futures
+
+    class Stopping(pb_grpc.CoordinatorServicer):
+        calls = 0
+
+        def GetStatus(self, request, context):
+            Stopping.calls += 1
+            if Stopping.calls == 1:
+                context.abort(grpc.StatusCode.CANCELLED, "server shutting down")
+            return pb.StatusResponse(version="test")
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_CoordinatorServicer_to_server(Stopping(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=10) as client:
+            assert client.status().version == "test"
+        assert Stopping.calls == 2
+        with Client(f"127.0.0.1:{port}", timeout=10, retry=RetryPolicy(attempts=1)) as client:
+            Stopping.calls = 0
+            with pytest.raises(ServiceError) as err:
+                client.status()
+            assert err.value.code == grpc.StatusCode.CANCELLED
+    finally:
+        server.stop(None)
+
