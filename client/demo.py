@@ -203,11 +203,13 @@ def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
         parser.error(f"--train-examples must be >= 1, got {args.train_examples}")
 
 
-def prepare_out(folder: str) -> Path:
+def prepare_out(folder: str) -> tuple[Path, list[Path]]:
     """Create the output folder and prove it writable (a file is created and removed),
     so that a path error costs nothing rather than the whole run: a folder can exist
-    and still refuse this user (a Docker volume created by root, a read-only mount)."""
+    and still refuse this user (a Docker volume created by root, a read-only mount).
+    Returns it and the folders this created (for `remove_if_empty`)."""
     out = Path(folder)
+    created = [p for p in (out, *out.parents) if not p.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -217,13 +219,31 @@ def prepare_out(folder: str) -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
+        remove_if_empty(created)
         raise DemoError(f"cannot write to the output folder {out}: {err.strerror or err}") from None
-    return out
+    return out, created
+
+
+def remove_if_empty(created: list[Path]) -> None:
+    """A failed run leaves no empty folder behind (only those it created, deepest first)."""
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or gone: leave it
+            return
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train and write the outputs; returns the report (also written as metrics.json)."""
-    out = prepare_out(args.out)  # before training, so a bad --out costs nothing
+    out, created = prepare_out(args.out)  # before training, so a bad --out costs nothing
+    try:
+        return _train_and_write(args, out)
+    except BaseException:
+        remove_if_empty(created)
+        raise
+
+
+def _train_and_write(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     train, test, data_info = load_digits_split(args.seed, train_examples=args.train_examples)
     graph = build_mlp(data_info["features"], args.hidden, data_info["classes"])
     params = graph.init_params(args.seed)
