@@ -7,7 +7,6 @@ must reach 90%, and the files it writes must be what the report says.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
