@@ -29,7 +29,7 @@ from gradpool.protos import gradpool_pb2 as pb
 from gradpool.worker.engine.errors import CapacityError, InputError, quoted
 from gradpool.worker.engine.tensors import DTYPE_TO_PROTO, PROTO_TO_DTYPE, as_dtype, checked_bytes
 
-CHUNK_BYTES = 4 * 1024 * 1024  # a few MB a message: far below any message limit
+CHUNK_BYTES = 1024 * 1024  # well under any message limit the servers accept (2 MB and up)
 DEFAULT_DATASET_CACHE_BYTES = 4096 * 2**20
 MAX_ARRAYS = 256
 MAX_RANK = 8

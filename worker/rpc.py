@@ -54,8 +54,8 @@ PARENT_PID_ENV = "GRADPOOL_EXIT_WITH_PARENT"
 
 def message_limit_bytes(max_message_mb: float) -> int:
     """The message size limit in bytes, refusing values gRPC cannot honour."""
-    if not max_message_mb > 0:
-        raise ValueError(f"max message size must be positive, got {max_message_mb} MB")
+    if not max_message_mb >= 2:
+        raise ValueError(f"max message size must be at least 2 MB (streams send 1 MB frames), got {max_message_mb} MB")
     limit = int(max_message_mb * 1024 * 1024)
     if limit > GRPC_HARD_LIMIT_BYTES:
         raise ValueError(f"max message size {max_message_mb} MB exceeds gRPC's hard cap of 2047 MB")

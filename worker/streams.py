@@ -18,7 +18,7 @@ import grpc
 from gradpool.protos import gradpool_pb2 as pb
 from gradpool.worker.engine.errors import CapacityError, InputError
 
-FRAME_BYTES = 4 * 1024 * 1024
+FRAME_BYTES = 1024 * 1024  # well under any message limit the servers accept (2 MB and up)
 STREAM_THRESHOLD_BYTES = 32 * 1024 * 1024
 # protobuf cannot parse one message of 2 GiB or more: past that, upload the
 # data as a resident dataset (arrays of any size, assembled chunk by chunk).

@@ -1,0 +1,94 @@
+"""Large messages as streams of frames: exact results with a small message
+limit, and every malformed stream refused while the servers keep serving."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+import gradpool as gp
+from gradpool.protos import gradpool_pb2 as pb
+from gradpool.protos import gradpool_pb2_grpc as pb_grpc
+from gradpool.worker.engine import to_named
+from gradpool.worker.engine.errors import CapacityError, InputError
+from gradpool.worker.streams import from_frames, to_frames
+
+MESSAGE_MB = 4  # far below the 8 MB of params below: only streams get through
+
+
+def wide_model() -> gp.Graph:
+    g = gp.Graph("wide")
+    x = g.input("x", (1024,))
+    y = g.input("y", (), dtype="int64")
+    W = g.param("W", (1024, 2048))  # 8 MB of float32
+    g.set_loss(gp.softmax_cross_entropy((x @ W).named("logits"), y).mean() + 1e-3 * (W ** 2).sum())
+    return g
+
+
+def test_frames_round_trip_and_refuse_lies() -> None:
+    data = bytes(range(256)) * 1000
+    frames = list(to_frames(data, frame_bytes=1000))
+    assert len(frames) == 256 and frames[0].total_bytes == len(data)
+    assert bytes(from_frames(iter(frames), max_bytes=10**6)) == data
+    with pytest.raises(InputError, match="ended after"):
+        from_frames(iter(frames[:-1]), max_bytes=10**6)
+    with pytest.raises(InputError, match="more than the"):
+        from_frames(iter(frames + [pb.Frame(data=b"x")]), max_bytes=10**6)
+    with pytest.raises(InputError, match="declares its size once"):
+        from_frames(iter(frames[:1] + [pb.Frame(total_bytes=5, data=b"x")]), max_bytes=10**6)
+    with pytest.raises(CapacityError, match="larger than"):
+        from_frames(iter(frames), max_bytes=1000)
+    with pytest.raises(InputError, match="empty stream"):
+        from_frames(iter([]), max_bytes=1000)
+    assert bytes(from_frames(iter(to_frames(b"")), max_bytes=10)) == b""
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with gp.LocalCluster(workers=2, max_message_mb=MESSAGE_MB,
+                         coordinator_args=["--stream-threshold-mb", "1"]) as running:
+        yield running
+
+
+def test_messages_past_the_limit_travel_as_streams_and_stay_exact(cluster) -> None:
+    graph = wide_model()
+    params = graph.init_params(0)
+    rng = np.random.default_rng(0)
+    batch = {"x": rng.normal(size=(600, 1024)).astype(np.float32), "y": rng.integers(0, 2048, 600)}
+    with gp.Client(cluster.address, timeout=120, max_message_mb=MESSAGE_MB, stream_threshold_mb=1) as service:
+        result = service.gradients(graph, params, batch)
+        loss, grads = gp.local_gradients(graph, params, batch, shards=2)
+        assert result.loss == loss and np.array_equal(result.grads["W"], grads["W"])
+        logits = service.forward(graph, params, {"x": batch["x"]}, "logits")["logits"]
+        np.testing.assert_array_equal(logits, gp.local_forward(graph, params, {"x": batch["x"]}, ["logits"])["logits"])
+        ref = service.upload(batch)  # datasets travel in 4 MB chunks whatever their size
+        rows = np.arange(0, 600, 2)
+        result = service.gradients(graph, params, ref.take(rows))
+        loss, grads = gp.local_gradients(graph, params, {k: v[rows] for k, v in batch.items()}, shards=2)
+        assert result.loss == loss and np.array_equal(result.grads["W"], grads["W"])
+
+
+def test_a_unary_message_past_the_limit_is_refused_and_a_bad_stream_too(cluster) -> None:
+    graph = wide_model()
+    params = graph.init_params(0)
+    batch = {"x": np.zeros((2, 1024), np.float32), "y": np.zeros(2, np.int64)}
+    with gp.Client(cluster.address, timeout=60, max_message_mb=MESSAGE_MB) as service:
+        service.register(graph)
+    request = pb.GradientsRequest(graph_id=graph.graph_id, params=to_named(params), inputs=to_named(batch))
+    with grpc.insecure_channel(cluster.address, options=[("grpc.max_send_message_length", 64 * 2**20)]) as channel:
+        stub = pb_grpc.CoordinatorStub(channel)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ComputeGradients(request, timeout=30)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        frames = list(to_frames(request.SerializeToString()))
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.ComputeGradientsStream(iter(frames[:-1]), timeout=30))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "ended after" in caught.value.details()
+        with pytest.raises(grpc.RpcError) as caught:
+            list(stub.ComputeGradientsStream(iter(to_frames(b"\xff" * 100)), timeout=30))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a valid" in caught.value.details()
+        answer = pb.GradientsResponse.FromString(b"".join(f.data for f in stub.ComputeGradientsStream(
+            iter(frames), timeout=60)))
+        loss, _ = gp.local_gradients(graph, params, batch)
+        assert abs(answer.loss - loss) < 1e-6
