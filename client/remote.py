@@ -25,15 +25,15 @@ import numpy as np
 
 from gradpool.protos import gradpool_pb2 as pb
 from gradpool.protos import gradpool_pb2_grpc as pb_grpc
-from gradpool.worker.engine import from_named
+from gradpool.worker import wire
 from gradpool.worker.engine.errors import GradpoolError, GraphError, InputError, ShardingError
-from gradpool.worker.engine.tensors import add_named, fill_tensor
+from gradpool.worker.engine.tensors import fill_tensor
+from gradpool.worker.rpc import (DEFAULT_MAX_MESSAGE_MB, MISSING_DATASET, auth_metadata, channel_options, method_path,
+                                 rpc_error_kind, with_port)
 from gradpool.worker.streams import PROTOBUF_LIMIT_BYTES, STREAM_THRESHOLD_BYTES, call_streamed
-from gradpool.worker.rpc import (DEFAULT_MAX_MESSAGE_MB, MISSING_DATASET, auth_metadata, channel_options, rpc_error_kind,
-                                 with_port)
 
-from .graph import Graph
 from .data import DatasetRef, DatasetRows
+from .graph import Graph
 from .local import check_rows, checked_arrays, prepare_arrays
 
 # Retrying these cannot help: the request itself is wrong, or the caller may
@@ -165,6 +165,12 @@ class CoordinatorRpc:
         self.stream_threshold = stream_threshold
         self._stub = pb_grpc.CoordinatorStub(channel)
         self._metadata = auth_metadata(token)
+        # The heavy calls on raw bytes: requests written and responses read by wire.py.
+        raw = {"request_serializer": None, "response_deserializer": None}
+        self._compute = channel.unary_unary(method_path("Coordinator", "ComputeGradients"), **raw)
+        self._compute_stream = channel.stream_stream(method_path("Coordinator", "ComputeGradientsStream"), **raw)
+        self._evaluate = channel.unary_unary(method_path("Coordinator", "Evaluate"), **raw)
+        self._evaluate_stream = channel.stream_stream(method_path("Coordinator", "EvaluateStream"), **raw)
 
     @retried
     def register_graph(self, graph: pb.Graph, *, timeout: Optional[float] = None) -> str:
@@ -172,19 +178,26 @@ class CoordinatorRpc:
         return self._stub.RegisterGraph(request, timeout=timeout, metadata=self._metadata).graph_id
 
     @retried
-    def compute_gradients(self, request: pb.GradientsRequest, *,
-                          timeout: Optional[float] = None) -> pb.GradientsResponse:
-        if request.ByteSize() > self.stream_threshold:
-            return call_streamed(self._stub.ComputeGradientsStream, request.SerializeToString(),
-                                 pb.GradientsResponse, PROTOBUF_LIMIT_BYTES, timeout=timeout, metadata=self._metadata)
-        return self._stub.ComputeGradients(request, timeout=timeout, metadata=self._metadata)
+    def compute_gradients(self, request: "wire.Parts | bytes | pb.GradientsRequest", *,
+                          timeout: Optional[float] = None) -> wire.ResultView:
+        """A GradientsRequest (as written by `wire.request_parts`, or any
+        serialized one) in, the response read in place; streamed when large."""
+        return wire.read_gradients_response(self._call(self._compute, self._compute_stream, request, timeout))
 
     @retried
-    def evaluate(self, request: pb.EvaluateRequest, *, timeout: Optional[float] = None) -> pb.EvaluateResponse:
-        if request.ByteSize() > self.stream_threshold:
-            return call_streamed(self._stub.EvaluateStream, request.SerializeToString(), pb.EvaluateResponse,
-                                 PROTOBUF_LIMIT_BYTES, timeout=timeout, metadata=self._metadata)
-        return self._stub.Evaluate(request, timeout=timeout, metadata=self._metadata)
+    def evaluate(self, request: "wire.Parts | bytes | pb.EvaluateRequest", *,
+                 timeout: Optional[float] = None) -> wire.ResultView:
+        return wire.read_evaluate_response(self._call(self._evaluate, self._evaluate_stream, request, timeout))
+
+    def _call(self, unary: grpc.UnaryUnaryMultiCallable, streamed: grpc.StreamStreamMultiCallable,
+              request: "wire.Parts | bytes | Any", timeout: Optional[float]) -> "bytes | bytearray":
+        if not isinstance(request, (wire.Parts, bytes)):
+            request = request.SerializeToString()
+        size = request.size if isinstance(request, wire.Parts) else len(request)
+        if size > self.stream_threshold:
+            return call_streamed(streamed, request, PROTOBUF_LIMIT_BYTES, timeout=timeout, metadata=self._metadata)
+        return unary(request.join() if isinstance(request, wire.Parts) else request, timeout=timeout,
+                     metadata=self._metadata)
 
     @retried
     def upload_dataset(self, dataset: DatasetRef, *, timeout: Optional[float] = None) -> pb.DatasetInfo:
@@ -386,25 +399,27 @@ class Client:
                     self._registered.discard(key)
         raise AssertionError("unreachable")
 
-    def _batch_into(self, graph: Graph, params: Mapping[str, Any], batch: "Mapping[str, Any] | DatasetRows",
-                    request: "pb.GradientsRequest | pb.EvaluateRequest",
-                    outputs: Optional[Sequence[str]] = None) -> Optional[DatasetRows]:
-        """Check params and batch as every backend does, and put them into the request."""
+    def _request_body(self, graph: Graph, params: Mapping[str, Any], batch: "Mapping[str, Any] | DatasetRows",
+                      outputs: Optional[Sequence[str]] = None) -> tuple[wire.Parts, Optional[DatasetRows]]:
+        """Params and batch checked as every backend checks them, written once as
+        the request's body (views of the arrays, not copies): all but the graph id."""
+        rows_message = None
         if isinstance(batch, DatasetRows):
+            rows = batch
             needed_inputs, needed_params = (None, None) if outputs is None else graph.program().sources_for(outputs)
             if outputs is not None:
                 graph.program().check_outputs(outputs)
             check_rows(graph, batch, needed_inputs)
             params = prepare_arrays(graph, params, "param")
             graph.program().signature.check_arrays(params, "param", needed_params)
-            add_named(request.params, params)
-            request.rows.dataset_id = batch.dataset.dataset_id
-            fill_tensor(request.rows.indices, batch.indices)
-            return batch
-        params, arrays, _ = checked_arrays(graph, params, batch, outputs)
-        add_named(request.params, params)
-        add_named(request.inputs, arrays)
-        return None
+            arrays: Mapping[str, np.ndarray] = {}
+            rows_message = pb.DatasetRows(dataset_id=batch.dataset.dataset_id)
+            fill_tensor(rows_message.indices, batch.indices)
+        else:
+            rows = None
+            params, arrays, _ = checked_arrays(graph, params, batch, outputs)
+        _, body = wire.request_parts("", params, arrays, uuid.uuid4().hex, rows_message, outputs)
+        return body, rows
 
     # ------------------------------------------------------------ computing
 
@@ -414,14 +429,10 @@ class Client:
         computes them (`loss, grads = ...` unpacks it), with where each shard ran.
         `batch` is arrays, or rows of an uploaded dataset (`ref.take(indices)`)."""
         timeout = self._timeout(timeout)
-        request = pb.GradientsRequest(request_id=uuid.uuid4().hex)
-        rows = self._batch_into(graph, params, batch, request)
-
-        def call(key: str) -> pb.GradientsResponse:
-            request.graph_id = key
-            return self._rpc.compute_gradients(request, timeout=timeout)
-
-        response = self._with_resources(graph, rows, call, timeout)
+        body, rows = self._request_body(graph, params, batch)
+        response = self._with_resources(
+            graph, rows, lambda key: self._rpc.compute_gradients(wire.with_graph_id(key, body), timeout=timeout),
+            timeout)
         return GradientsResult(response.loss, _arrays(response.grads, "gradient"), response.examples,
                                [ShardStat.from_proto(s) for s in response.shards], response.seconds)
 
@@ -431,14 +442,9 @@ class Client:
         only, as `local_forward` computes them."""
         timeout = self._timeout(timeout)
         outputs = [outputs] if isinstance(outputs, str) else list(outputs)
-        request = pb.EvaluateRequest(outputs=outputs, request_id=uuid.uuid4().hex)
-        rows = self._batch_into(graph, params, batch, request, outputs)
-
-        def call(key: str) -> pb.EvaluateResponse:
-            request.graph_id = key
-            return self._rpc.evaluate(request, timeout=timeout)
-
-        response = self._with_resources(graph, rows, call, timeout)
+        body, rows = self._request_body(graph, params, batch, outputs)
+        response = self._with_resources(
+            graph, rows, lambda key: self._rpc.evaluate(wire.with_graph_id(key, body), timeout=timeout), timeout)
         return ForwardResult(_arrays(response.outputs, "output"), response.examples,
                              [ShardStat.from_proto(s) for s in response.shards], response.seconds)
 
@@ -464,6 +470,6 @@ class Client:
         return f"<gradpool.Client {self.address}>"
 
 
-def _arrays(named: Sequence[pb.NamedTensor], what: str) -> dict[str, np.ndarray]:
-    """Writable arrays (the decoded views are read-only and tie up the response)."""
-    return {name: np.array(value) for name, value in from_named(named, what).items()}
+def _arrays(named: Sequence[tuple[str, wire.TensorView]], what: str) -> dict[str, np.ndarray]:
+    """Writable arrays of their own (the views are read-only and would keep the response alive)."""
+    return {name: np.array(tensor.array()) for name, tensor in wire.named_map(named, what).items()}

@@ -22,29 +22,30 @@ import grpc
 
 from gradpool.protos import gradpool_pb2 as pb
 from gradpool.protos import gradpool_pb2_grpc as pb_grpc
-from gradpool.worker.engine.tensors import add_named
-from gradpool.worker.engine import OrderedSum, Program, from_named, graph_id
+from gradpool.worker import wire
 from gradpool.worker.datasets import Dataset, DatasetStore, assemble, check_indices, indices_from
+from gradpool.worker.engine import OrderedSum, Program, graph_id
 from gradpool.worker.engine.errors import GradpoolError, InputError, quoted
-from gradpool.worker.streams import PROTOBUF_LIMIT_BYTES, from_frames, parse, to_frames
-from gradpool.worker.engine.tensors import DTYPE_TO_PROTO, checked_bytes
+from gradpool.worker.engine.tensors import DTYPE_TO_PROTO
 from gradpool.worker.rpc import (
+    MISSING_DATASET,
+    MISSING_GRAPH,
     VERSION,
     LruCache,
     RpcFailure,
     add_health_and_reflection,
+    add_servicer,
     announce,
     auth_metadata,
     bind,
     channel_options,
-    MISSING_DATASET,
-    MISSING_GRAPH,
     interceptors,
     run_main,
     serve_until_signalled,
     server_options,
     translate_errors,
 )
+from gradpool.worker.streams import PROTOBUF_LIMIT_BYTES, from_frames, to_frames
 
 from .config import CoordinatorConfig, parse_args
 from .fanout import (
@@ -53,7 +54,6 @@ from .fanout import (
     GraphRecord,
     Shard,
     ShardFailed,
-    params_bytes,
     plan,
     shard_requests,
 )
@@ -119,68 +119,66 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                       context: grpc.ServicerContext) -> pb.RegisterGraphResponse:
         return pb.RegisterGraphResponse(graph_id=self.graphs.add(request.graph).graph_id)
 
-    @translate_errors
-    def ComputeGradients(self, request: pb.GradientsRequest, context: grpc.ServicerContext) -> pb.GradientsResponse:
-        return self._compute_gradients(request, context)
+    # ComputeGradients, Evaluate and their *Stream twins take and return raw
+    # bytes (registered so by `add_servicer`): the tensors in them are read in
+    # place and forwarded as views, never copied through protobuf objects.
 
     @translate_errors
-    def ComputeGradientsStream(self, request_iterator: Iterator[pb.Frame],
-                               context: grpc.ServicerContext) -> Iterator[pb.Frame]:
-        request = parse(pb.GradientsRequest, from_frames(request_iterator, self.max_stream_bytes))
-        return to_frames(self._compute_gradients(request, context).SerializeToString())
+    def ComputeGradients(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        return self._compute_gradients(request, context).join()
 
     @translate_errors
-    def Evaluate(self, request: pb.EvaluateRequest, context: grpc.ServicerContext) -> pb.EvaluateResponse:
-        return self._evaluate(request, context)
+    def ComputeGradientsStream(self, request_iterator: Iterator[bytes],
+                               context: grpc.ServicerContext) -> Iterator[bytes]:
+        return to_frames(self._compute_gradients(from_frames(request_iterator, self.max_stream_bytes), context))
 
     @translate_errors
-    def EvaluateStream(self, request_iterator: Iterator[pb.Frame],
-                       context: grpc.ServicerContext) -> Iterator[pb.Frame]:
-        request = parse(pb.EvaluateRequest, from_frames(request_iterator, self.max_stream_bytes))
-        return to_frames(self._evaluate(request, context).SerializeToString())
+    def Evaluate(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        return self._evaluate(request, context).join()
 
-    def _compute_gradients(self, request: pb.GradientsRequest, context: grpc.ServicerContext
-                           ) -> pb.GradientsResponse:
+    @translate_errors
+    def EvaluateStream(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        return to_frames(self._evaluate(from_frames(request_iterator, self.max_stream_bytes), context))
+
+    def _compute_gradients(self, data: "bytes | bytearray", context: grpc.ServicerContext) -> wire.Parts:
         started = time.perf_counter()
         with self._tally() as tally:
+            request = wire.read_request(data)
             record = self._graph(request.graph_id)
             program = record.program
             program.signature.check_wire_params(request.params)
             batch = self._batch(program, request)
-            shards = self._shards(record, params_bytes(request), batch)
+            shards = self._shards(record, request.param_fields, batch)
             total = OrderedSum(len(shards))
             with self._fan_out(shards, record, batch.dataset, context, request.request_id) as results:
                 for shard, response in results:
                     total.add(shard.index, response.loss, self._shard_grads(program, shard, response))
             assert total.grads is not None
             tally.examples = batch.examples
-            reply = pb.GradientsResponse(loss=total.loss, examples=batch.examples,
-                                         shards=[s.stats() for s in shards])
-            add_named(reply.grads, total.grads)
-            reply.seconds = time.perf_counter() - started
-            return reply
+            return wire.gradients_response(total.loss, total.grads, batch.examples, [s.stats() for s in shards],
+                                           time.perf_counter() - started)
 
-    def _evaluate(self, request: pb.EvaluateRequest, context: grpc.ServicerContext) -> pb.EvaluateResponse:
+    def _evaluate(self, data: "bytes | bytearray", context: grpc.ServicerContext) -> wire.Parts:
         started = time.perf_counter()
         with self._tally() as tally:
+            request = wire.read_request(data, evaluate=True)
             record = self._graph(request.graph_id)
             program = record.program
-            outputs = list(request.outputs)
+            outputs = request.outputs
             program.check_outputs(outputs)
             needed_inputs, needed_params = program.sources_for(outputs)
             program.signature.check_wire_params(request.params, needed_params)
             batch = self._batch(program, request, needed_inputs)
-            shards = self._shards(record, params_bytes(request), batch, mode=pb.ShardRequest.FORWARD,
+            shards = self._shards(record, request.param_fields, batch, mode=pb.ShardRequest.FORWARD,
                                   outputs=outputs)
-            pieces: list[Optional[pb.ShardResponse]] = [None] * len(shards)
+            pieces: list[Optional[wire.ResultView]] = [None] * len(shards)
             with self._fan_out(shards, record, batch.dataset, context, request.request_id) as results:
                 for shard, response in results:
                     self._check_examples(shard, response)
                     pieces[shard.index] = response
             tally.examples = batch.examples
-            return pb.EvaluateResponse(outputs=self._concat_outputs(program, outputs, shards, pieces),
-                                       examples=batch.examples, shards=[s.stats() for s in shards],
-                                       seconds=time.perf_counter() - started)
+            return wire.evaluate_response(self._concat_outputs(program, outputs, shards, pieces), batch.examples,
+                                          [s.stats() for s in shards], time.perf_counter() - started)
 
     @translate_errors
     def UploadDataset(self, request_iterator: Iterator[pb.DatasetChunk],
@@ -264,11 +262,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                              "uploaded, evicted, or the coordinator restarted): upload it again", MISSING_DATASET)
         return dataset
 
-    def _batch(self, program: Program, request: "pb.GradientsRequest | pb.EvaluateRequest",
-               required: Optional[set[str]] = None) -> Batch:
+    def _batch(self, program: Program, request: wire.RequestView, required: Optional[set[str]] = None) -> Batch:
         """The request's examples: inline inputs (checked, bytes kept to slice)
         or rows of a resident dataset (checked against the graph, indices in range)."""
-        if not request.HasField("rows"):
+        if request.rows is None:
             examples, inputs = program.signature.check_wire_inputs(request.inputs, required)
             return Batch(examples, inputs=inputs)
         if request.inputs:
@@ -283,7 +280,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             raise InputError("the batch is empty: send at least one example")
         return Batch(int(indices.size), dataset=dataset, indices=indices)
 
-    def _shards(self, record: GraphRecord, params: bytes, batch: Batch,
+    def _shards(self, record: GraphRecord, params: Sequence[memoryview], batch: Batch,
                 mode: int = pb.ShardRequest.GRADIENTS, outputs: Sequence[str] = ()) -> list[Shard]:
         pool = self.registry.pool()
         if not pool:
@@ -318,11 +315,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         if response.examples != shard.examples:
             raise RpcFailure(grpc.StatusCode.INTERNAL, f"{shard.describe()} reported {response.examples} examples")
 
-    def _shard_grads(self, program: Program, shard: Shard, response: pb.ShardResponse) -> dict:
-        """A shard's gradients, checked against the graph before they are summed."""
+    def _shard_grads(self, program: Program, shard: Shard, response: wire.ResultView) -> dict:
+        """A shard's gradients (read-only views of its response), checked against
+        the graph before they are summed."""
         self._check_examples(shard, response)
         try:
-            grads = from_named(response.grads, "gradient")
+            grads = {name: tensor.array() for name, tensor in wire.named_map(response.grads, "gradient").items()}
         except GradpoolError as err:
             raise RpcFailure(grpc.StatusCode.INTERNAL, f"{shard.describe()} sent bad gradients: {err}") from None
         if set(grads) != set(program.params) or any(
@@ -334,28 +332,23 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     @staticmethod
     def _concat_outputs(program: Program, outputs: list[str], shards: list[Shard],
-                        pieces: list[Optional[pb.ShardResponse]]) -> list[pb.NamedTensor]:
-        """Each output's rows from every shard, joined along the batch axis as raw bytes."""
+                        pieces: list[Optional[wire.ResultView]]) -> list[tuple[str, int, tuple, list[memoryview]]]:
+        """Each output's rows from every shard, to be joined along the batch axis as raw bytes."""
         joined = []
         for name in outputs:
             node = program.node(name)
             datas = []
             for shard, response in zip(shards, pieces):
                 assert response is not None
-                tensor = next((o.tensor for o in response.outputs if o.name == name), None)
+                tensor = next((t for n, t in response.outputs if n == name), None)
                 if tensor is None:
                     raise RpcFailure(grpc.StatusCode.INTERNAL, f"{shard.describe()} did not return {quoted(name)}")
-                try:
-                    dtype, shape, data = checked_bytes(tensor, f"output {quoted(name)}")
-                except GradpoolError as err:
-                    raise RpcFailure(grpc.StatusCode.INTERNAL, f"{shard.describe()}: {err}") from None
-                if dtype != node.dtype or shape != (shard.examples, *node.shape[1:]):
-                    raise RpcFailure(grpc.StatusCode.INTERNAL,
-                                     f"{shard.describe()} returned {quoted(name)} as {shape} of {dtype}")
-                datas.append(data)
+                if tensor.dtype != node.dtype or tensor.shape != (shard.examples, *node.shape[1:]):
+                    raise RpcFailure(grpc.StatusCode.INTERNAL, f"{shard.describe()} returned {quoted(name)} as "
+                                     f"{tensor.shape} of {tensor.dtype}")
+                datas.append(tensor.data)
             rows = sum(s.examples for s in shards)
-            joined.append(pb.NamedTensor(name=name, tensor=pb.Tensor(
-                dtype=DTYPE_TO_PROTO[node.dtype], shape=(rows, *node.shape[1:]), data=b"".join(datas))))
+            joined.append((name, DTYPE_TO_PROTO[node.dtype], (rows, *node.shape[1:]), datas))
         return joined
 
 
@@ -414,7 +407,8 @@ def start(config: CoordinatorConfig) -> RunningCoordinator:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="coordinator"),
                          options=server_options(config.max_message_mb), interceptors=interceptors(config.token))
     servicer = CoordinatorServicer(config)
-    pb_grpc.add_CoordinatorServicer_to_server(servicer, server)
+    add_servicer(server, servicer, "Coordinator",
+                 raw=("ComputeGradients", "ComputeGradientsStream", "Evaluate", "EvaluateStream"))
     health = add_health_and_reflection(server, [SERVICE_NAME])
     port = bind(server, config.host, config.port)
     server.start()

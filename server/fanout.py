@@ -22,12 +22,14 @@ import grpc
 import numpy as np
 
 from gradpool.protos import gradpool_pb2 as pb
+from gradpool.worker import wire
 from gradpool.worker.datasets import Dataset
-from gradpool.worker.engine import Program, shard_bounds
+from gradpool.worker.engine import GradpoolError, Program, shard_bounds
 from gradpool.worker.engine.signature import WireInput
 from gradpool.worker.engine.tensors import fill_tensor
 from gradpool.worker.rpc import MISSING_DATASET, RpcFailure, rpc_error_kind
-from gradpool.worker.streams import PROTOBUF_LIMIT_BYTES, STREAM_THRESHOLD_BYTES, StreamedCall, parse
+from gradpool.worker.streams import PROTOBUF_LIMIT_BYTES, STREAM_THRESHOLD_BYTES, StreamedCall
+from gradpool.worker.wire import Parts
 
 from .registry import WorkerEntry, WorkerRegistry
 
@@ -60,7 +62,7 @@ class Shard:
     index: int
     start: int
     stop: int
-    request: bytes  # a serialized ShardRequest, worker-independent
+    request: Parts  # a ShardRequest, worker-independent (views of the client's bytes)
     worker: WorkerEntry
     attempts: int = 0
     first_sent: float = 0.0
@@ -116,42 +118,13 @@ def plan(pool: Sequence[WorkerEntry], examples: int) -> list[tuple[WorkerEntry, 
     return [(worker, start, stop) for worker, (start, stop) in zip(pool, bounds)]
 
 
-def params_bytes(request: "pb.GradientsRequest | pb.EvaluateRequest") -> bytes:
-    """The request's params, serialized once as ShardRequest field bytes.
-
-    Every other field is cleared and the request serialized as it is: its
-    `params` field has the same number and type as ShardRequest's (checked
-    below), so the bytes are valid ShardRequest bytes holding only params.
-    The caller must be done with the other fields.
-    """
-    for field in request.DESCRIPTOR.fields:
-        if field.name != "params":
-            request.ClearField(field.name)
-    return request.SerializeToString()
-
-
-def _check_params_fields_agree() -> None:
-    """params_bytes relies on this; a proto change that breaks it must fail loudly at import."""
-    theirs = pb.ShardRequest.DESCRIPTOR.fields_by_name["params"]
-    for message in (pb.GradientsRequest, pb.EvaluateRequest):
-        ours = message.DESCRIPTOR.fields_by_name["params"]
-        if (ours.number, ours.message_type) != (theirs.number, theirs.message_type):
-            raise ImportError(f"{message.DESCRIPTOR.name}.params no longer matches ShardRequest.params; "
-                              "update server.fanout.params_bytes")
-
-
-_check_params_fields_agree()
-
-
-def shard_requests(graph_id: str, params: bytes, batch: Batch, bounds: Sequence[tuple[int, int]],
-                   mode: int = pb.ShardRequest.GRADIENTS, outputs: Sequence[str] = ()) -> list[bytes]:
-    """Serialized ShardRequests, one per (start, stop).
-
-    `params` (from `params_bytes`) is appended to every shard's bytes:
-    protobuf concatenation appends repeated fields, so the params are never
-    re-encoded. Inline inputs are cut by row stride from their raw bytes,
-    never decoded; a resident dataset's shard is its slice of the indices.
-    """
+def shard_requests(graph_id: str, param_fields: Sequence[memoryview], batch: Batch,
+                   bounds: Sequence[tuple[int, int]], mode: int = pb.ShardRequest.GRADIENTS,
+                   outputs: Sequence[str] = ()) -> list[Parts]:
+    """One ShardRequest per (start, stop), none of them copying a tensor yet:
+    inline inputs are cut by row stride from the client's bytes, params are the
+    client's own fields, and a resident dataset's shard is its slice of the
+    indices. The bytes are joined once, when a shard is sent."""
     requests = []
     for index, (start, stop) in enumerate(bounds):
         header = pb.ShardRequest(graph_id=graph_id, global_batch=batch.examples,
@@ -160,12 +133,7 @@ def shard_requests(graph_id: str, params: bytes, batch: Batch, bounds: Sequence[
             assert batch.indices is not None
             header.rows.dataset_id = batch.dataset.dataset_id
             fill_tensor(header.rows.indices, batch.indices[start:stop])
-        for item in batch.inputs:
-            tensor = header.inputs.add(name=item.name).tensor
-            tensor.dtype = item.dtype
-            tensor.shape.extend((stop - start, *item.row_shape))
-            tensor.data = item.data[start * item.row_bytes:stop * item.row_bytes]
-        requests.append(header.SerializeToString() + params)
+        requests.append(wire.shard_request(header, batch.inputs, (start, stop), param_fields))
     return requests
 
 
@@ -197,7 +165,7 @@ class FanOut:
         for future in list(self._futures.values()):
             future.cancel()
 
-    def results(self) -> Iterator[tuple[Shard, pb.ShardResponse]]:
+    def results(self) -> Iterator[tuple[Shard, wire.ResultView]]:
         """(shard, response) in arrival order; raises ShardFailed on the first failure."""
         for shard in self.shards:
             shard.first_sent = time.perf_counter()
@@ -213,8 +181,13 @@ class FanOut:
                 kind = rpc_error_kind(err) if isinstance(err, grpc.RpcError) else ""
                 self._retry(shard, code, details or "", kind)
                 continue
+            if not isinstance(response, wire.ResultView):  # a unary call's raw bytes
+                try:
+                    response = wire.read_shard_response(response)
+                except GradpoolError as err:
+                    self._failed(shard, grpc.StatusCode.INTERNAL, f"sent a malformed response: {err}")
             del self._futures[shard.index]
-            shard.request = b""  # kept only for retries: free the params' copy now
+            shard.request = wire.Parts()  # kept only for retries: let go of the views now
             shard.seconds = time.perf_counter() - shard.first_sent
             shard.worker.served(shard.examples)
             pending -= 1
@@ -257,12 +230,13 @@ class FanOut:
         shard.attempts += 1
         worker.acquire()
         try:
-            if len(shard.request) > self.stream_threshold:
-                future = StreamedCall.start(STREAM_EXECUTOR, worker.stub.RunShardStream, shard.request,
-                                            lambda data: parse(pb.ShardResponse, data), PROTOBUF_LIMIT_BYTES,
+            if shard.request.size > self.stream_threshold:
+                future = StreamedCall.start(STREAM_EXECUTOR, worker.run_shard_stream, shard.request,
+                                            wire.read_shard_response, PROTOBUF_LIMIT_BYTES,
                                             timeout=self._remaining(), metadata=self.metadata)
             else:
-                future = worker.run_shard.future(shard.request, timeout=self._remaining(), metadata=self.metadata)
+                future = worker.run_shard.future(shard.request.join(), timeout=self._remaining(),
+                                                 metadata=self.metadata)
         except ValueError:  # the channel closed: the worker left the pool just now
             worker.release()
             self._failed(shard, grpc.StatusCode.UNAVAILABLE, "the worker left the pool")

@@ -20,12 +20,12 @@ import grpc
 
 from gradpool.protos import gradpool_pb2 as pb
 from gradpool.protos import gradpool_pb2_grpc as pb_grpc
+from gradpool.worker.rpc import method_path
 
 log = logging.getLogger("gradpool.coordinator")
 
 LIVE = "live"
 UNREACHABLE = "unreachable"
-RUN_SHARD_METHOD = "/{}/RunShard".format(pb.DESCRIPTOR.services_by_name["Worker"].full_name)
 
 
 @dataclass(eq=False)
@@ -38,9 +38,10 @@ class WorkerEntry:
     static: bool
     channel: grpc.Channel
     stub: pb_grpc.WorkerStub
-    # RunShard taking an already serialized ShardRequest, so that the params'
-    # bytes are serialized once per request, not once per shard.
+    # RunShard and RunShardStream on raw bytes: requests are written and
+    # responses read by wire.py, never as protobuf objects (no tensor copies).
     run_shard: grpc.UnaryUnaryMultiCallable
+    run_shard_stream: grpc.StreamStreamMultiCallable
     last_contact: float = field(default_factory=time.monotonic)
     state: str = LIVE
     graphs: set[str] = field(default_factory=set)
@@ -134,9 +135,12 @@ class WorkerRegistry:
 
     def _connect(self, worker_id: str, address: str, capacity: float, static: bool) -> WorkerEntry:
         channel = grpc.insecure_channel(address, options=self._options)
-        run_shard = channel.unary_unary(RUN_SHARD_METHOD, request_serializer=None,
-                                        response_deserializer=pb.ShardResponse.FromString)
+        run_shard = channel.unary_unary(method_path("Worker", "RunShard"), request_serializer=None,
+                                        response_deserializer=None)
+        run_shard_stream = channel.stream_stream(method_path("Worker", "RunShardStream"), request_serializer=None,
+                                                 response_deserializer=None)
         return WorkerEntry(worker_id, address, capacity, static, channel, pb_grpc.WorkerStub(channel), run_shard,
+                           run_shard_stream,
                            last_contact=time.monotonic())
 
     def add_static(self, address: str, capacity: float = 1.0) -> None:

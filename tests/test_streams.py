@@ -13,6 +13,7 @@ from gradpool.protos import gradpool_pb2_grpc as pb_grpc
 from gradpool.worker.engine import to_named
 from gradpool.worker.engine.errors import CapacityError, InputError
 from gradpool.worker.streams import from_frames, to_frames
+from gradpool.worker.wire import Parts, read_request, request_parts, with_graph_id
 
 MESSAGE_MB = 4  # far below the 8 MB of params below: only streams get through
 
@@ -26,22 +27,49 @@ def wide_model() -> gp.Graph:
     return g
 
 
+def frame(data: bytes = b"", total: int = 0) -> bytes:
+    return pb.Frame(total_bytes=total, data=data).SerializeToString()
+
+
 def test_frames_round_trip_and_refuse_lies() -> None:
     data = bytes(range(256)) * 1000
-    frames = list(to_frames(data, frame_bytes=1000))
-    assert len(frames) == 256 and frames[0].total_bytes == len(data)
+    frames = list(Parts().raw(data).frames(1000))
+    assert len(frames) == 256 and pb.Frame.FromString(frames[0]).total_bytes == len(data)
+    assert all(pb.Frame.FromString(f).data == data[i * 1000:(i + 1) * 1000] for i, f in enumerate(frames))
     assert bytes(from_frames(iter(frames), max_bytes=10**6)) == data
     with pytest.raises(InputError, match="ended after"):
         from_frames(iter(frames[:-1]), max_bytes=10**6)
     with pytest.raises(InputError, match="more than the"):
-        from_frames(iter(frames + [pb.Frame(data=b"x")]), max_bytes=10**6)
+        from_frames(iter(frames + [frame(b"x")]), max_bytes=10**6)
     with pytest.raises(InputError, match="declares its size once"):
-        from_frames(iter(frames[:1] + [pb.Frame(total_bytes=5, data=b"x")]), max_bytes=10**6)
+        from_frames(iter(frames[:1] + [frame(b"x", total=5)]), max_bytes=10**6)
     with pytest.raises(CapacityError, match="larger than"):
         from_frames(iter(frames), max_bytes=1000)
     with pytest.raises(InputError, match="empty stream"):
         from_frames(iter([]), max_bytes=1000)
-    assert bytes(from_frames(iter(to_frames(b"")), max_bytes=10)) == b""
+    with pytest.raises(InputError, match="malformed"):
+        from_frames(iter([b"\xff\xff"]), max_bytes=1000)
+    assert bytes(from_frames(to_frames(b""), max_bytes=10)) == b""
+
+
+def test_a_message_written_in_parts_is_what_protobuf_writes() -> None:
+    """wire.py writes the .proto's format: protobuf reads it, and it reads protobuf's."""
+    params = {"W": np.arange(12, dtype=np.float32).reshape(3, 4), "s": np.float64(2.5), "b": np.zeros(0)}
+    inputs = {"x": np.arange(6, dtype=np.int64).reshape(3, 2)}
+    message = with_graph_id("g1", request_parts("", params, inputs, "r1")[1]).join()
+    parsed = pb.GradientsRequest.FromString(message)
+    assert parsed.graph_id == "g1" and parsed.request_id == "r1"
+    assert {p.name: tuple(p.tensor.shape) for p in parsed.params} == {"W": (3, 4), "s": (), "b": (0,)}
+    assert parsed.inputs[0].tensor.data == inputs["x"].tobytes()
+    back = read_request(parsed.SerializeToString())
+    assert back.graph_id == "g1" and [n for n, _ in back.params] == ["W", "s", "b"]
+    np.testing.assert_array_equal(back.params[0][1].array(), params["W"])
+    assert back.params[1][1].array().shape == () and float(back.params[1][1].array()) == 2.5
+    with pytest.raises(InputError, match="needs 48 bytes"):
+        broken = pb.GradientsRequest()
+        broken.CopyFrom(parsed)
+        broken.params[0].tensor.data = b"short"
+        read_request(broken.SerializeToString())
 
 
 @pytest.fixture(scope="module")
@@ -81,13 +109,13 @@ def test_a_unary_message_past_the_limit_is_refused_and_a_bad_stream_too(cluster)
         with pytest.raises(grpc.RpcError) as caught:
             stub.ComputeGradients(request, timeout=30)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        frames = list(to_frames(request.SerializeToString()))
+        frames = [pb.Frame.FromString(f) for f in to_frames(request.SerializeToString())]
         with pytest.raises(grpc.RpcError) as caught:
             list(stub.ComputeGradientsStream(iter(frames[:-1]), timeout=30))
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "ended after" in caught.value.details()
         with pytest.raises(grpc.RpcError) as caught:
-            list(stub.ComputeGradientsStream(iter(to_frames(b"\xff" * 100)), timeout=30))
-        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a valid" in caught.value.details()
+            list(stub.ComputeGradientsStream(iter([pb.Frame(total_bytes=100, data=b"\xff" * 100)]), timeout=30))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "malformed" in caught.value.details()
         answer = pb.GradientsResponse.FromString(b"".join(f.data for f in stub.ComputeGradientsStream(
             iter(frames), timeout=60)))
         loss, _ = gp.local_gradients(graph, params, batch)

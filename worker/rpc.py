@@ -22,6 +22,7 @@ from typing import Any, Callable, Generic, Iterable, Optional, TypeVar
 
 import grpc
 
+from gradpool.protos import gradpool_pb2 as pb
 from gradpool.worker.engine.errors import CapacityError, GradpoolError
 
 log = logging.getLogger("gradpool.rpc")
@@ -113,6 +114,29 @@ def _rejecting_handler(handler: Optional[grpc.RpcMethodHandler], message: str) -
 
 def interceptors(token: Optional[str]) -> list[grpc.ServerInterceptor]:
     return [TokenInterceptor(token)] if token else []
+
+
+def method_path(service: str, method: str) -> str:
+    return f"/{pb.DESCRIPTOR.services_by_name[service].full_name}/{method}"
+
+
+def add_servicer(server: grpc.Server, servicer: object, service: str, raw: Iterable[str] = ()) -> None:
+    """Register `servicer` for `service` (a service of gradpool.proto) as the
+    generated `add_*_to_server` does, except that the `raw` methods take and
+    return serialized bytes: they read and write the wire format themselves,
+    without protobuf copying their tensors (see wire.py)."""
+    descriptor = pb.DESCRIPTOR.services_by_name[service]
+    raw = set(raw)
+    kinds = {(False, False): grpc.unary_unary_rpc_method_handler, (True, False): grpc.stream_unary_rpc_method_handler,
+             (False, True): grpc.unary_stream_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+    handlers = {}
+    for method in descriptor.methods:
+        request_type, response_type = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        handlers[method.name] = kinds[method.client_streaming, method.server_streaming](
+            getattr(servicer, method.name),
+            request_deserializer=None if method.name in raw else request_type.FromString,
+            response_serializer=None if method.name in raw else response_type.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(descriptor.full_name, handlers),))
 
 
 def add_health_and_reflection(server: grpc.Server, service_names: Iterable[str]):  # type: ignore[no-untyped-def]

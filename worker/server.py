@@ -28,16 +28,18 @@ import grpc
 
 from gradpool.protos import gradpool_pb2 as pb
 from gradpool.protos import gradpool_pb2_grpc as pb_grpc
-from gradpool.worker.engine.tensors import add_named
+from gradpool.worker import wire
 from gradpool.worker.datasets import DEFAULT_DATASET_CACHE_BYTES, DatasetStore, assemble, indices_from
-from gradpool.worker.engine import Program, from_named, graph_id
+from gradpool.worker.engine import Program, graph_id
 from gradpool.worker.engine.errors import GradpoolError
-from gradpool.worker.streams import PROTOBUF_LIMIT_BYTES, from_frames, parse, to_frames
 from gradpool.worker.rpc import (
     DEFAULT_MAX_MESSAGE_MB,
+    MISSING_DATASET,
+    MISSING_GRAPH,
     LruCache,
     RpcFailure,
     add_health_and_reflection,
+    add_servicer,
     announce,
     auth_metadata,
     bind,
@@ -51,9 +53,8 @@ from gradpool.worker.rpc import (
     server_options,
     translate_errors,
     with_port,
-    MISSING_DATASET,
-    MISSING_GRAPH,
 )
+from gradpool.worker.streams import PROTOBUF_LIMIT_BYTES, from_frames, to_frames
 
 log = logging.getLogger("gradpool.worker")
 
@@ -91,16 +92,16 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         return pb.LoadGraphResponse()
 
     @translate_errors
-    def RunShard(self, request: pb.ShardRequest, context: grpc.ServicerContext) -> pb.ShardResponse:
-        return self._run_shard(request, context)
+    def RunShard(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        """Raw bytes in and out (see `add_servicer`): tensors are read in place."""
+        return self._run_shard(wire.read_shard_request(request), context).join()
 
     @translate_errors
-    def RunShardStream(self, request_iterator: Iterator[pb.Frame],
-                       context: grpc.ServicerContext) -> Iterator[pb.Frame]:
-        request = parse(pb.ShardRequest, from_frames(request_iterator, PROTOBUF_LIMIT_BYTES))
-        return to_frames(self._run_shard(request, context).SerializeToString())
+    def RunShardStream(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        request = wire.read_shard_request(from_frames(request_iterator, PROTOBUF_LIMIT_BYTES))
+        return to_frames(self._run_shard(request, context))
 
-    def _run_shard(self, request: pb.ShardRequest, context: grpc.ServicerContext) -> pb.ShardResponse:
+    def _run_shard(self, request: wire.ShardRequestView, context: grpc.ServicerContext) -> wire.Parts:
         started = time.perf_counter()
         program = self.graphs.get(request.graph_id)
         if program is None:
@@ -109,7 +110,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                              "send it with LoadGraph", MISSING_GRAPH)
         if not context.is_active():  # the caller gave up (deadline, cancel) while this waited for a thread
             raise RpcFailure(grpc.StatusCode.CANCELLED, "the caller gave up before the shard started")
-        params = from_named(request.params, "param")
+        params = {name: tensor.array() for name, tensor in wire.named_map(request.params, "param").items()}
         inputs = self._inputs(program, request)
         global_batch = request.global_batch or None
         if request.mode == pb.ShardRequest.GRADIENTS:
@@ -120,22 +121,19 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                 raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, "FORWARD mode needs at least one output name")
             result = program.run(params, inputs, global_batch=global_batch,
                                  include_batch_independent=request.include_batch_independent,
-                                 gradients=False, outputs=list(request.outputs))
+                                 gradients=False, outputs=request.outputs)
         else:
             raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"unknown shard mode {request.mode}")
         with self._lock:
             self.shards_served += 1
             self.examples_served += result.examples
-        response = pb.ShardResponse(loss=result.loss, examples=result.examples)
-        add_named(response.grads, result.grads)
-        add_named(response.outputs, result.outputs)
-        response.seconds = time.perf_counter() - started
-        return response
+        return wire.shard_response(result.loss, result.grads, result.outputs, result.examples,
+                                   time.perf_counter() - started)
 
-    def _inputs(self, program: Program, request: pb.ShardRequest) -> dict:
-        """The shard's inputs: sent along, or gathered from a cached dataset's rows."""
-        if not request.HasField("rows"):
-            return from_named(request.inputs, "input")
+    def _inputs(self, program: Program, request: wire.ShardRequestView) -> dict:
+        """The shard's inputs: views of the request's bytes, or a cached dataset's rows."""
+        if request.rows is None:
+            return {name: tensor.array() for name, tensor in wire.named_map(request.inputs, "input").items()}
         if request.inputs:
             raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, "a shard carries inputs or dataset rows, not both")
         dataset_id = request.rows.dataset_id
@@ -144,7 +142,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             raise RpcFailure(grpc.StatusCode.NOT_FOUND, f"dataset {dataset_id[:12]!r} is not cached on worker "
                              f"{self.worker_id}; send it with LoadDataset", MISSING_DATASET)
         if request.mode == pb.ShardRequest.FORWARD:
-            names = program.sources_for(list(request.outputs))[0]
+            names = program.sources_for(request.outputs)[0]
         else:
             names = set(program.inputs)
         return dataset.rows(indices_from(request.rows), names & set(dataset.arrays))
@@ -358,7 +356,7 @@ def start(config: WorkerConfig) -> RunningWorker:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="worker-rpc"),
                          options=server_options(config.max_message_mb), interceptors=interceptors(config.token))
     servicer = WorkerServicer(worker_id, config.max_graphs, int(config.dataset_cache_mb * 2**20))
-    pb_grpc.add_WorkerServicer_to_server(servicer, server)
+    add_servicer(server, servicer, "Worker", raw=("RunShard", "RunShardStream"))
     health = add_health_and_reflection(server, [pb.DESCRIPTOR.services_by_name["Worker"].full_name])
     port = bind(server, config.host, config.port)
     server.start()

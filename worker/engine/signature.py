@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from gradpool.protos import gradpool_pb2 as pb
-
 from .errors import InputError, quoted
 from .ops import fmt
-from .tensors import checked_bytes
+
+if TYPE_CHECKING:  # the wire reader lives above the engine; signatures only read its fields
+    from gradpool.worker.wire import TensorView
 
 
 @dataclass(frozen=True)
@@ -47,12 +47,13 @@ class IndexLimit:
 
 @dataclass(frozen=True)
 class WireInput:
-    """An input's raw little-endian bytes and what it takes to cut them into rows."""
+    """An input's raw little-endian bytes (a view of the received message) and
+    what it takes to cut them into rows."""
     name: str
     dtype: int  # proto enum
     row_shape: tuple[int, ...]
     row_bytes: int
-    data: bytes
+    data: memoryview
 
 
 class Signature:
@@ -144,29 +145,27 @@ class Signature:
 
     # ------------------------------------------------------------ wire
 
-    def check_wire_params(self, params: Sequence[pb.NamedTensor], required: Optional[Iterable[str]] = None) -> None:
-        """Wire params, checked without decoding them."""
-        self.check_names([p.name for p in params], "param", required)
-        for item in params:
-            dtype, shape = checked_bytes(item.tensor, f"param {quoted(item.name)}")[:2]
-            self.check_tensor(self.params[item.name], dtype, shape)
+    def check_wire_params(self, params: "Sequence[tuple[str, TensorView]]",
+                          required: Optional[Iterable[str]] = None) -> None:
+        """Wire params (read by `wire.read_named`, byte counts already checked), not decoded."""
+        self.check_names([name for name, _ in params], "param", required)
+        for name, tensor in params:
+            self.check_tensor(self.params[name], tensor.dtype, tensor.shape)
 
-    def check_wire_inputs(self, inputs: Sequence[pb.NamedTensor],
+    def check_wire_inputs(self, inputs: "Sequence[tuple[str, TensorView]]",
                           required: Optional[Iterable[str]] = None) -> tuple[int, list[WireInput]]:
-        """Wire inputs, checked without decoding; returns the batch size and
-        each input's bytes, ready to cut into row ranges."""
-        self.check_names([i.name for i in inputs], "input", required)
+        """Wire inputs, not decoded; returns the batch size and each input's
+        bytes, ready to cut into row ranges."""
+        self.check_names([name for name, _ in inputs], "input", required)
         sizes: dict[str, int] = {}
         checked = []
-        for item in inputs:
-            spec = self.inputs[item.name]
-            dtype, shape, data = checked_bytes(item.tensor, f"input {quoted(item.name)}")
-            self.check_tensor(spec, dtype, shape)
-            sizes[item.name] = shape[0]
-            checked.append(WireInput(item.name, item.tensor.dtype, spec.row_shape,
-                                     dtype.itemsize * math.prod(spec.row_shape), data))
+        for name, tensor in inputs:
+            spec = self.inputs[name]
+            self.check_tensor(spec, tensor.dtype, tensor.shape)
+            sizes[name] = tensor.shape[0]
+            checked.append(WireInput(name, tensor.proto_dtype, spec.row_shape,
+                                     tensor.dtype.itemsize * math.prod(spec.row_shape), tensor.data))
         return self.batch_size(sizes, bool(self.inputs)), checked
-
 
 
 def check_index_range(values: np.ndarray, limit: IndexLimit) -> None:

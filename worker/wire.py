@@ -1,0 +1,519 @@
+"""The heavy messages' protobuf wire format, read and written without copying tensor bytes.
+
+GradientsRequest, ShardRequest, ShardResponse and GradientsResponse carry
+megabytes of tensor data. Going through protobuf's Python objects costs a
+full copy of every tensor at each step (assign, serialize, parse, read the
+`bytes` field), several times per hop. These helpers speak the same wire
+format (the .proto stays the contract; any protobuf implementation reads
+what they write, and they read what any writes) but:
+
+* write a message as a list of parts -- small encoded headers and
+  memoryviews of the numpy arrays themselves -- joined once, or cut into
+  frames, when it is sent;
+* read a received buffer by walking its fields and handing out memoryviews
+  of the tensor data, which `numpy.frombuffer` reads in place.
+
+Only the fields below are understood; unknown fields are skipped, as
+protobuf does.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from gradpool.protos import gradpool_pb2 as pb
+
+from .engine.errors import InputError, quoted
+from .engine.ops import fmt
+from .engine.tensors import DTYPE_TO_PROTO, MAX_RANK, PROTO_TO_DTYPE, as_dtype
+
+if TYPE_CHECKING:
+    from .engine.signature import WireInput as WireInputLike
+
+VARINT, FIXED64, LEN, FIXED32 = 0, 1, 2, 5
+Buffer = Union[bytes, bytearray, memoryview]
+
+# ---------------------------------------------------------------- low level
+
+
+def varint(value: int) -> bytes:
+    if value < 0:
+        value += 1 << 64  # int64 negatives: ten bytes, two's complement
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def key(number: int, wire_type: int) -> bytes:
+    return varint(number << 3 | wire_type)
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise InputError("malformed message: a varint runs past the end")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _view(buf: Buffer) -> memoryview:
+    view = memoryview(buf)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def walk(buf: Buffer) -> Iterator[tuple[int, int, Union[int, memoryview], memoryview]]:
+    """(field number, wire type, value, the whole field): values are ints for
+    varint/fixed fields and memoryviews for LEN fields."""
+    view = _view(buf)
+    pos, end = 0, len(view)
+    while pos < end:
+        start = pos
+        tag, pos = _read_varint(view, pos)
+        number, wire_type = tag >> 3, tag & 7
+        value: Union[int, memoryview]
+        if wire_type == VARINT:
+            value, pos = _read_varint(view, pos)
+        elif wire_type == LEN:
+            length, pos = _read_varint(view, pos)
+            if pos + length > end:
+                raise InputError("malformed message: a field runs past the end")
+            value, pos = view[pos:pos + length], pos + length
+        elif wire_type in (FIXED64, FIXED32):
+            size = 8 if wire_type == FIXED64 else 4
+            if pos + size > end:
+                raise InputError("malformed message: a field runs past the end")
+            value, pos = int.from_bytes(view[pos:pos + size], "little"), pos + size
+        else:
+            raise InputError(f"malformed message: wire type {wire_type}")
+        yield number, wire_type, value, view[start:pos]
+
+
+def fields(buf: Buffer) -> Iterator[tuple[int, int, Union[int, memoryview]]]:
+    """(field number, wire type, value) of every field, in order."""
+    for number, wire_type, value, _ in walk(buf):
+        yield number, wire_type, value
+
+
+def as_double(bits: int) -> float:
+    return struct.unpack("<d", bits.to_bytes(8, "little"))[0]
+
+
+def signed(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _packed_varints(view: memoryview) -> list[int]:
+    values, pos = [], 0
+    while pos < len(view):
+        value, pos = _read_varint(view, pos)
+        values.append(signed(value))
+        if len(values) > MAX_RANK:
+            raise InputError(f"invalid shape: more than {MAX_RANK} dims")
+    return values
+
+
+# ---------------------------------------------------------------- tensors
+
+
+@dataclass(frozen=True)
+class TensorView:
+    """A wire tensor whose byte count fits its shape; `data` is a view of the message."""
+    dtype: np.dtype
+    proto_dtype: int
+    shape: tuple[int, ...]
+    data: memoryview
+
+    def array(self) -> np.ndarray:
+        """A read-only numpy view of the message's bytes."""
+        return np.frombuffer(self.data, dtype=self.dtype.newbyteorder("<")).reshape(self.shape)
+
+
+def read_tensor(buf: memoryview, what: str) -> TensorView:
+    proto_dtype, shape, data = 0, [], memoryview(b"")
+    for number, wire_type, value in fields(buf):
+        if number == 1 and wire_type == VARINT:
+            proto_dtype = int(value)  # type: ignore[arg-type]
+        elif number == 2 and wire_type == LEN:
+            try:
+                shape.extend(_packed_varints(value))  # type: ignore[arg-type]
+            except InputError as err:
+                raise InputError(f"{what}: {err}") from None
+        elif number == 2 and wire_type == VARINT:
+            shape.append(signed(int(value)))  # type: ignore[arg-type]
+        elif number == 3 and wire_type == LEN:
+            data = value  # type: ignore[assignment]
+        if len(shape) > MAX_RANK:
+            raise InputError(f"{what}: invalid shape: more than {MAX_RANK} dims")
+    if proto_dtype not in PROTO_TO_DTYPE:
+        raise InputError(f"{what}: unknown dtype enum {proto_dtype}")
+    dtype = PROTO_TO_DTYPE[proto_dtype]
+    if any(d < 0 for d in shape):
+        raise InputError(f"{what}: invalid shape {fmt(shape)}")
+    needed = math.prod(shape) * dtype.itemsize
+    if needed != len(data):
+        raise InputError(f"{what}: shape {tuple(shape)} of {dtype} needs {needed} bytes, got {len(data)}")
+    return TensorView(dtype, proto_dtype, tuple(shape), data)
+
+
+def read_named(buf: memoryview, what: str) -> tuple[str, TensorView]:
+    name, tensor = "", None
+    for number, wire_type, value in fields(buf):
+        if number == 1 and wire_type == LEN:
+            name = bytes(value).decode("utf-8", "replace")  # type: ignore[arg-type]
+        elif number == 2 and wire_type == LEN:
+            tensor = value
+    where = f"{what} {quoted(name)}"
+    return name, read_tensor(tensor if tensor is not None else memoryview(b""), where)
+
+
+def named_map(items: Iterable[tuple[str, TensorView]], what: str) -> dict[str, TensorView]:
+    out: dict[str, TensorView] = {}
+    for name, tensor in items:
+        if name in out:
+            raise InputError(f"{what} {quoted(name)} given twice")
+        out[name] = tensor
+    return out
+
+
+# ---------------------------------------------------------------- writing
+
+
+class Parts:
+    """A message being written: encoded pieces and array views, joined once when sent."""
+
+    def __init__(self) -> None:
+        self.parts: list[Buffer] = []
+        self.size = 0
+
+    def raw(self, data: Buffer) -> "Parts":
+        view = _view(data) if isinstance(data, memoryview) else data
+        self.parts.append(view)
+        self.size += len(view)
+        return self
+
+    def varint_field(self, number: int, value: int) -> "Parts":
+        return self.raw(key(number, VARINT) + varint(int(value))) if value else self
+
+    def double_field(self, number: int, value: float) -> "Parts":
+        return self.raw(key(number, FIXED64) + struct.pack("<d", value)) if value else self
+
+    def bytes_field(self, number: int, data: Buffer) -> "Parts":
+        return self.raw(key(number, LEN) + varint(len(data))).raw(data)
+
+    def message_field(self, number: int, message: "Parts") -> "Parts":
+        self.raw(key(number, LEN) + varint(message.size))
+        self.parts.extend(message.parts)
+        self.size += message.size
+        return self
+
+    def named_tensor(self, number: int, name: str, tensor: "np.ndarray | TensorView") -> "Parts":
+        """A NamedTensor field from an array (no copy when it is contiguous
+        little-endian) or a received TensorView."""
+        if isinstance(tensor, TensorView):
+            return self.named_raw(number, name, tensor.proto_dtype, tensor.shape, [tensor.data])
+        dtype = as_dtype(tensor.dtype)
+        shape = np.shape(tensor)  # before ascontiguousarray, which makes a scalar 1-D
+        flat = np.ascontiguousarray(tensor, dtype=dtype.newbyteorder("<")).reshape(-1)
+        return self.named_raw(number, name, DTYPE_TO_PROTO[dtype], shape, [_view(memoryview(flat))])
+
+    def named_raw(self, number: int, name: str, proto_dtype: int, shape: Sequence[int],
+                  pieces: Sequence[Buffer]) -> "Parts":
+        """A NamedTensor field whose data is `pieces` one after the other (rows of several shards, say)."""
+        header = key(1, VARINT) + varint(proto_dtype)
+        if shape:
+            packed = b"".join(varint(d) for d in shape)
+            header += key(2, LEN) + varint(len(packed)) + packed
+        tensor = Parts().raw(header).raw(key(3, LEN) + varint(sum(len(p) for p in pieces)))
+        for piece in pieces:
+            tensor.raw(piece)
+        return self.message_field(number, Parts().bytes_field(1, name.encode()).message_field(2, tensor))
+
+    def extend(self, other: "Parts") -> "Parts":
+        self.parts.extend(other.parts)
+        self.size += other.size
+        return self
+
+    def join(self) -> bytes:
+        return b"".join(self.parts)
+
+    def frames(self, frame_bytes: int) -> Iterator[bytes]:
+        """The message as serialized `Frame`s of at most `frame_bytes` data each,
+        the first declaring the total; no copy of the whole message is made."""
+        first, pending, pending_size = True, [], 0
+        for part in self.parts:
+            view = _view(part)
+            while len(view):
+                take = min(len(view), frame_bytes - pending_size)
+                pending.append(view[:take])
+                pending_size += take
+                view = view[take:]
+                if pending_size == frame_bytes:
+                    yield _frame(pending, pending_size, self.size if first else None)
+                    first, pending, pending_size = False, [], 0
+        if pending or first:
+            yield _frame(pending, pending_size, self.size if first else None)
+
+
+def _frame(pieces: Sequence[Buffer], size: int, total: Optional[int]) -> bytes:
+    header = (key(1, VARINT) + varint(total) if total else b"") + key(2, LEN) + varint(size)
+    return b"".join([header, *pieces])
+
+
+def named_arrays(parts: Parts, number: int, arrays: Mapping[str, np.ndarray]) -> Parts:
+    for name, array in arrays.items():
+        parts.named_tensor(number, name, array)
+    return parts
+
+
+# ---------------------------------------------------------------- the four heavy messages
+
+
+@dataclass
+class RequestView:
+    """A GradientsRequest or an EvaluateRequest, its tensors left in place."""
+    graph_id: str = ""
+    params: list[tuple[str, TensorView]] = field(default_factory=list)
+    param_fields: list[memoryview] = field(default_factory=list)  # each whole field: forwarded as it came
+    inputs: list[tuple[str, TensorView]] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    request_id: str = ""
+    rows: Optional[pb.DatasetRows] = None
+
+
+# Field numbers (gradpool.proto): both requests share 1-3; then they differ.
+GRADIENTS_REQUEST = {"request_id": 4, "rows": 5}
+EVALUATE_REQUEST = {"outputs": 4, "request_id": 5, "rows": 6}
+
+
+def _text(value: memoryview) -> str:
+    return bytes(value).decode("utf-8", "replace")
+
+
+def read_request(buf: Buffer, evaluate: bool = False) -> RequestView:
+    numbers = EVALUATE_REQUEST if evaluate else GRADIENTS_REQUEST
+    request = RequestView()
+    for number, wire_type, value, whole in walk(buf):
+        if wire_type != LEN:
+            continue
+        if number == 1:
+            request.graph_id = _text(value)  # type: ignore[arg-type]
+        elif number == 2:
+            request.params.append(read_named(value, "param"))  # type: ignore[arg-type]
+            request.param_fields.append(whole)
+        elif number == 3:
+            request.inputs.append(read_named(value, "input"))  # type: ignore[arg-type]
+        elif number == numbers["request_id"]:
+            request.request_id = _text(value)  # type: ignore[arg-type]
+        elif number == numbers["rows"]:
+            request.rows = _parse(pb.DatasetRows, value)  # type: ignore[arg-type]
+        elif number == numbers.get("outputs"):
+            request.outputs.append(_text(value))  # type: ignore[arg-type]
+    return request
+
+
+def request_parts(graph_id: str, params: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarray],
+                  request_id: str, rows: Optional[pb.DatasetRows] = None,
+                  outputs: Optional[Sequence[str]] = None) -> tuple[Parts, Parts]:
+    """A GradientsRequest (or, with `outputs`, an EvaluateRequest) as (header,
+    body): the header holds the graph id, so a retry rebuilds only it."""
+    numbers = EVALUATE_REQUEST if outputs is not None else GRADIENTS_REQUEST
+    body = Parts()
+    named_arrays(body, 2, params)
+    named_arrays(body, 3, inputs)
+    for name in outputs or ():
+        body.bytes_field(4, name.encode())
+    body.bytes_field(numbers["request_id"], request_id.encode())
+    if rows is not None:
+        body.bytes_field(numbers["rows"], rows.SerializeToString())
+    return Parts().bytes_field(1, graph_id.encode()), body
+
+
+def with_graph_id(graph_id: str, body: Parts) -> Parts:
+    """A request: its graph id (field 1), then the body `request_parts` wrote."""
+    return Parts().bytes_field(1, graph_id.encode()).extend(body)
+
+
+def shard_request(header: pb.ShardRequest, inputs: Sequence["WireInputLike"], rows: tuple[int, int],
+                  param_fields: Sequence[memoryview]) -> Parts:
+    """A ShardRequest: its small fields, each input's rows a:b as a view of the
+    client's bytes, and the client's params fields forwarded as they came
+    (ShardRequest.params has GradientsRequest.params' number and type)."""
+    parts = Parts().raw(header.SerializeToString())
+    start, stop = rows
+    for item in inputs:
+        parts.named_raw(3, item.name, item.dtype, (stop - start, *item.row_shape),
+                        [item.data[start * item.row_bytes:stop * item.row_bytes]])
+    for whole in param_fields:
+        parts.raw(whole)
+    return parts
+
+
+@dataclass
+class ShardRequestView:
+    graph_id: str = ""
+    params: list[tuple[str, TensorView]] = field(default_factory=list)
+    inputs: list[tuple[str, TensorView]] = field(default_factory=list)
+    global_batch: int = 0
+    include_batch_independent: bool = False
+    mode: int = 0
+    outputs: list[str] = field(default_factory=list)
+    rows: Optional[pb.DatasetRows] = None
+
+
+def read_shard_request(buf: Buffer) -> ShardRequestView:
+    request = ShardRequestView()
+    for number, wire_type, value in fields(buf):
+        if wire_type == LEN:
+            if number == 1:
+                request.graph_id = bytes(value).decode("utf-8", "replace")  # type: ignore[arg-type]
+            elif number == 2:
+                request.params.append(read_named(value, "param"))  # type: ignore[arg-type]
+            elif number == 3:
+                request.inputs.append(read_named(value, "input"))  # type: ignore[arg-type]
+            elif number == 7:
+                request.outputs.append(bytes(value).decode("utf-8", "replace"))  # type: ignore[arg-type]
+            elif number == 8:
+                request.rows = _parse(pb.DatasetRows, value)  # type: ignore[arg-type]
+        elif wire_type == VARINT:
+            if number == 4:
+                request.global_batch = signed(int(value))  # type: ignore[arg-type]
+            elif number == 5:
+                request.include_batch_independent = bool(value)
+            elif number == 6:
+                request.mode = int(value)  # type: ignore[arg-type]
+    return request
+
+
+@dataclass
+class ResultView:
+    """A ShardResponse or GradientsResponse: loss, named tensors, counts, stats."""
+    loss: float = 0.0
+    grads: list[tuple[str, TensorView]] = field(default_factory=list)
+    outputs: list[tuple[str, TensorView]] = field(default_factory=list)
+    examples: int = 0
+    seconds: float = 0.0
+    shards: list[pb.ShardStats] = field(default_factory=list)
+
+
+def read_shard_response(buf: Buffer) -> ResultView:
+    result = ResultView()
+    for number, wire_type, value in fields(buf):
+        if number == 1 and wire_type == FIXED64:
+            result.loss = as_double(int(value))  # type: ignore[arg-type]
+        elif number == 2 and wire_type == LEN:
+            result.grads.append(read_named(value, "gradient"))  # type: ignore[arg-type]
+        elif number == 3 and wire_type == LEN:
+            result.outputs.append(read_named(value, "output"))  # type: ignore[arg-type]
+        elif number == 4 and wire_type == VARINT:
+            result.examples = signed(int(value))  # type: ignore[arg-type]
+        elif number == 5 and wire_type == FIXED64:
+            result.seconds = as_double(int(value))  # type: ignore[arg-type]
+    return result
+
+
+def read_gradients_response(buf: Buffer) -> ResultView:
+    result = ResultView()
+    for number, wire_type, value in fields(buf):
+        if number == 1 and wire_type == FIXED64:
+            result.loss = as_double(int(value))  # type: ignore[arg-type]
+        elif number == 2 and wire_type == LEN:
+            result.grads.append(read_named(value, "gradient"))  # type: ignore[arg-type]
+        elif number == 3 and wire_type == VARINT:
+            result.examples = signed(int(value))  # type: ignore[arg-type]
+        elif number == 4 and wire_type == LEN:
+            result.shards.append(_parse(pb.ShardStats, value))  # type: ignore[arg-type]
+        elif number == 5 and wire_type == FIXED64:
+            result.seconds = as_double(int(value))  # type: ignore[arg-type]
+    return result
+
+
+def _parse(message_type: type, data: memoryview):  # type: ignore[no-untyped-def]
+    message = message_type()
+    try:
+        message.ParseFromString(data)
+    except Exception:  # protobuf's DecodeError
+        raise InputError(f"malformed {message_type.__name__}") from None
+    return message
+
+
+def gradients_response(loss: float, grads: Mapping[str, np.ndarray], examples: int,
+                       shards: Sequence[pb.ShardStats], seconds: float) -> Parts:
+    parts = Parts().double_field(1, loss)
+    named_arrays(parts, 2, grads)
+    parts.varint_field(3, examples)
+    for stats in shards:
+        parts.bytes_field(4, stats.SerializeToString())
+    return parts.double_field(5, seconds)
+
+
+def shard_response(loss: float, grads: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray],
+                   examples: int, seconds: float) -> Parts:
+    parts = Parts().double_field(1, loss)
+    named_arrays(parts, 2, grads)
+    named_arrays(parts, 3, outputs)
+    return parts.varint_field(4, examples).double_field(5, seconds)
+
+
+def evaluate_response(outputs: Sequence[tuple[str, int, tuple[int, ...], Sequence[memoryview]]], examples: int,
+                      shards: Sequence[pb.ShardStats], seconds: float) -> Parts:
+    """An EvaluateResponse whose outputs are the shards' rows, joined only when sent."""
+    parts = Parts()
+    for name, proto_dtype, shape, pieces in outputs:
+        parts.named_raw(1, name, proto_dtype, shape, pieces)
+    parts.varint_field(2, examples)
+    for stats in shards:
+        parts.bytes_field(3, stats.SerializeToString())
+    return parts.double_field(4, seconds)
+
+
+def read_evaluate_response(buf: Buffer) -> ResultView:
+    result = ResultView()
+    for number, wire_type, value in fields(buf):
+        if number == 1 and wire_type == LEN:
+            result.outputs.append(read_named(value, "output"))  # type: ignore[arg-type]
+        elif number == 2 and wire_type == VARINT:
+            result.examples = signed(int(value))  # type: ignore[arg-type]
+        elif number == 3 and wire_type == LEN:
+            result.shards.append(_parse(pb.ShardStats, value))  # type: ignore[arg-type]
+        elif number == 4 and wire_type == FIXED64:
+            result.seconds = as_double(int(value))  # type: ignore[arg-type]
+    return result
+
+
+def _check_field_numbers() -> None:
+    """The numbers above are gradpool.proto's; a proto change that moves one must fail loudly, at import."""
+    expected = {
+        "GradientsRequest": {"graph_id": 1, "params": 2, "inputs": 3, "request_id": 4, "rows": 5},
+        "EvaluateRequest": {"graph_id": 1, "params": 2, "inputs": 3, "outputs": 4, "request_id": 5, "rows": 6},
+        "ShardRequest": {"graph_id": 1, "params": 2, "inputs": 3, "global_batch": 4,
+                         "include_batch_independent": 5, "mode": 6, "outputs": 7, "rows": 8},
+        "ShardResponse": {"loss": 1, "grads": 2, "outputs": 3, "examples": 4, "seconds": 5},
+        "GradientsResponse": {"loss": 1, "grads": 2, "examples": 3, "shards": 4, "seconds": 5},
+        "EvaluateResponse": {"outputs": 1, "examples": 2, "shards": 3, "seconds": 4},
+        "NamedTensor": {"name": 1, "tensor": 2},
+        "Tensor": {"dtype": 1, "shape": 2, "data": 3},
+        "Frame": {"total_bytes": 1, "data": 2},
+    }
+    for message, numbers in expected.items():
+        actual = {f.name: f.number for f in getattr(pb, message).DESCRIPTOR.fields}
+        if actual != numbers:
+            raise ImportError(f"gradpool.proto's {message} fields are {actual}; worker/wire.py reads {numbers}")
+
+
+_check_field_numbers()
