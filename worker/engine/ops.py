@@ -209,15 +209,32 @@ def binary(name: str, forward: Callable, vjp: Callable, doc: str, linear_in: str
 # ---------------------------------------------------------------- elementwise
 
 binary("add", lambda at, a, b: a + b, lambda at, g, out, a, b: (g, g), "a + b", "all")
-binary("sub", lambda at, a, b: a - b, lambda at, g, out, a, b: (g, -g), "a - b", "all")
-binary("mul", lambda at, a, b: a * b, lambda at, g, out, a, b: (g * b, g * a), "a * b", "each")
-binary("div", lambda at, a, b: a / b, lambda at, g, out, a, b: (g / b, -g * out / b), "a / b", "first")
+binary("sub", lambda at, a, b: a - b,
+       lambda at, g, out, a, b: (g, -g if at.wants[1] else None), "a - b", "all")
+binary("mul", lambda at, a, b: a * b,
+       lambda at, g, out, a, b: (g * b if at.wants[0] else None, g * a if at.wants[1] else None), "a * b", "each")
+
+
+def _div_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple:
+    """d/da = g / b; d/db = -g a / b^2 = -(g / b) * out, sharing g / b."""
+    g_over_b = g / b
+    if not at.wants[1]:
+        return g_over_b, None
+    grad_b = np.asarray(g_over_b * out)  # 0-d operands give a scalar
+    np.negative(grad_b, out=grad_b)
+    return (g_over_b if at.wants[0] else None), grad_b
+
+
+binary("div", lambda at, a, b: a / b, _div_vjp, "a / b", "first")
 
 
 def _pick(a: np.ndarray, b: np.ndarray, first: bool) -> np.ndarray:
-    """Subgradient share of `a` in maximum(a, b): 1 where it wins, 1/2 on ties."""
+    """Subgradient share of `a` in maximum(a, b): 1 where it wins, 1/2 on ties
+    (in a's dtype from the start: no float64 temporaries for float32 data)."""
     wins = (a > b) if first else (a < b)
-    return (wins + 0.5 * (a == b)).astype(a.dtype, copy=False)
+    share = np.multiply(a == b, a.dtype.type(0.5), dtype=a.dtype)
+    share += wins
+    return share
 
 
 binary("maximum", lambda at, a, b: np.maximum(a, b),
@@ -225,30 +242,101 @@ binary("maximum", lambda at, a, b: np.maximum(a, b),
 binary("minimum", lambda at, a, b: np.minimum(a, b),
        lambda at, g, out, a, b: (g * _pick(a, b, False), g * _pick(b, a, False)), "elementwise min; ties split the gradient")
 
+
+def _scaled(g: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """g * t, written into t (a temporary the caller owns) when the shapes allow.
+    (0-d operands give numpy scalars, which cannot be written to.)"""
+    if isinstance(t, np.ndarray) and (t.shape == np.shape(g) or t.shape == np.broadcast_shapes(t.shape, np.shape(g))):
+        return np.multiply(t, g, out=t)
+    return t * g
+
+
+def _square_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray) -> tuple:
+    return (_scaled(g, np.multiply(x, x.dtype.type(2))),)
+
+
+def _tanh_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray) -> tuple:
+    t = np.multiply(out, out, out=np.empty_like(out))
+    np.subtract(1, t, out=t)
+    return (_scaled(g, t),)
+
+
 unary("neg", lambda at, x: -x, lambda at, g, out, x: (-g,), "-x", linear=True)
 unary("pow", lambda at, x: x ** x.dtype.type(at.exponent),
-      lambda at, g, out, x: (g * x.dtype.type(at.exponent) * x ** x.dtype.type(at.exponent - 1),),
+      lambda at, g, out, x: (_scaled(g, np.multiply(x ** x.dtype.type(at.exponent - 1), x.dtype.type(at.exponent))),),
       "x ** exponent (a constant)", exponent=(float, REQUIRED))
 unary("exp", lambda at, x: np.exp(x), lambda at, g, out, x: (g * out,), "e ** x")
 unary("log", lambda at, x: np.log(x), lambda at, g, out, x: (g / x,), "natural log")
-unary("sqrt", lambda at, x: np.sqrt(x), lambda at, g, out, x: (g * 0.5 / out,), "square root")
-unary("square", lambda at, x: np.square(x), lambda at, g, out, x: (g * 2 * x,), "x ** 2")
+unary("sqrt", lambda at, x: np.sqrt(x), lambda at, g, out, x: (g * out.dtype.type(0.5) / out,), "square root")
+unary("square", lambda at, x: np.square(x), _square_vjp, "x ** 2")
 unary("abs", lambda at, x: np.abs(x), lambda at, g, out, x: (g * np.sign(x),), "|x|")
 
 
+# sigmoid, softplus and BCE: the stable forms below cost a few SIMD passes
+# each; np.logaddexp, which they used to go through, is a scalar loop about
+# 20x slower than np.exp.
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return np.exp(-np.logaddexp(x.dtype.type(0), -x))  # never overflows
+    """1 / (1 + e^-x) in a fresh array, accurate to a few ulps on both tails.
+
+    For x below about -88 (float32) or -709 (float64) e^-x overflows to inf
+    and the result is 0, which is the true value rounded (it is below the
+    smallest normal number); that overflow is expected, so it is silenced.
+    0.5 tanh(x / 2) + 0.5 is a little faster but rounds sigmoid(x) to 0 from
+    x = -17 (float32) on, which would make log(sigmoid(x)) -inf there.
+    """
+    t = np.negative(x, out=np.empty_like(x))
+    with np.errstate(over="ignore"):
+        np.exp(t, out=t)
+    t += 1
+    return np.reciprocal(t, out=t)
 
 
-unary("sigmoid", lambda at, x: _sigmoid(x), lambda at, g, out, x: (g * out * (1 - out),),
+def _sigmoid_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray) -> tuple:
+    t = np.subtract(1, out)
+    t *= out
+    return (_scaled(g, t),)
+
+
+def _softplus(x: np.ndarray) -> np.ndarray:
+    """log(1 + e^x) = max(x, 0) + log1p(e^-|x|), in a fresh array.
+
+    np.log1p is a scalar loop (~15x slower than np.log), so log1p(u) for u in
+    (0, 1] is log(w) + (u - (w - 1)) with w = 1 + u rounded: the second term
+    is the rounding error of 1 + u (w - 1 is exact), which keeps the result
+    accurate to an ulp even where u is below the float epsilon (softplus of
+    a very negative x is e^x, not 0).
+    """
+    u = np.abs(x, out=np.empty_like(x))
+    np.negative(u, out=u)
+    np.exp(u, out=u)  # e^-|x| in (0, 1]: never overflows
+    w = np.add(u, 1, out=np.empty_like(u))
+    result = np.log(w, out=np.empty_like(w))
+    w -= 1
+    u -= w
+    result += u
+    result += np.maximum(x, 0, out=w)
+    return result
+
+
+def _softplus_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray) -> tuple:
+    """sigmoid(x) = 1 - e^-softplus(x), from the output: one expm1 pass."""
+    t = np.negative(out, out=np.empty_like(out))
+    np.expm1(t, out=t)
+    np.negative(t, out=t)
+    return (_scaled(g, t),)
+
+
+unary("sigmoid", lambda at, x: _sigmoid(x), _sigmoid_vjp,
       "logistic function; its derivative reuses the output: s(1 - s)")
-unary("tanh", lambda at, x: np.tanh(x), lambda at, g, out, x: (g * (1 - out * out),), "tanh; derivative 1 - tanh^2")
-unary("relu", lambda at, x: np.maximum(x, 0), lambda at, g, out, x: (g * (x > 0),), "max(x, 0)")
+unary("tanh", lambda at, x: np.tanh(x), _tanh_vjp, "tanh; derivative 1 - tanh^2")
+unary("relu", lambda at, x: np.maximum(x, 0), lambda at, g, out, x: (_scaled(g, (x > 0).astype(x.dtype)),),
+      "max(x, 0)")
 unary("leaky_relu", lambda at, x: np.where(x > 0, x, x * x.dtype.type(at.alpha)),
       lambda at, g, out, x: (g * np.where(x > 0, x.dtype.type(1), x.dtype.type(at.alpha)),),
       "x if x > 0 else alpha * x", alpha=(float, 0.01))
-unary("softplus", lambda at, x: np.logaddexp(x.dtype.type(0), x),
-      lambda at, g, out, x: (g * -np.expm1(-out),), "log(1 + e^x); derivative sigmoid(x) = 1 - e^-out")
+unary("softplus", lambda at, x: _softplus(x), _softplus_vjp,
+      "log(1 + e^x); derivative sigmoid(x) = 1 - e^-out")
 
 
 # ---------------------------------------------------------------- linear algebra
@@ -267,8 +355,8 @@ def _matmul_shape(at: Attrs, a: Shape, b: Shape) -> Shape:
 def _matmul_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple:
     """Skips the product for an operand that takes no gradient (the data in
     `x @ W`): it is the costliest product of the backward pass."""
-    grad_a = np.matmul(g, np.swapaxes(b, -1, -2)) if at.wants[0] else None
-    grad_b = np.matmul(np.swapaxes(a, -1, -2), g) if at.wants[1] else None
+    grad_a = np.matmul(g, b.swapaxes(-1, -2)) if at.wants[0] else None
+    grad_b = np.matmul(a.swapaxes(-1, -2), g) if at.wants[1] else None
     return grad_a, grad_b
 
 
@@ -328,9 +416,10 @@ def _reduce_shape(at: Attrs, x: Shape) -> Shape:
 
 
 def _reduce_vjp_grad(at: Attrs, g: np.ndarray, x: np.ndarray) -> np.ndarray:
-    axes = _axes(at, x.ndim)
+    """A read-only broadcast view of g over the reduced axes: no copy."""
     if not at.keepdims:
-        g = np.expand_dims(g, axes)
+        axes = _axes(at, x.ndim)
+        g = np.reshape(g, tuple(1 if a in axes else d for a, d in enumerate(x.shape)))
     return np.broadcast_to(g, x.shape)
 
 
@@ -348,7 +437,7 @@ register(Op("sum", 1, _reduce_shape, lambda at, x: np.sum(x, axis=_axes(at, x.nd
             linear_in="all", attrs=_REDUCE_ATTRS, doc="sum over `axes` (all when empty)"))
 register(Op("mean", 1, _reduce_shape,
             lambda at, x: np.sum(x, axis=_axes(at, x.ndim), keepdims=at.keepdims) / x.dtype.type(_mean_count(at, x)),
-            lambda at, g, out, x: (_reduce_vjp_grad(at, g, x) / x.dtype.type(_mean_count(at, x)),),
+            lambda at, g, out, x: (_reduce_vjp_grad(at, g / x.dtype.type(_mean_count(at, x)), x),),
             linear_in="all", attrs=_REDUCE_ATTRS, needs_batch=True,
             doc="mean over `axes`; over the batch axis it divides by the global batch size"))
 
@@ -381,14 +470,38 @@ register(Op("max", 1, _max_shape, lambda at, x: np.max(x, axis=at.axis, keepdims
 
 def _log_softmax(x: np.ndarray, axis: int) -> np.ndarray:
     shifted = x - np.max(x, axis=axis, keepdims=True)
-    return shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
+    shifted -= np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
+    return shifted
 
 
-register(Op("softmax", 1, _axis_shape("softmax"), lambda at, x: np.exp(_log_softmax(x, at.axis)),
-            lambda at, g, out, x: (out * (g - np.sum(g * out, axis=at.axis, keepdims=True)),),
+def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
+    """exp(x - max) / sum, in place in one fresh array (no log, no second exp)."""
+    e = x - np.max(x, axis=axis, keepdims=True)
+    np.exp(e, out=e)
+    e /= np.sum(e, axis=axis, keepdims=True)
+    return e
+
+
+def _softmax_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray) -> tuple:
+    """out * (g - sum(g * out)), in one temporary."""
+    t = g * out
+    s = np.sum(t, axis=at.axis, keepdims=True)
+    np.subtract(g, s, out=t)
+    t *= out
+    return (t,)
+
+
+def _log_softmax_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray) -> tuple:
+    """g - softmax * sum(g), in one temporary."""
+    t = np.exp(out)
+    t *= np.sum(g, axis=at.axis, keepdims=True)
+    np.subtract(g, t, out=t)
+    return (t,)
+
+
+register(Op("softmax", 1, _axis_shape("softmax"), lambda at, x: _softmax(x, at.axis), _softmax_vjp,
             attrs={"axis": (int, -1)}, doc="softmax along `axis` (not the batch axis)"))
-register(Op("log_softmax", 1, _axis_shape("log_softmax"), lambda at, x: _log_softmax(x, at.axis),
-            lambda at, g, out, x: (g - np.exp(out) * np.sum(g, axis=at.axis, keepdims=True),),
+register(Op("log_softmax", 1, _axis_shape("log_softmax"), lambda at, x: _log_softmax(x, at.axis), _log_softmax_vjp,
             attrs={"axis": (int, -1)}, doc="log of softmax along `axis`, computed stably"))
 
 
@@ -413,17 +526,41 @@ def _check_range(values: np.ndarray, size: int, what: str) -> None:
         raise InputError(f"{what} {bad} is out of range [0, {size})")
 
 
+def _label_rows(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """logits as (examples, classes) and the index of each example's label in it
+    (plain fancy indexing: take/put_along_axis cost more in Python than the
+    work itself for ten classes)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    return flat, (np.arange(flat.shape[0]), labels.reshape(-1))
+
+
 def _xent_forward(at: Attrs, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """logsumexp(logits) - logits[label], without materializing log-softmax:
+    log(sum(exp(logits - m))) - (logits[label] - m), m the row max."""
     _check_range(labels, logits.shape[-1], "label")
-    log_probs = _log_softmax(logits, -1)
-    return -np.take_along_axis(log_probs, labels[..., None].astype(np.intp), axis=-1)[..., 0]
+    shifted, at_label = _label_rows(logits - np.max(logits, axis=-1, keepdims=True), labels)
+    picked = shifted[at_label]
+    np.exp(shifted, out=shifted)
+    loss = np.log(np.sum(shifted, axis=-1))
+    loss -= picked
+    return loss.reshape(labels.shape)
 
 
 def _xent_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> tuple:
-    grad = np.exp(_log_softmax(logits, -1))
-    np.put_along_axis(grad, labels[..., None].astype(np.intp),
-                      np.take_along_axis(grad, labels[..., None].astype(np.intp), axis=-1) - 1, axis=-1)
-    return grad * g[..., None], None
+    """g * (softmax(logits) - onehot(label)).
+
+    The forward output is only the per-example loss, so softmax is recomputed
+    (max, exp, sum over ten classes: cheap), in one array: exp(logits - max)
+    scaled row by row by g / sum (a per-row vector, not a second full-size
+    pass), then g subtracted at each label.
+    """
+    probs, at_label = _label_rows(logits - np.max(logits, axis=-1, keepdims=True), labels)
+    np.exp(probs, out=probs)
+    g = np.reshape(g, -1)
+    scale = g / np.sum(probs, axis=-1)
+    probs *= scale[:, None]
+    probs[at_label] -= g
+    return probs.reshape(logits.shape), None
 
 
 register(Op("softmax_cross_entropy", 2, _xent_shape, _xent_forward, _xent_vjp, dtype=_xent_dtype, indexes=(1, 0, -1),
@@ -431,11 +568,21 @@ register(Op("softmax_cross_entropy", 2, _xent_shape, _xent_forward, _xent_vjp, d
 
 
 def _bce_forward(at: Attrs, logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    return np.logaddexp(logits.dtype.type(0), logits) - logits * targets
+    """softplus(x) - x t: stable for any x (see _softplus)."""
+    xt = np.asarray(logits * targets)  # 0-d operands give a scalar
+    return np.subtract(_softplus(logits), xt, out=xt)
 
 
-register(Op("binary_cross_entropy", 2, elementwise_shape, _bce_forward,
-            lambda at, g, out, x, t: (g * (_sigmoid(x) - t), -g * x),
+def _bce_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray, t: np.ndarray) -> tuple:
+    grad_x = None
+    if at.wants[0]:
+        s = _sigmoid(x)
+        grad_x = np.subtract(s, t, out=s) if s.shape == g.shape else s - t
+        grad_x *= g
+    return grad_x, (-g * x if at.wants[1] else None)
+
+
+register(Op("binary_cross_entropy", 2, elementwise_shape, _bce_forward, _bce_vjp,
             doc="elementwise BCE from logits and float targets in [0, 1], computed stably"))
 
 
