@@ -364,6 +364,12 @@ class Program:
         grad_set = self._grad_set
         adjoints: dict[int, np.ndarray] = {self.loss: np.ones((), self.nodes[self.loss].dtype)}
         grads: dict[str, np.ndarray] = {}
+        # Adjoints whose buffer this pass allocated itself (the sum of two
+        # contributions), so only it holds them: those, and only those, take
+        # further contributions in place. A VJP's result is never written to:
+        # it may be `g` itself (add returns it for both inputs), a view of it,
+        # a broadcast view, or a value another node still reads.
+        owned: set[int] = set()
         for j in reversed(live):
             g = adjoints.pop(j, None)
             node = self.nodes[j]
@@ -381,7 +387,13 @@ class Program:
                 if grad is None or i not in grad_set or (j, k) in cut:
                     continue
                 grad = unbroadcast(np.asarray(grad, dtype=args[k].dtype), args[k].shape, node)
-                adjoints[i] = adjoints[i] + grad if i in adjoints else grad
+                if i not in adjoints:
+                    adjoints[i] = grad
+                elif i in owned:
+                    adjoints[i] += grad
+                else:  # second contribution: a fresh buffer, ours to add into from now on
+                    adjoints[i] = adjoints[i] + grad
+                    owned.add(i)
             values[j] = None
         return grads
 
