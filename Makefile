@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test compose-test protos bench clean
+.PHONY: setup demo test compose-test protos bench bench-service bench-engine bench-transfer clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,19 @@ compose-test: setup
 protos: setup
 	$(BIN)/python scripts/gen_protos.py
 
-bench: setup
+# Every benchmark; each prints ratios against a baseline measured in the same run.
+bench: bench-service bench-transfer bench-engine
+
+bench-service: setup
 	$(BIN)/python bench/service.py
+
+bench-transfer: setup
+	$(BIN)/python bench/transfer.py
+
+# The engine vs hand-written numpy backprop (and PyTorch CPU, when installed:
+# $(BIN)/pip install -e '.[bench]').
+bench-engine: setup
+	$(BIN)/python bench/engine.py
 
 clean:
 	rm -rf $(VENV) gradpool-out .pytest_cache
