@@ -1,7 +1,7 @@
 """The engine's fwd+bwd step vs hand-written numpy backprop vs PyTorch CPU.
 
     python bench/engine.py [--batches 512,4096] [--repeats 20] [--warmup 3] [--models sigmoid,relu]
-                           [--threads N]
+                           [--threads 1]
 
 Models: MLP 784-256-256-10 with sigmoid or relu hidden layers, float32, loss =
 softmax cross-entropy summed over the batch. Candidates, all in this process
@@ -197,8 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="sigmoid,relu", help="hidden activations (default %(default)s)")
     parser.add_argument("--repeats", type=int, default=20, help="timed steps per candidate (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default %(default)s)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="BLAS and torch threads; 0 leaves both at their defaults (default %(default)s)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="BLAS and torch threads; 0 leaves both at their library defaults (default "
+                             "%(default)s: the thread pools of numpy's BLAS and of torch spin after each call, "
+                             "so with more threads, interleaved on a few cores, each slows the other down)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
