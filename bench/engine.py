@@ -18,8 +18,9 @@ Before timing, the engine's loss and gradients (and torch's) are checked
 against the numpy baseline, so all candidates compute the same thing. Within
 each repeat the candidates run one after another in a rotating order, so
 machine noise hits them alike. The table gives min/median/max milliseconds
-per step over the repeats and the ratios of medians engine/numpy and
-engine/torch, all from the same run.
+per step over the repeats, and engine/numpy and engine/torch: the median over
+repeats of the ratio of the two times within a repeat (paired, so a slow
+stretch of the machine cancels out), all from the same run.
 """
 
 from __future__ import annotations
@@ -253,11 +254,12 @@ def main(argv: list[str] | None = None) -> int:
         print("-" * len(header))
         for n, times in rows:
             med = {name: statistics.median(t) for name, t in times.items()}
+            ratio = {name: statistics.median(e / o for e, o in zip(times["engine"], t)) for name, t in times.items()}
             for name, t in times.items():
                 ratios = ""
                 if name == "engine":
-                    ratios = f"  {med['engine'] / med['numpy']:>11.2f}x"
-                    ratios += f"  {med['engine'] / med['torch']:>11.2f}x" if "torch" in med else f"  {'-':>12}"
+                    ratios = f"  {ratio['numpy']:>11.2f}x"
+                    ratios += f"  {ratio['torch']:>11.2f}x" if "torch" in ratio else f"  {'-':>12}"
                 print(f"{n:>6}  {name:<8}  {min(t) * 1e3:>8.2f}  {med[name] * 1e3:>9.2f}  {max(t) * 1e3:>8.2f}"
                       + ratios)
     return 0
