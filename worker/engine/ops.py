@@ -526,22 +526,34 @@ def _check_range(values: np.ndarray, size: int, what: str) -> None:
         raise InputError(f"{what} {bad} is out of range [0, {size})")
 
 
-def _label_rows(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-    """logits as (examples, classes) and the index of each example's label in it
-    (plain fancy indexing: take/put_along_axis cost more in Python than the
-    work itself for ten classes)."""
+def _over_classes(ufunc: np.ufunc, rows: np.ndarray) -> np.ndarray:
+    """ufunc.reduce of (examples, classes) along the classes. numpy's reduction
+    runs one inner loop per row, which for ten classes costs more than the
+    exp of the whole array (0.4 ms for 4096 x 10); a loop over the columns,
+    each a vectorized pass over all rows, is ~10x faster while classes are few."""
+    if rows.shape[1] > 32 or rows.shape[1] == 0:
+        return ufunc.reduce(rows, axis=1)
+    acc = rows[:, 0].copy()
+    for c in range(1, rows.shape[1]):
+        ufunc(acc, rows[:, c], out=acc)
+    return acc
+
+
+def _shifted_rows(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """logits - row max, as a fresh (examples, classes) array, and each example's label index."""
     flat = logits.reshape(-1, logits.shape[-1])
-    return flat, (np.arange(flat.shape[0]), labels.reshape(-1))
+    shifted = flat - _over_classes(np.maximum, flat)[:, None]
+    return shifted, (np.arange(flat.shape[0]), labels.reshape(-1))
 
 
 def _xent_forward(at: Attrs, logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """logsumexp(logits) - logits[label], without materializing log-softmax:
     log(sum(exp(logits - m))) - (logits[label] - m), m the row max."""
     _check_range(labels, logits.shape[-1], "label")
-    shifted, at_label = _label_rows(logits - np.max(logits, axis=-1, keepdims=True), labels)
+    shifted, at_label = _shifted_rows(logits, labels)
     picked = shifted[at_label]
     np.exp(shifted, out=shifted)
-    loss = np.log(np.sum(shifted, axis=-1))
+    loss = np.log(_over_classes(np.add, shifted))
     loss -= picked
     return loss.reshape(labels.shape)
 
@@ -554,10 +566,10 @@ def _xent_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, logits: np.ndarray, lab
     scaled row by row by g / sum (a per-row vector, not a second full-size
     pass), then g subtracted at each label.
     """
-    probs, at_label = _label_rows(logits - np.max(logits, axis=-1, keepdims=True), labels)
+    probs, at_label = _shifted_rows(logits, labels)
     np.exp(probs, out=probs)
     g = np.reshape(g, -1)
-    scale = g / np.sum(probs, axis=-1)
+    scale = g / _over_classes(np.add, probs)
     probs *= scale[:, None]
     probs[at_label] -= g
     return probs.reshape(logits.shape), None
