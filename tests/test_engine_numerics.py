@@ -11,10 +11,9 @@ import pytest
 
 import gradpool as gp
 from gradpool.worker.engine import REGISTRY
-from gradpool.worker.engine.ops import Attrs
+from gradpool.worker.engine.ops import Call
 
 from op_specs import SPECS, sample
-from test_gradcheck import build
 
 EDGES = [-1000.0, -100.0, -88.8, -50.0, -30.0, -17.0, -5.0, -1e-3, 0.0, 1e-3, 5.0, 17.0, 30.0, 50.0, 100.0, 1000.0]
 # references in extended precision (x86 long double: 64-bit mantissa), so that
@@ -115,8 +114,8 @@ def test_rules_keep_float32(op: str, i: int, spec) -> None:
     args = [sample(arg, rng) for arg in spec.args]
     args = [a if a.dtype.kind == "i" else a.astype(np.float32) for a in args]
     entry = REGISTRY[op]
-    at = Attrs({name: default for name, (_, default) in entry.attrs.items()})
-    at.update(spec.attrs, wants=tuple(a.dtype.kind == "f" for a in args), per_example=False, batch=1)
+    at = Call(entry.resolve_attrs(dict(spec.attrs)), per_example=False,
+              wants=tuple(a.dtype.kind == "f" for a in args), batch=1)
     out = np.asarray(entry.forward(at, *args))
     assert out.dtype == np.float32, f"{op} forward gives {out.dtype}"
     grads = entry.vjp(at, np.ones_like(out), out, *args)
