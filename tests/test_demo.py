@@ -7,6 +7,7 @@ must reach 90%, and the files it writes must be what the report says.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +123,29 @@ def test_the_model_is_the_one_the_report_describes() -> None:
     assert {name: shape for name, (shape, _) in graph.params.items()} == {
         "W1": (64, 64), "b1": (64,), "W2": (64, 10), "b2": (10,)}
     assert graph.inputs["y"][1] == np.int64
+
+
+def test_ctrl_c_stops_the_demo_and_its_cluster_in_order(tmp_path: Path) -> None:
+    """SIGINT to the terminal's process group reaches the demo alone (its
+    servers run in their own session): it stops the workers, which leave
+    the pool, then the coordinator, with no warning and no traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    demo_process = subprocess.Popen(
+        [sys.executable, "-m", "gradpool.cli", "demo", "--epochs", "1000", "--no-progress", "--out", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        time.sleep(6.0)  # the cluster is up and training (1000 epochs take minutes)
+        assert demo_process.poll() is None, demo_process.communicate()
+        os.killpg(demo_process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        _, err = demo_process.communicate(timeout=60)
+    finally:
+        if demo_process.poll() is None:
+            os.killpg(demo_process.pid, signal.SIGKILL)
+    assert demo_process.returncode in (1, 130), err
+    assert "could not deregister" not in err and "Traceback" not in err, err
+    assert "interrupted" in err
