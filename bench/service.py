@@ -13,7 +13,8 @@ same minibatch two ways:
   step names its rows (`client.gradients(g, p, ref.take(indices))`).
 
 Every remote result is checked against the in-process one first, so a fast
-wrong answer cannot pass. Prints min/median/max per case, the median ratio
+wrong answer cannot pass. Each step starts after an untimed 0.1 s pause, so
+that BLAS threads still spinning from the previous case do not bill it. Prints min/median/max per case, the median ratio
 to in-process, and the coordinator's CPU time per step (from /proc): the
 ceiling on how many steps, and so workers, one coordinator can feed.
 """
@@ -54,6 +55,12 @@ def dataset(n: int, seed: int) -> dict[str, np.ndarray]:
     return {"x": rng.normal(size=(n, 784)).astype(np.float32), "y": rng.integers(0, 10, size=n)}
 
 
+# Untimed pause before each step: BLAS threads spin for a while after a call,
+# and on a machine with few cores the last case's spinning threads (in this
+# process or a worker's) would otherwise bill the next case.
+SETTLE_SECONDS = 0.1
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (Linux /proc)."""
     with open(f"/proc/{pid}/stat") as stat:
@@ -72,6 +79,7 @@ def interleaved(steps: dict[str, Callable[[], object]], repeats: int, warmup: in
     cpu: dict[str, float] = {name: 0.0 for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
+            time.sleep(SETTLE_SECONDS)
             before = cpu_seconds(coordinator_pid) if coordinator_pid else 0.0
             started = time.perf_counter()
             step()
