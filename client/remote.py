@@ -47,7 +47,7 @@ NEVER_RETRIED: tuple[grpc.StatusCode, ...] = (
     grpc.StatusCode.UNAUTHENTICATED,
     grpc.StatusCode.OUT_OF_RANGE,
     grpc.StatusCode.UNIMPLEMENTED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,  # mostly "message larger than max": the same message fails again
+    grpc.StatusCode.RESOURCE_EXHAUSTED,  # "message larger than max" fails again (but see `busy`)
     grpc.StatusCode.DEADLINE_EXCEEDED,
     # Not CANCELLED: the SDK never cancels its own calls, so a CANCELLED comes
     # from the other side, as gRPC answers the calls that reach a server while
@@ -117,13 +117,28 @@ def service_error(err: grpc.RpcError, address: str) -> ServiceError:
     return ServiceError(f"{code.name}: {details}", code, details)
 
 
+# gRPC's own words when a server refuses a call past its concurrency limit
+# (--max-concurrent-requests): unlike a message too large, worth retrying.
+BUSY_DETAILS = "Concurrent RPC limit exceeded"
+# A call's deadline when the Client is given none (`timeout=None` asks for none).
+DEFAULT_TIMEOUT_SECONDS = 300.0
+
+
+def busy(err: grpc.RpcError) -> bool:
+    return err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and BUSY_DETAILS in (err.details() or "")
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How transient failures are retried; the call's deadline bounds all attempts."""
-    attempts: int = 6
+    """How transient failures are retried: with backoff, for up to
+    `budget_seconds` (by default long enough to ride out a coordinator
+    restart of 30 s) and, if set, at most `attempts` times; the call's
+    deadline bounds it all."""
+    attempts: Optional[int] = None
     initial_backoff: float = 0.1
-    max_backoff: float = 2.0
+    max_backoff: float = 1.0
     multiplier: float = 2.0
+    budget_seconds: float = 30.0
 
 
 T = TypeVar("T")
@@ -137,20 +152,25 @@ def retried(method: Callable[..., T]) -> Callable[..., T]:
     @functools.wraps(method)
     def wrapper(self: Any, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> T:
         policy: RetryPolicy = self.retry
-        deadline = None if timeout is None else time.monotonic() + timeout
+        started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
         delay = policy.initial_backoff
-        for attempt in range(1, policy.attempts + 1):
+        attempt = 0
+        while True:
+            attempt += 1
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 return method(self, *args, timeout=remaining, **kwargs)
             except grpc.RpcError as err:
                 sleep = delay * random.uniform(0.8, 1.2)
-                out_of_time = deadline is not None and time.monotonic() + sleep >= deadline
-                if err.code() in NEVER_RETRIED or attempt == policy.attempts or out_of_time:
+                now = time.monotonic()
+                out_of_time = ((deadline is not None and now + sleep >= deadline)
+                               or now + sleep - started > policy.budget_seconds)
+                last = policy.attempts is not None and attempt >= policy.attempts
+                if (err.code() in NEVER_RETRIED and not busy(err)) or last or out_of_time:
                     raise service_error(err, self.address) from None
             time.sleep(sleep)
             delay = min(delay * policy.multiplier, policy.max_backoff)
-        raise AssertionError("unreachable")
 
     return wrapper
 
@@ -328,11 +348,15 @@ class ClusterStatus:
 class Client:
     """A connection to a gradpool coordinator.
 
-    `timeout` (seconds) bounds every call, retries included; each method also
-    takes its own `timeout=`. `token` is sent as `authorization: Bearer`.
+    `timeout` (seconds, default 300) bounds every call, retries included;
+    `timeout=None` means no deadline at all; each method also takes its own
+    `timeout=`. A coordinator that cannot be reached is retried with backoff
+    for `retry.budget_seconds` (30 s: a restart), and graphs and datasets it
+    forgot are sent again, unseen. `token` is sent as `authorization: Bearer`.
     """
 
-    def __init__(self, address: str, token: Optional[str] = None, timeout: Optional[float] = None, *,
+    def __init__(self, address: str, token: Optional[str] = None,
+                 timeout: Optional[float] = DEFAULT_TIMEOUT_SECONDS, *,
                  max_message_mb: float = DEFAULT_MAX_MESSAGE_MB, retry: RetryPolicy = RetryPolicy(),
                  stream_threshold_mb: float = STREAM_THRESHOLD_BYTES / 2**20):
         self.address = address = with_port(address)

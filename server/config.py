@@ -19,8 +19,8 @@ class CoordinatorConfig:
     workers: list[str] = field(default_factory=list)
     token: Optional[str] = None
     max_message_mb: float = DEFAULT_MAX_MESSAGE_MB
-    heartbeat_seconds: float = 2.0
-    lease_seconds: float = 6.0
+    heartbeat_seconds: float = 1.0
+    lease_seconds: float = 4.0
     # Bounds a request whose client set no deadline, so a hung worker cannot
     # hold a coordinator thread forever.
     request_timeout_seconds: float = 600.0
@@ -28,6 +28,7 @@ class CoordinatorConfig:
     dataset_cache_mb: float = DEFAULT_DATASET_CACHE_BYTES / 2**20
     stream_threshold_mb: float = STREAM_THRESHOLD_BYTES / 2**20
     threads: int = 32
+    max_concurrent_requests: int = 64
     grace_seconds: float = 5.0
     log_level: str = "INFO"
 
@@ -50,9 +51,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "gradpool coord
     add("--max-message-mb", type=float, default=env_default("GRADPOOL_MAX_MESSAGE_MB", DEFAULT_MAX_MESSAGE_MB),
         help="largest gRPC message sent or received, in MB, at most 2047 (env GRADPOOL_MAX_MESSAGE_MB, "
              "default %(default)s)")
-    add("--heartbeat-seconds", type=float, default=env_default("GRADPOOL_HEARTBEAT_SECONDS", 2.0),
+    add("--heartbeat-seconds", type=float, default=env_default("GRADPOOL_HEARTBEAT_SECONDS", 1.0),
         help="how often workers heartbeat (env GRADPOOL_HEARTBEAT_SECONDS, default %(default)s)")
-    add("--lease-seconds", type=float, default=env_default("GRADPOOL_LEASE_SECONDS", 6.0),
+    add("--lease-seconds", type=float, default=env_default("GRADPOOL_LEASE_SECONDS", 4.0),
         help="a worker silent this long is dropped (env GRADPOOL_LEASE_SECONDS, default %(default)s)")
     add("--request-timeout-seconds", type=float, default=env_default("GRADPOOL_REQUEST_TIMEOUT_SECONDS", 600.0),
         help="deadline for requests whose client set none (env GRADPOOL_REQUEST_TIMEOUT_SECONDS, "
@@ -70,6 +71,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "gradpool coord
              "(env GRADPOOL_STREAM_THRESHOLD_MB, default %(default)s)")
     add("--threads", type=int, default=env_default("GRADPOOL_THREADS", 32),
         help="concurrent RPCs served (env GRADPOOL_THREADS, default %(default)s)")
+    add("--max-concurrent-requests", type=int, default=env_default("GRADPOOL_MAX_CONCURRENT_REQUESTS", 64),
+        help="RPCs admitted at once; past that, an immediate RESOURCE_EXHAUSTED that the SDK retries with "
+             "backoff (env GRADPOOL_MAX_CONCURRENT_REQUESTS, default %(default)s)")
     add("--grace-seconds", type=float, default=env_default("GRADPOOL_GRACE_SECONDS", 5.0),
         help="on SIGTERM, how long running requests may finish (env GRADPOOL_GRACE_SECONDS, "
              "default %(default)s)")
@@ -86,7 +90,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "gradpool coord
         parser.error(f"need 0 < --heartbeat-seconds ({args.heartbeat_seconds}) < --lease-seconds "
                      f"({args.lease_seconds})")
     if (not args.request_timeout_seconds > 0 or args.max_graphs < 1 or args.threads < 1
-            or not args.dataset_cache_mb > 0 or not args.stream_threshold_mb > 0):
+            or not args.dataset_cache_mb > 0 or not args.stream_threshold_mb > 0 or args.max_concurrent_requests < 1):
         parser.error("--request-timeout-seconds, --max-graphs, --dataset-cache-mb and --threads must be positive")
     try:
         message_limit_bytes(args.max_message_mb)

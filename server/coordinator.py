@@ -16,7 +16,7 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import grpc
 
@@ -150,9 +150,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             batch = self._batch(program, request)
             shards = self._shards(record, request.param_fields, batch)
             total = OrderedSum(len(shards))
-            with self._fan_out(shards, record, batch.dataset, context, request.request_id) as results:
+            with self._fan_out(shards, record, batch.dataset, context, request.request_id,
+                               gradient_problem(program)) as results:
                 for shard, response in results:
-                    total.add(shard.index, response.loss, self._shard_grads(program, shard, response))
+                    total.add(shard.index, response.loss, self._shard_grads(shard, response))
             assert total.grads is not None
             tally.examples = batch.examples
             return wire.gradients_response(total.loss, total.grads, batch.examples, [s.stats() for s in shards],
@@ -172,9 +173,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             shards = self._shards(record, request.param_fields, batch, mode=pb.ShardRequest.FORWARD,
                                   outputs=outputs)
             pieces: list[Optional[wire.ResultView]] = [None] * len(shards)
-            with self._fan_out(shards, record, batch.dataset, context, request.request_id) as results:
+            with self._fan_out(shards, record, batch.dataset, context, request.request_id,
+                               output_problem(program, outputs)) as results:
                 for shard, response in results:
-                    self._check_examples(shard, response)
                     pieces[shard.index] = response
             tally.examples = batch.examples
             return wire.evaluate_response(self._concat_outputs(program, outputs, shards, pieces), batch.examples,
@@ -293,7 +294,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     @contextlib.contextmanager
     def _fan_out(self, shards: list[Shard], record: GraphRecord, dataset: Optional[Dataset],
-                 context: grpc.ServicerContext, request_id: str) -> Iterator[Iterator[tuple[Shard, pb.ShardResponse]]]:
+                 context: grpc.ServicerContext, request_id: str, check: Callable[[Shard, wire.ResultView], str]
+                 ) -> Iterator[Iterator[tuple[Shard, wire.ResultView]]]:
         """The shard results as they arrive, under the client's deadline (or
         ours); a failed shard becomes the request's status, and leaving the
         block for any reason cancels what is still running."""
@@ -302,7 +304,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         timeout = limit if remaining is None or remaining > limit else remaining
         log.debug("request %s: %d shard(s), %.1fs to go", request_id or "-", len(shards), timeout)
         with FanOut(shards, record, self.registry, time.monotonic() + timeout, self._metadata, dataset,
-                    int(self.config.stream_threshold_mb * 2**20)) as fan:
+                    int(self.config.stream_threshold_mb * 2**20), check) as fan:
             context.add_callback(fan.cancel)  # the client went away
             try:
                 yield fan.results()
@@ -311,45 +313,55 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 raise failure.status() from None
 
     @staticmethod
-    def _check_examples(shard: Shard, response: pb.ShardResponse) -> None:
-        if response.examples != shard.examples:
-            raise RpcFailure(grpc.StatusCode.INTERNAL, f"{shard.describe()} reported {response.examples} examples")
-
-    def _shard_grads(self, program: Program, shard: Shard, response: wire.ResultView) -> dict:
-        """A shard's gradients (read-only views of its response), checked against
-        the graph before they are summed."""
-        self._check_examples(shard, response)
-        try:
-            grads = {name: tensor.array() for name, tensor in wire.named_map(response.grads, "gradient").items()}
-        except GradpoolError as err:
-            raise RpcFailure(grpc.StatusCode.INTERNAL, f"{shard.describe()} sent bad gradients: {err}") from None
-        if set(grads) != set(program.params) or any(
-                grads[name].shape != node.shape or grads[name].dtype != node.dtype
-                for name, node in program.params.items()):
-            raise RpcFailure(grpc.StatusCode.INTERNAL,
-                             f"{shard.describe()} sent gradients that do not match the graph's params")
-        return grads
+    def _shard_grads(shard: Shard, response: wire.ResultView) -> dict:
+        """A shard's gradients: read-only views of its response (`gradient_problem` checked them)."""
+        return {name: tensor.array() for name, tensor in response.grads}
 
     @staticmethod
     def _concat_outputs(program: Program, outputs: list[str], shards: list[Shard],
                         pieces: list[Optional[wire.ResultView]]) -> list[tuple[str, int, tuple, list[memoryview]]]:
-        """Each output's rows from every shard, to be joined along the batch axis as raw bytes."""
+        """Each output's rows from every shard (`output_problem` checked them), joined as raw bytes when sent."""
         joined = []
         for name in outputs:
             node = program.node(name)
-            datas = []
-            for shard, response in zip(shards, pieces):
-                assert response is not None
-                tensor = next((t for n, t in response.outputs if n == name), None)
-                if tensor is None:
-                    raise RpcFailure(grpc.StatusCode.INTERNAL, f"{shard.describe()} did not return {quoted(name)}")
-                if tensor.dtype != node.dtype or tensor.shape != (shard.examples, *node.shape[1:]):
-                    raise RpcFailure(grpc.StatusCode.INTERNAL, f"{shard.describe()} returned {quoted(name)} as "
-                                     f"{tensor.shape} of {tensor.dtype}")
-                datas.append(tensor.data)
+            datas = [dict(response.outputs)[name].data for response in pieces if response is not None]
             rows = sum(s.examples for s in shards)
             joined.append((name, DTYPE_TO_PROTO[node.dtype], (rows, *node.shape[1:]), datas))
         return joined
+
+
+def gradient_problem(program: Program) -> Callable[[Shard, wire.ResultView], str]:
+    """What is wrong with a shard's gradients ("" when nothing): names, shapes and
+    dtypes against the graph's params, before anything enters the sum."""
+    def check(shard: Shard, response: wire.ResultView) -> str:
+        try:
+            grads = wire.named_map(response.grads, "gradient")
+        except GradpoolError as err:
+            return str(err)
+        if set(grads) != set(program.params):
+            return f"gradients for {quoted(sorted(grads))}, not the graph's params {quoted(sorted(program.params))}"
+        for name, node in program.params.items():
+            if grads[name].shape != node.shape or grads[name].dtype != node.dtype:
+                return f"gradient {quoted(name)} as {grads[name].shape} of {grads[name].dtype}"
+        return ""
+    return check
+
+
+def output_problem(program: Program, outputs: Sequence[str]) -> Callable[[Shard, wire.ResultView], str]:
+    """What is wrong with a shard's forward outputs ("" when nothing)."""
+    def check(shard: Shard, response: wire.ResultView) -> str:
+        try:
+            given = wire.named_map(response.outputs, "output")
+        except GradpoolError as err:
+            return str(err)
+        for name in outputs:
+            node, tensor = program.node(name), given.get(name)
+            if tensor is None:
+                return f"no value for {quoted(name)}"
+            if tensor.dtype != node.dtype or tensor.shape != (shard.examples, *node.shape[1:]):
+                return f"{quoted(name)} as {tensor.shape} of {tensor.dtype}"
+        return ""
+    return check
 
 
 class Maintenance:
@@ -405,6 +417,7 @@ class RunningCoordinator:
 def start(config: CoordinatorConfig) -> RunningCoordinator:
     """Start serving without blocking."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="coordinator"),
+                         maximum_concurrent_rpcs=config.max_concurrent_requests,
                          options=server_options(config.max_message_mb), interceptors=interceptors(config.token))
     servicer = CoordinatorServicer(config)
     add_servicer(server, servicer, "Coordinator",

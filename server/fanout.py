@@ -1,22 +1,33 @@
 """One request's shards: planned, sliced, sent to workers concurrently, and
-handed back one by one as they arrive.
+handed back one by one as they arrive; a failed or straggling shard costs a
+shard, never the request.
 
-Per shard, the retry decision lives in one place (`FanOut._retry`): today a
-worker that lost the graph (NOT_FOUND: restarted or evicted it) is sent the
-graph again and the shard retried there, invisibly to the client; every
-other failure ends the request with a status naming the worker and shard.
-Retrying a failed shard on another live worker slots into `_retry` by
-setting `shard.worker` before re-dispatching: the shard's request bytes do
-not depend on the worker.
+A shard's bytes do not depend on the worker, so it can run anywhere. Every
+failure is decided in one place (`FanOut._on_failure`):
+
+* the worker lost the graph or the dataset (NOT_FOUND): send it, retry there;
+* the worker is gone, hung, draining, busy or answered nonsense (UNAVAILABLE,
+  CANCELLED by its side, RESOURCE_EXHAUSTED, INTERNAL, UNKNOWN, a malformed
+  response, its lease lapsed): retry the same bytes on another live worker,
+  at most MAX_WORKERS_PER_SHARD workers per shard;
+* the input is wrong (INVALID_ARGUMENT) or the deadline passed: fail the
+  request, naming the worker and shard.
+
+Stragglers are hedged (`FanOut._hedge_stragglers`): a shard running longer
+than HEDGE_FACTOR x its slowest finished sibling and at least HEDGE_FLOOR
+seconds gets a copy on a free worker; the first answer wins and the other is
+cancelled. The straggler is marked suspect until it next finishes a shard.
+Results are reduced in shard order by the caller, whoever computed them.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import queue
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import grpc
 import numpy as np
@@ -33,9 +44,21 @@ from gradpool.worker.wire import Parts
 
 from .registry import WorkerEntry, WorkerRegistry
 
+log = logging.getLogger("gradpool.coordinator")
+
 # Including the first: one NOT_FOUND -> LoadGraph -> retry cycle, plus one
 # in case the worker evicted the graph again in between.
 MAX_ATTEMPTS = 3
+# Different workers one shard may be sent to (failures and hedges together).
+MAX_WORKERS_PER_SHARD = 4
+# Hedging: a shard running longer than HEDGE_FACTOR x its slowest finished
+# sibling, and at least HEDGE_FLOOR seconds, gets a copy on a free worker.
+HEDGE_FACTOR = 2.0
+HEDGE_FLOOR = 1.0
+# Codes that say "this worker cannot do it now", not "this request is wrong".
+WORKER_FAILURES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                   grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.ABORTED,
+                   grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.DATA_LOSS)
 # Streamed shards block a thread each for their transfer (unary ones do not).
 STREAM_EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="shard-stream")
 
@@ -58,15 +81,27 @@ class Batch:
 
 
 @dataclass(eq=False)
+class Attempt:
+    """One send of a shard to one worker."""
+    worker: WorkerEntry
+    started: float
+    future: Optional[object] = None  # grpc.Future or StreamedCall
+    hedge: bool = False
+
+
+@dataclass(eq=False)
 class Shard:
     index: int
     start: int
     stop: int
     request: Parts  # a ShardRequest, worker-independent (views of the client's bytes)
-    worker: WorkerEntry
-    attempts: int = 0
+    worker: WorkerEntry  # where it runs now; at the end, who served it
+    attempts: int = 0  # sends, to any worker
     first_sent: float = 0.0
     seconds: float = 0.0
+    running: list[Attempt] = field(default_factory=list)
+    tried: list[WorkerEntry] = field(default_factory=list)  # workers it was sent to
+    done: bool = False
 
     @property
     def examples(self) -> int:
@@ -139,7 +174,8 @@ def shard_requests(graph_id: str, param_fields: Sequence[memoryview], batch: Bat
 
 @dataclass(eq=False)
 class FanOut:
-    """Runs shards concurrently (one RunShard future each) under one deadline.
+    """Runs shards concurrently under one deadline, retrying and hedging them
+    on other workers as needed (see the module docstring).
 
     Use as a context manager: leaving it cancels whatever is still running
     (a failed shard, the client gone, an exception in the caller).
@@ -152,8 +188,12 @@ class FanOut:
     metadata: tuple[tuple[str, str], ...] = ()
     dataset: Optional[Dataset] = None
     stream_threshold: int = STREAM_THRESHOLD_BYTES
-    _done: "queue.SimpleQueue[tuple[Shard, grpc.Future]]" = field(default_factory=queue.SimpleQueue)
-    _futures: dict[int, grpc.Future] = field(default_factory=dict)
+    # What is wrong with a response ("" when nothing): a wrong one counts as
+    # its worker's failure, and the shard is retried elsewhere.
+    check: Callable[[Shard, wire.ResultView], str] = lambda shard, response: ""
+    _done: "queue.SimpleQueue[tuple[Shard, Attempt]]" = field(default_factory=queue.SimpleQueue)
+    _finished_seconds: list[float] = field(default_factory=list)
+    _cancelled: bool = False
 
     def __enter__(self) -> "FanOut":
         return self
@@ -162,71 +202,161 @@ class FanOut:
         self.cancel()
 
     def cancel(self) -> None:
-        for future in list(self._futures.values()):
-            future.cancel()
+        self._cancelled = True  # the caller left, or the request failed: no more retries
+        for shard in self.shards:
+            for attempt in list(shard.running):
+                if attempt.future is not None:
+                    attempt.future.cancel()  # type: ignore[attr-defined]
 
     def results(self) -> Iterator[tuple[Shard, wire.ResultView]]:
-        """(shard, response) in arrival order; raises ShardFailed on the first failure."""
+        """(shard, response) in arrival order, each shard once; raises ShardFailed
+        when a shard cannot be computed anywhere."""
         for shard in self.shards:
             shard.first_sent = time.perf_counter()
-            self._dispatch(shard)
+            self._send(shard, shard.worker)
         pending = len(self.shards)
         while pending:
-            shard, future = self._next_done()
-            try:
-                response = future.result()
-            except (grpc.RpcError, grpc.FutureCancelledError, concurrent.futures.CancelledError) as err:
-                code = err.code() if isinstance(err, grpc.RpcError) else grpc.StatusCode.CANCELLED
-                details = err.details() if isinstance(err, grpc.RpcError) else "cancelled"
-                kind = rpc_error_kind(err) if isinstance(err, grpc.RpcError) else ""
-                self._retry(shard, code, details or "", kind)
+            item = self._next_done()
+            if item is None:  # no answer for a while: look for stragglers and workers gone
+                self._hedge_stragglers()
                 continue
-            if not isinstance(response, wire.ResultView):  # a unary call's raw bytes
-                try:
-                    response = wire.read_shard_response(response)
-                except GradpoolError as err:
-                    self._failed(shard, grpc.StatusCode.INTERNAL, f"sent a malformed response: {err}")
-            del self._futures[shard.index]
+            shard, attempt = item
+            if attempt in shard.running:
+                shard.running.remove(attempt)
+            if shard.done:
+                continue  # a hedge's twin answered first; this one was cancelled
+            response = self._response(shard, attempt)
+            if response is None:
+                continue  # retried, or still running elsewhere
+            shard.done = True
+            for other in shard.running:  # the losing hedge
+                other.future.cancel()  # type: ignore[union-attr]
+            shard.worker = attempt.worker
             shard.request = wire.Parts()  # kept only for retries: let go of the views now
             shard.seconds = time.perf_counter() - shard.first_sent
-            shard.worker.served(shard.examples)
+            self._finished_seconds.append(time.monotonic() - attempt.started)
+            attempt.worker.served(shard.examples)
             pending -= 1
             yield shard, response
+
+    def _response(self, shard: Shard, attempt: Attempt) -> Optional[wire.ResultView]:
+        """The attempt's checked response, or None after handling its failure."""
+        future = attempt.future
+        try:
+            response = future.result()  # type: ignore[union-attr]
+        except (grpc.RpcError, grpc.FutureCancelledError, concurrent.futures.CancelledError) as err:
+            if isinstance(err, grpc.RpcError):
+                self._on_failure(shard, attempt, err.code(), err.details() or "", rpc_error_kind(err))
+            else:
+                self._on_failure(shard, attempt, grpc.StatusCode.CANCELLED, "cancelled")
+            return None
+        except GradpoolError as err:  # a streamed response that does not parse
+            self._on_failure(shard, attempt, grpc.StatusCode.INTERNAL, f"sent a malformed response: {err}")
+            return None
+        if not isinstance(response, wire.ResultView):  # a unary call's raw bytes
+            try:
+                response = wire.read_shard_response(response)
+            except GradpoolError as err:
+                self._on_failure(shard, attempt, grpc.StatusCode.INTERNAL, f"sent a malformed response: {err}")
+                return None
+        problem = (f"reported {response.examples} examples for {shard.examples}"
+                   if response.examples != shard.examples else self.check(shard, response))
+        if problem:
+            self._on_failure(shard, attempt, grpc.StatusCode.INTERNAL, f"sent a wrong response: {problem}")
+            return None
+        return response
+
+    def _on_failure(self, shard: Shard, attempt: Attempt, code: grpc.StatusCode, details: str,
+                    kind: str = "") -> None:
+        """The one place a failed attempt is decided: resend, retry elsewhere, or fail."""
+        worker = attempt.worker
+        if shard.running:  # a hedge of this shard is still running: let it finish
+            worker.failed()
+            return
+        if code == grpc.StatusCode.NOT_FOUND and shard.attempts < MAX_ATTEMPTS + len(shard.tried):
+            if kind == MISSING_DATASET and self.dataset is not None:
+                worker.forget_dataset(self.dataset.dataset_id)
+            else:
+                worker.forget_graph(self.graph.graph_id)
+            self._send(shard, worker)
+            return
+        gone = (worker.retired or code in WORKER_FAILURES) and not self._cancelled
+        if code == grpc.StatusCode.CANCELLED and self._remaining() <= 0:
+            gone = False  # our own deadline, not the worker's doing
+        worker.failed()
+        if code == grpc.StatusCode.UNAVAILABLE:
+            self.registry.mark_unreachable(worker, details)
+        if gone:
+            elsewhere = self._free_worker(shard)
+            if elsewhere is not None and len(shard.tried) < MAX_WORKERS_PER_SHARD and self._remaining() > 0:
+                log.warning("shard %d (examples %d:%d): %s failed with %s (%s); retrying on %s", shard.index,
+                            shard.start, shard.stop, worker.describe(), code.name, details[:200],
+                            elsewhere.describe())
+                self._send(shard, elsewhere)
+                return
+            if elsewhere is None:
+                details += "; no other live worker could take the shard"
+        shard.worker = worker
+        raise ShardFailed(shard, code, details, kind)
+
+    def _hedge_stragglers(self) -> None:
+        """Copy a straggling shard to a free worker, and retry shards whose worker left the pool."""
+        now = time.monotonic()
+        bound = max(HEDGE_FLOOR, HEDGE_FACTOR * max(self._finished_seconds)) if self._finished_seconds else None
+        for shard in self.shards:
+            if shard.done or not shard.running:
+                continue
+            lost = [a for a in shard.running if a.worker.retired]
+            for attempt in lost:  # lease lapsed or deregistered mid-shard: its answer may never come
+                attempt.future.cancel()  # type: ignore[union-attr]
+            if bound is None or len(shard.running) > 1 or len(shard.tried) >= MAX_WORKERS_PER_SHARD:
+                continue
+            attempt = shard.running[0]
+            if now - attempt.started > bound:
+                spare = self._free_worker(shard, idle_only=True)
+                if spare is not None:
+                    attempt.worker.mark_suspect()
+                    log.warning("shard %d (examples %d:%d) on %s has run %.1fs (> %.1fs): hedging on %s",
+                                shard.index, shard.start, shard.stop, attempt.worker.describe(),
+                                now - attempt.started, bound, spare.describe())
+                    self._send(shard, spare, hedge=True)
+
+    def _free_worker(self, shard: Shard, idle_only: bool = False) -> Optional[WorkerEntry]:
+        """A live worker this shard has not been sent to, the least busy first."""
+        candidates = [w for w in self.registry.pool() if w not in shard.tried and not w.suspect]
+        if idle_only:
+            candidates = [w for w in candidates if w.in_flight == 0]
+        return min(candidates, key=lambda w: (w.in_flight, -w.capacity, w.worker_id), default=None)
 
     def _remaining(self) -> float:
         return self.deadline - time.monotonic()
 
-    def _next_done(self) -> tuple[Shard, grpc.Future]:
-        # Every future carries the deadline, so this wait is a safety net.
+    def _next_done(self) -> Optional[tuple[Shard, Attempt]]:
+        """The next finished attempt; None after a short wait (time to check for stragglers)."""
+        remaining = self._remaining()
+        if remaining <= -5.0:  # every call carries the deadline; this is a safety net
+            raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded waiting for workers")
         try:
-            return self._done.get(timeout=max(0.0, self._remaining()) + 5.0)
+            return self._done.get(timeout=min(HEDGE_FLOOR / 4, max(0.01, remaining + 5.0)))
         except queue.Empty:
-            raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded waiting for workers") from None
+            return None
 
-    def _retry(self, shard: Shard, code: grpc.StatusCode, details: str, kind: str = "") -> None:
-        """Send the shard again where that can help; otherwise fail the request."""
-        if code == grpc.StatusCode.NOT_FOUND and shard.attempts < MAX_ATTEMPTS:
-            if kind == MISSING_DATASET and self.dataset is not None:
-                shard.worker.forget_dataset(self.dataset.dataset_id)
-            else:
-                shard.worker.forget_graph(self.graph.graph_id)
-            self._dispatch(shard)
-            return
-        self._failed(shard, code, details, kind)
-
-    def _failed(self, shard: Shard, code: grpc.StatusCode, details: str, kind: str = "") -> None:
-        shard.worker.failed()
-        if code == grpc.StatusCode.UNAVAILABLE:
-            self.registry.mark_unreachable(shard.worker, details)
-        raise ShardFailed(shard, code, details, kind)
-
-    def _dispatch(self, shard: Shard) -> None:
+    def _send(self, shard: Shard, worker: WorkerEntry, hedge: bool = False) -> None:
         remaining = self._remaining()
         if remaining <= 0:
             raise ShardFailed(shard, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the shard was sent")
-        worker = shard.worker
-        self._ensure_graph(shard, remaining)
-        self._ensure_dataset(shard)
+        shard.worker = worker
+        if worker not in shard.tried:
+            shard.tried.append(worker)
+        attempt = Attempt(worker, time.monotonic(), hedge=hedge)
+        try:
+            self._ensure_graph(shard, remaining)
+            self._ensure_dataset(shard)
+        except ShardFailed as failure:
+            if failure.code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise
+            self._on_failure(shard, attempt, failure.code, failure.details, failure.kind)
+            return
         shard.attempts += 1
         worker.acquire()
         try:
@@ -239,15 +369,16 @@ class FanOut:
                                                  metadata=self.metadata)
         except ValueError:  # the channel closed: the worker left the pool just now
             worker.release()
-            self._failed(shard, grpc.StatusCode.UNAVAILABLE, "the worker left the pool")
+            self._on_failure(shard, attempt, grpc.StatusCode.UNAVAILABLE, "the worker left the pool")
             return
-        self._futures[shard.index] = future
+        attempt.future = future
+        shard.running.append(attempt)
 
-        def on_done(done: grpc.Future) -> None:
+        def on_done(done: object) -> None:
             worker.release()
-            self._done.put((shard, done))
+            self._done.put((shard, attempt))
 
-        future.add_done_callback(on_done)
+        future.add_done_callback(on_done)  # type: ignore[attr-defined]
 
     def _ensure_graph(self, shard: Shard, remaining: float) -> None:
         """LoadGraph once per worker and graph (a 1,000-step loop sends it once)."""
@@ -261,9 +392,9 @@ class FanOut:
             try:
                 worker.stub.LoadGraph(self.graph.load_request, timeout=remaining, metadata=self.metadata)
             except grpc.RpcError as err:
-                self._failed(shard, err.code(), f"sending graph {key[:12]}: {err.details()}")
+                raise ShardFailed(shard, err.code(), f"sending graph {key[:12]}: {err.details()}") from None
             except ValueError:
-                self._failed(shard, grpc.StatusCode.UNAVAILABLE, "the worker left the pool")
+                raise ShardFailed(shard, grpc.StatusCode.UNAVAILABLE, "the worker left the pool") from None
             finally:
                 worker.release()
             worker.graph_sent(key)
@@ -281,9 +412,10 @@ class FanOut:
                 worker.stub.LoadDataset(dataset.chunks(), timeout=max(0.0, self._remaining()),
                                         metadata=self.metadata)
             except grpc.RpcError as err:
-                self._failed(shard, err.code(), f"sending dataset {dataset.dataset_id[:12]}: {err.details()}")
+                raise ShardFailed(shard, err.code(),
+                                  f"sending dataset {dataset.dataset_id[:12]}: {err.details()}") from None
             except ValueError:
-                self._failed(shard, grpc.StatusCode.UNAVAILABLE, "the worker left the pool")
+                raise ShardFailed(shard, grpc.StatusCode.UNAVAILABLE, "the worker left the pool") from None
             finally:
                 worker.release()
             worker.dataset_sent(dataset.dataset_id)

@@ -26,6 +26,7 @@ log = logging.getLogger("gradpool.coordinator")
 
 LIVE = "live"
 UNREACHABLE = "unreachable"
+SUSPECT = "suspect"  # live, but a shard of its straggled (shown in status; still planned)
 
 
 @dataclass(eq=False)
@@ -52,6 +53,9 @@ class WorkerEntry:
     errors: int = 0
     in_flight: int = 0
     retired: bool = False
+    # A shard of its ran far longer than its siblings and was hedged: not
+    # picked for retries and hedges until it finishes a shard again.
+    suspect: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     # Held while sending a graph, so concurrent requests send it once.
     load_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -109,6 +113,7 @@ class WorkerEntry:
         with self.lock:
             self.shards_served += 1
             self.examples_served += examples
+            self.suspect = False
             if self.static:  # no heartbeats: a served shard is the sign of life
                 self.last_contact = time.monotonic()
 
@@ -116,10 +121,17 @@ class WorkerEntry:
         with self.lock:
             self.errors += 1
 
+    def mark_suspect(self) -> None:
+        with self.lock:
+            was, self.suspect = self.suspect, True
+        if not was:
+            log.warning("worker %s is suspect: a shard of its straggled and was hedged", self.describe())
+
     def info(self, now: float) -> pb.WorkerInfo:
         with self.lock:
             return pb.WorkerInfo(worker_id=self.worker_id, address=self.address, capacity=self.capacity,
-                                 state=self.state, seconds_since_heartbeat=max(0.0, now - self.last_contact),
+                                 state=SUSPECT if self.suspect and self.state == LIVE else self.state,
+                                 seconds_since_heartbeat=max(0.0, now - self.last_contact),
                                  shards_served=self.shards_served, examples_served=self.examples_served,
                                  graphs_sent=self.graphs_sent, errors=self.errors, static=self.static)
 

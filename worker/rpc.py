@@ -23,7 +23,7 @@ from typing import Any, Callable, Generic, Iterable, Optional, TypeVar
 import grpc
 
 from gradpool.protos import gradpool_pb2 as pb
-from gradpool.worker.engine.errors import CapacityError, GradpoolError
+from gradpool.worker.engine.errors import Cancelled, CapacityError, GradpoolError
 
 log = logging.getLogger("gradpool.rpc")
 
@@ -303,6 +303,8 @@ def translate_errors(method: Callable) -> Callable:
             code, message, kind = err.code, str(err), err.kind
         except CapacityError as err:
             code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(err)
+        except Cancelled as err:
+            code, message = grpc.StatusCode.CANCELLED, str(err)
         except GradpoolError as err:
             code, message, kind = grpc.StatusCode.INVALID_ARGUMENT, str(err), error_kind(err)
         except Exception as err:  # a bug; keep serving and say what happened

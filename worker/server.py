@@ -108,20 +108,21 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             raise RpcFailure(grpc.StatusCode.NOT_FOUND,
                              f"graph {request.graph_id[:12]!r} is not loaded on worker {self.worker_id}; "
                              "send it with LoadGraph", MISSING_GRAPH)
-        if not context.is_active():  # the caller gave up (deadline, cancel) while this waited for a thread
+        stop = threading.Event()  # set when the call ends early: the engine stops between two nodes
+        if not context.add_callback(stop.set) or not context.is_active():
             raise RpcFailure(grpc.StatusCode.CANCELLED, "the caller gave up before the shard started")
         params = {name: tensor.array() for name, tensor in wire.named_map(request.params, "param").items()}
         inputs = self._inputs(program, request)
         global_batch = request.global_batch or None
         if request.mode == pb.ShardRequest.GRADIENTS:
             result = program.run(params, inputs, global_batch=global_batch,
-                                 include_batch_independent=request.include_batch_independent)
+                                 include_batch_independent=request.include_batch_independent, stop=stop)
         elif request.mode == pb.ShardRequest.FORWARD:
             if not request.outputs:
                 raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, "FORWARD mode needs at least one output name")
             result = program.run(params, inputs, global_batch=global_batch,
                                  include_batch_independent=request.include_batch_independent,
-                                 gradients=False, outputs=request.outputs)
+                                 gradients=False, outputs=request.outputs, stop=stop)
         else:
             raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"unknown shard mode {request.mode}")
         with self._lock:
@@ -181,7 +182,7 @@ class CoordinatorLink:
     """
 
     INITIAL_BACKOFF = 0.05
-    MAX_BACKOFF = 2.0
+    MAX_BACKOFF = 0.5  # back within about a second of a restarted coordinator
     CALL_TIMEOUT = 5.0
 
     def __init__(self, coordinator: str, advertise: str, capacity: float, worker_id: str,
@@ -279,6 +280,7 @@ class WorkerConfig:
     max_graphs: int = 64
     dataset_cache_mb: float = DEFAULT_DATASET_CACHE_BYTES / 2**20
     threads: int = 8
+    max_concurrent_shards: int = 16
     grace_seconds: float = 5.0
     log_level: str = "INFO"
 
@@ -315,6 +317,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "gradpool worke
         help="memory for resident datasets, in MB (LRU; env GRADPOOL_DATASET_CACHE_MB, default %(default)s)")
     add("--threads", type=int, default=env_default("GRADPOOL_THREADS", 8),
         help="concurrent RPCs served (env GRADPOOL_THREADS, default %(default)s)")
+    add("--max-concurrent-shards", type=int, default=env_default("GRADPOOL_MAX_CONCURRENT_SHARDS", 16),
+        help="RPCs admitted at once; past that, an immediate RESOURCE_EXHAUSTED and the coordinator sends the "
+             "shard to another worker (env GRADPOOL_MAX_CONCURRENT_SHARDS, default %(default)s)")
     add("--grace-seconds", type=float, default=env_default("GRADPOOL_GRACE_SECONDS", 5.0),
         help="on SIGTERM, how long running shards may finish (env GRADPOOL_GRACE_SECONDS, default %(default)s)")
     add("--log-level", default=env_default("GRADPOOL_LOG_LEVEL", "INFO"),
@@ -323,7 +328,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "gradpool worke
     args = parser.parse_args(argv)
     if not args.capacity > 0:
         parser.error(f"--capacity must be positive, got {args.capacity}")
-    if args.max_graphs < 1 or args.threads < 1 or not args.dataset_cache_mb > 0:
+    if args.max_graphs < 1 or args.threads < 1 or not args.dataset_cache_mb > 0 or args.max_concurrent_shards < 1:
         parser.error("--max-graphs, --threads and --dataset-cache-mb must be positive")
     try:
         message_limit_bytes(args.max_message_mb)
@@ -354,6 +359,7 @@ def start(config: WorkerConfig) -> RunningWorker:
     """Start serving (and registering) without blocking."""
     worker_id = config.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="worker-rpc"),
+                         maximum_concurrent_rpcs=config.max_concurrent_shards,
                          options=server_options(config.max_message_mb), interceptors=interceptors(config.token))
     servicer = WorkerServicer(worker_id, config.max_graphs, int(config.dataset_cache_mb * 2**20))
     add_servicer(server, servicer, "Worker", raw=("RunShard", "RunShardStream"))

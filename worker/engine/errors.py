@@ -18,6 +18,11 @@ class InputError(GradpoolError, ValueError):
     """Parameters or batch do not fit the graph (names, dtypes, shapes, ranges)."""
 
 
+class Cancelled(GradpoolError):
+    """The caller gave up (cancelled, or its deadline passed): the run stopped
+    between two nodes rather than finish work nobody will read."""
+
+
 class CapacityError(GradpoolError):
     """Something does not fit a server's configured capacity (a dataset larger
     than its cache): RESOURCE_EXHAUSTED on the wire, not the caller's typo."""

@@ -11,6 +11,7 @@ v_bar_i = sum over children j of v_bar_j * dv_j/dv_i.
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import dataclass, replace
 from typing import Mapping, Optional, Sequence
 
@@ -18,7 +19,7 @@ import numpy as np
 
 from gradpool.protos import gradpool_pb2 as pb
 
-from .errors import GradpoolError, GraphError, InputError, ShardingError, quoted
+from .errors import Cancelled, GradpoolError, GraphError, InputError, ShardingError, quoted
 from .ops import BATCH, FLOATS, Attrs, Call, fmt, get_op, is_per_example
 from .sharding import BATCH_INDEPENDENT, PER_EXAMPLE, SOURCES, classify
 from .signature import IndexLimit, Signature, TensorSpec
@@ -283,10 +284,11 @@ class Program:
 
     def run(self, params: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarray], *,
             global_batch: Optional[int] = None, include_batch_independent: bool = True,
-            gradients: bool = True, outputs: Sequence[str] = ()) -> RunResult:
+            gradients: bool = True, outputs: Sequence[str] = (), stop: Optional[threading.Event] = None) -> RunResult:
         """Forward (and backward) on one shard. `global_batch` is the size of the
         whole minibatch the shard belongs to; it defaults to this shard's size.
-        With `gradients=False`, only the per-example `outputs` are computed."""
+        With `gradients=False`, only the per-example `outputs` are computed.
+        `stop`, once set, ends the run between two nodes with `Cancelled`."""
         if gradients:
             needed_inputs, needed_params = set(self.inputs), set(self.params)
         else:
@@ -305,13 +307,13 @@ class Program:
         backward = gradients and not skip_loss
         live = self._live(output_ids + ((self.loss,) if backward else ()), cut)
         values = self._forward(live, cut, params, inputs, global_batch, keep=set(output_ids) | {self.loss},
-                               backward=backward)
+                               backward=backward, stop=stop)
         result_outputs = {name: np.array(values[self.index[name]]) for name in outputs} if not gradients else {}
         loss = float(values[self.loss]) if backward else 0.0
         grads: dict[str, np.ndarray] = {}
         if gradients:
             if backward:
-                grads = self._backward(live, cut, values, global_batch)
+                grads = self._backward(live, cut, values, global_batch, stop)
             for name, value in params.items():
                 if name not in grads:
                     grads[name] = np.zeros_like(value)
@@ -327,7 +329,8 @@ class Program:
         return replace(node.call, batch=global_batch) if get_op(node.op).needs_batch else node.call
 
     def _forward(self, live: tuple[int, ...], cut: frozenset, params: Mapping[str, np.ndarray],
-                 inputs: Mapping[str, np.ndarray], global_batch: int, keep: set[int], backward: bool) -> list:
+                 inputs: Mapping[str, np.ndarray], global_batch: int, keep: set[int], backward: bool,
+                 stop: Optional[threading.Event] = None) -> list:
         keep = set(keep)
         if backward:  # values the backward pass will read: its nodes and their inputs
             for j in live:
@@ -349,6 +352,8 @@ class Program:
             elif node.op == "const":
                 values[j] = node.value
             else:
+                if stop is not None and stop.is_set():
+                    raise Cancelled(f"stopped before {node.where()}: the caller gave up")
                 try:
                     out = get_op(node.op).forward(self._call(node, global_batch), *self._args(node, values, cut))
                 except GradpoolError as err:
@@ -359,8 +364,8 @@ class Program:
                         values[i] = None
         return values
 
-    def _backward(self, live: tuple[int, ...], cut: frozenset, values: list, global_batch: int
-                  ) -> dict[str, np.ndarray]:
+    def _backward(self, live: tuple[int, ...], cut: frozenset, values: list, global_batch: int,
+                  stop: Optional[threading.Event] = None) -> dict[str, np.ndarray]:
         grad_set = self._grad_set
         adjoints: dict[int, np.ndarray] = {self.loss: np.ones((), self.nodes[self.loss].dtype)}
         grads: dict[str, np.ndarray] = {}
@@ -378,6 +383,8 @@ class Program:
             if node.op == "param":
                 grads[node.name] = g if g.shape == values[j].shape else np.broadcast_to(g, values[j].shape).copy()
                 continue
+            if stop is not None and stop.is_set():
+                raise Cancelled(f"stopped at the gradient of {node.where()}: the caller gave up")
             args = self._args(node, values, cut)
             input_grads = get_op(node.op).vjp(self._call(node, global_batch), g, values[j], *args)
             if len(input_grads) != len(node.inputs):
