@@ -1,0 +1,178 @@
+"""A dead, hung, leaving or cancelled worker costs a shard, never a step.
+
+Real processes on localhost: workers are SIGKILLed, SIGSTOPped and
+SIGTERMed in the middle of a shard, and every answer must still be the exact
+gradient of the whole batch, bitwise equal to `local_gradients` over the
+same shard bounds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+import gradpool as gp
+from gradpool.protos import gradpool_pb2 as pb
+from gradpool.protos import gradpool_pb2_grpc as pb_grpc
+from gradpool.worker.engine import to_named
+
+EXAMPLES = 6000  # three shards of ~1 s each on a 2-core machine
+
+
+def deep_model(layers: int = 24) -> gp.Graph:
+    g = gp.Graph("deep")
+    x = g.input("x", (256,))
+    y = g.input("y", (), dtype="int64")
+    h = x
+    for i in range(layers):
+        h = gp.tanh(h @ g.param(f"W{i}", (256, 256)))
+    g.set_loss(gp.softmax_cross_entropy(h @ g.param("out", (256, 10)), y).mean()
+               + 1e-4 * (g["W0"] ** 2).sum())
+    return g
+
+
+def data(n: int = EXAMPLES) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {"x": rng.normal(size=(n, 256)).astype(np.float32), "y": rng.integers(0, 10, n)}
+
+
+def exact(result: gp.GradientsResult, graph: gp.Graph, params: dict, batch: dict) -> bool:
+    """Bitwise equal to local_gradients over the same (equal) shard bounds."""
+    bounds = [(s.start, s.start + s.examples) for s in result.shards]
+    assert bounds == gp.worker.engine.shard_bounds(len(batch["y"]), [1.0] * len(bounds))
+    loss, grads = gp.local_gradients(graph, params, batch, shards=len(bounds))
+    return result.loss == loss and all(np.array_equal(result.grads[k], grads[k]) for k in grads)
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cluster(workers: int = 3, **kwargs) -> gp.LocalCluster:
+    """Workers with this process's BLAS threads: a matmul split over another
+    number of threads rounds differently, and the comparisons are bitwise."""
+    return gp.LocalCluster(workers=workers, **kwargs)
+
+
+def in_background(call):  # type: ignore[no-untyped-def]
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(result=call()), daemon=True)
+    thread.start()
+    return thread, box
+
+
+@pytest.mark.parametrize("client", ["sdk", "raw stub"])
+def test_a_worker_killed_mid_shard_costs_a_shard_not_the_step(client: str) -> None:
+    graph, batch = deep_model(), data()
+    params = graph.init_params(0)
+    with cluster() as running, running.client(timeout=120) as service:
+        ref = service.upload(batch)
+        service.gradients(graph, params, ref.take(np.arange(30)))  # graph and dataset on every worker
+        victim = running.workers[1]
+        if client == "sdk":
+            thread, box = in_background(lambda: service.gradients(graph, params, batch))
+        else:
+            request = pb.GradientsRequest(graph_id=graph.graph_id, params=to_named(params), inputs=to_named(batch))
+            channel = grpc.insecure_channel(running.address, options=[("grpc.max_send_message_length", 2**30),
+                                                                       ("grpc.max_receive_message_length", 2**30)])
+            stub = pb_grpc.CoordinatorStub(channel)
+            thread, box = in_background(lambda: stub.ComputeGradients(request, timeout=120))
+        time.sleep(0.3)  # the shards are computing
+        victim.popen.kill()
+        thread.join(120)
+        assert "result" in box, "the call did not return"
+        if client == "sdk":
+            result = box["result"]
+        else:
+            channel.close()
+            reply = box["result"]
+            result = gp.GradientsResult(reply.loss, {g.name: gp.worker.engine.from_tensor(g.tensor) for g in
+                                                     reply.grads}, reply.examples,
+                                        [gp.ShardStat.from_proto(s) for s in reply.shards], reply.seconds)
+        assert exact(result, graph, params, batch)
+        assert sum(s.attempts for s in result.shards) > len(result.shards), "no shard was retried"
+        assert all(victim.address not in s.worker for s in result.shards), "the dead worker served a shard"
+
+
+def test_a_hung_worker_is_hedged_and_rejoins_when_it_wakes() -> None:
+    graph, batch = deep_model(), data()
+    params = graph.init_params(0)
+    with cluster(workers=4) as running, running.client(timeout=120) as service:
+        ref = service.upload(batch)
+        rows = ref.take(np.arange(EXAMPLES * 3 // 4))  # three busy workers, one idle to hedge on
+        running.stop_worker(-1)
+        service.gradients(graph, params, rows)
+        running.add_worker()
+        started = time.perf_counter()
+        undisturbed = service.gradients(graph, params, rows)
+        step = time.perf_counter() - started
+        sleeper = running.workers[0]
+        thread, box = in_background(lambda: service.gradients(graph, params, rows))
+        time.sleep(min(0.5, step / 3))
+        os.kill(sleeper.pid, signal.SIGSTOP)
+        started = time.perf_counter()
+        try:
+            thread.join(120)
+            took = time.perf_counter() - started
+        finally:
+            os.kill(sleeper.pid, signal.SIGCONT)
+        result = box["result"]
+        assert result.loss == undisturbed.loss and all(np.array_equal(result.grads[k], undisturbed.grads[k])
+                                                       for k in params)
+        assert took < 3 * step + 2.0, f"the hedge took {took:.1f}s, the undisturbed step {step:.1f}s"
+        assert any(s.attempts > 1 for s in result.shards)
+        suspects = [w.address for w in running.status().workers if w.state == "suspect"]
+        assert sleeper.address in suspects or not suspects  # its lease may have lapsed: then it registered anew
+        deadline = time.monotonic() + 30
+        while not any(sleeper.address in s.worker for s in service.gradients(graph, params, rows).shards):
+            assert time.monotonic() < deadline, "the woken worker never served again"
+            time.sleep(0.2)
+        assert sleeper.address in [w.address for w in running.status().live_workers]  # no longer suspect
+
+
+def test_a_cancelled_call_stops_the_engine_on_the_worker() -> None:
+    graph, batch = deep_model(layers=60), data(4000)
+    params = graph.init_params(0)
+    with cluster(workers=1) as running, running.client(timeout=120) as service:
+        ref = service.upload(batch)
+        service.gradients(graph, params, ref.take(np.arange(10)))
+        worker = running.workers[0]
+        with pytest.raises(gp.ServiceError) as caught:
+            service.gradients(graph, params, ref.take(np.arange(4000)), timeout=0.7)  # needs several seconds
+        assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        time.sleep(0.3)  # the engine finishes the op it is in
+        before = cpu_seconds(worker.pid)
+        time.sleep(1.0)
+        burnt = cpu_seconds(worker.pid) - before
+        assert burnt < 0.3, f"the worker kept computing for the caller that left ({burnt:.2f}s of CPU in 1s)"
+        result = service.gradients(graph, params, ref.take(np.arange(10)))  # and serves the next call
+        assert np.isfinite(result.loss)
+
+
+def test_a_worker_drained_past_its_grace_period_hands_its_shard_to_another() -> None:
+    graph, batch = deep_model(), data()
+    params = graph.init_params(0)
+    with cluster(worker_args=["--grace-seconds", "0.3"]) as running, running.client(timeout=120) as service:
+        ref = service.upload(batch)
+        rows = ref.take(np.arange(EXAMPLES))
+        service.gradients(graph, params, rows.dataset.take(np.arange(30)))
+        leaving = running.workers[1]
+        thread, box = in_background(lambda: service.gradients(graph, params, rows))
+        time.sleep(0.3)
+        leaving.popen.send_signal(signal.SIGTERM)
+        started = time.perf_counter()
+        leaving.popen.wait(30)
+        exited_after = time.perf_counter() - started
+        thread.join(120)
+        result = box["result"]
+        assert exact(result, graph, params, {k: v for k, v in batch.items()})
+        assert exited_after < 3.0, f"the worker took {exited_after:.1f}s to exit after SIGTERM"
+        assert any(s.attempts > 1 for s in result.shards)
