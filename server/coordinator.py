@@ -26,7 +26,7 @@ from gradpool.worker import wire
 from gradpool.worker.datasets import Dataset, DatasetStore, assemble, check_indices, indices_from
 from gradpool.worker.engine import OrderedSum, Program, graph_id
 from gradpool.worker.engine.errors import GradpoolError, InputError, quoted
-from gradpool.worker.engine.tensors import DTYPE_TO_PROTO
+from gradpool.worker.engine.tensors import DTYPE_TO_PROTO, EXACT, wire_dtype_field
 from gradpool.worker.rpc import (
     MISSING_DATASET,
     MISSING_GRAPH,
@@ -144,19 +144,20 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         started = time.perf_counter()
         with self._tally() as tally:
             request = wire.read_request(data)
+            wire_dtype = wire_dtype_field(request.wire_dtype)
             record = self._graph(request.graph_id)
             program = record.program
-            program.signature.check_wire_params(request.params)
+            program.signature.check_wire_params(request.params)  # float params may come compact
             batch = self._batch(program, request)
-            shards = self._shards(record, request.param_fields, batch)
+            shards = self._shards(record, request.param_fields, batch, wire_dtype=wire_dtype)
             total = OrderedSum(len(shards))
             with self._fan_out(shards, record, batch.dataset, context, request.request_id) as results:
                 for shard, response in results:
-                    total.add(shard.index, response.loss, self._shard_grads(program, shard, response))
+                    total.add(shard.index, response.loss, self._shard_grads(program, shard, response, wire_dtype))
             assert total.grads is not None
             tally.examples = batch.examples
             return wire.gradients_response(total.loss, total.grads, batch.examples, [s.stats() for s in shards],
-                                           time.perf_counter() - started)
+                                           time.perf_counter() - started, wire_dtype)
 
     def _evaluate(self, data: "bytes | bytearray", context: grpc.ServicerContext) -> wire.Parts:
         started = time.perf_counter()
@@ -281,13 +282,15 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return Batch(int(indices.size), dataset=dataset, indices=indices)
 
     def _shards(self, record: GraphRecord, params: Sequence[memoryview], batch: Batch,
-                mode: int = pb.ShardRequest.GRADIENTS, outputs: Sequence[str] = ()) -> list[Shard]:
+                mode: int = pb.ShardRequest.GRADIENTS, outputs: Sequence[str] = (),
+                wire_dtype: int = EXACT) -> list[Shard]:
         pool = self.registry.pool()
         if not pool:
             raise RpcFailure(grpc.StatusCode.UNAVAILABLE,
                              "no live workers: start one with `gradpool worker --coordinator HOST:PORT`")
         assignment = plan(pool, batch.examples)
-        requests = shard_requests(record.graph_id, params, batch, [(a, b) for _, a, b in assignment], mode, outputs)
+        requests = shard_requests(record.graph_id, params, batch, [(a, b) for _, a, b in assignment], mode, outputs,
+                                  wire_dtype)
         return [Shard(i, start, stop, request, worker)
                 for i, ((worker, start, stop), request) in enumerate(zip(assignment, requests))]
 
@@ -315,20 +318,22 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         if response.examples != shard.examples:
             raise RpcFailure(grpc.StatusCode.INTERNAL, f"{shard.describe()} reported {response.examples} examples")
 
-    def _shard_grads(self, program: Program, shard: Shard, response: wire.ResultView) -> dict:
-        """A shard's gradients (read-only views of its response), checked against
-        the graph before they are summed."""
+    def _shard_grads(self, program: Program, shard: Shard, response: wire.ResultView, wire_dtype: int = EXACT) -> dict:
+        """A shard's gradients, checked against the graph before they are summed:
+        read-only views of its response or, asked for in `wire_dtype`, decoded
+        to each param's own dtype (so the sum is in float32/float64, in shard order)."""
         self._check_examples(shard, response)
         try:
-            grads = {name: tensor.array() for name, tensor in wire.named_map(response.grads, "gradient").items()}
+            tensors = wire.named_map(response.grads, "gradient")
         except GradpoolError as err:
             raise RpcFailure(grpc.StatusCode.INTERNAL, f"{shard.describe()} sent bad gradients: {err}") from None
-        if set(grads) != set(program.params) or any(
-                grads[name].shape != node.shape or grads[name].dtype != node.dtype
+        if set(tensors) != set(program.params) or any(
+                tensors[name].shape != node.shape or tensors[name].compact != wire_dtype
+                or not wire_dtype and tensors[name].dtype != node.dtype
                 for name, node in program.params.items()):
             raise RpcFailure(grpc.StatusCode.INTERNAL,
                              f"{shard.describe()} sent gradients that do not match the graph's params")
-        return grads
+        return {name: tensors[name].values(node.dtype) for name, node in program.params.items()}
 
     @staticmethod
     def _concat_outputs(program: Program, outputs: list[str], shards: list[Shard],
