@@ -150,7 +150,14 @@ def test_float64_goes_through_float32(wire):
 @pytest.mark.parametrize("wire", [BF16, F16])
 def test_codec_shapes_layouts_and_refusals(wire):
     scalar = compact(np.float32(1.5), wire)
-    assert scalar.shape == () and float(expand(scalar, wire, np.float32)) == 1.5
+    for dtype in (np.float32, np.float64):
+        back = expand(scalar, wire, dtype)
+        assert isinstance(back, np.ndarray) and back.shape == () and back.dtype == dtype and float(back) == 1.5
+    big = np.random.default_rng(2).standard_normal(3 * 2**16 + 5).astype(np.float32)  # several encoder chunks
+    big[[0, 2**16, 2**17 + 7]] = np.nan
+    encoded = compact(big, wire)
+    assert np.array_equal(expand(encoded, wire, np.float32), round_through(big, wire), equal_nan=True)
+    assert np.isnan(expand(encoded, wire, np.float32)[[0, 2**16, 2**17 + 7]]).all()
     strided = np.arange(24, dtype=np.float64).reshape(4, 6).T[::2]  # not contiguous
     encoded = compact(strided, wire)
     assert encoded.shape == strided.shape and encoded.flags.c_contiguous
