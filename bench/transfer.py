@@ -1,6 +1,6 @@
 """Params round trip through the service vs the raw gRPC floor.
 
-    python bench/transfer.py [--sizes-mb 64,512] [--repeats 5] [--warmup 1]
+    python bench/transfer.py [--sizes-mb 64,512] [--repeats 5] [--warmup 1] [--wire-dtypes bfloat16]
 
 A step whose params are SIZE MB and whose compute is trivial moves the
 params four times: client -> coordinator -> worker, and the gradient back
@@ -9,7 +9,11 @@ interleaved with it, is four raw Python gRPC unary transfers of the same
 bytes on loopback (a generic echo-nothing server in this process, limits
 raised to fit) plus the step's in-process compute (`local_gradients`).
 Prints min/median/max per case and the service's throughput as a share of
-the floor's.
+the floor's. Each `--wire-dtypes` entry adds a row: the same step with
+`wire_dtype=` that encoding (params and gradients as 16-bit floats, half the
+bytes, encode and decode included), against the same exact floor, so above
+100% means the compact wire beats moving the full bytes at raw gRPC speed.
+MB/s moved counts the params' own size for every row.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 
 import gradpool as gp
 from gradpool.cluster import LocalCluster
+from gradpool.worker.engine.tensors import round_through, wire_dtype
 
 
 def model(megabytes: int) -> gp.Graph:
@@ -67,8 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes-mb", default="64,512", help="param sizes in MB (default %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="timed round trips per case (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed round trips first (default %(default)s)")
+    parser.add_argument("--wire-dtypes", default="bfloat16",
+                        help="compact encodings to time too, comma-separated, '' for none (default %(default)s)")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes_mb.split(",")]
+    compacts = [name for name in args.wire_dtypes.split(",") if name]
+    for name in compacts:
+        wire_dtype(name)  # a bad name fails now, with the SDK's message
     batch = {"x": np.ones((4, 1), np.float32)}
     rows = []
     with LocalCluster(workers=1) as cluster, cluster.client(timeout=600) as service:
@@ -78,8 +88,13 @@ def main(argv: list[str] | None = None) -> int:
             expected = gp.local_gradients(graph, params, batch)
             result = service.gradients(graph, params, batch)
             assert result.loss == expected[0] and np.array_equal(result.grads["W"], expected[1]["W"])
+            for name in compacts:  # W = 0: the gradient, 0.5, is exact in 16 bits too
+                result = service.gradients(graph, params, batch, wire_dtype=name)
+                assert np.array_equal(result.grads["W"], round_through(expected[1]["W"], wire_dtype(name)))
             transfers, close = raw_floor(megabytes * 2**20)
             cases = {"service": lambda: service.gradients(graph, params, batch),
+                     **{name: (lambda name=name: service.gradients(graph, params, batch, wire_dtype=name))
+                        for name in compacts},
                      "raw x4": transfers,
                      "compute": lambda: gp.local_gradients(graph, params, batch)}
             times: dict[str, list[float]] = {name: [] for name in cases}
@@ -93,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 close()
             floor = [a + b for a, b in zip(times["raw x4"], times["compute"])]
-            rows.append((megabytes, times["service"], floor))
+            rows.append((megabytes, floor, [(name, times[name]) for name in ("service", *compacts)]))
     print(f"params round trip (client -> coordinator -> 1 worker -> back), {args.repeats} interleaved repeats "
           f"after {args.warmup} warm-up; floor = 4 raw gRPC unary transfers of the same bytes + the in-process "
           "compute, same run")
@@ -101,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{'share of floor':>14}")
     print(header)
     print("-" * len(header))
-    for megabytes, service_times, floor in rows:
+    for megabytes, floor, services in rows:
         base = statistics.median(floor)
-        for name, t in (("floor", floor), ("service", service_times)):
+        for name, t in (("floor", floor), *services):
             median = statistics.median(t)
             print(f"{megabytes:>5}MB  {name:<8}  {min(t):>7.3f}  {median:>8.3f}  {max(t):>7.3f}  "
                   f"{4 * megabytes / median:>10,.0f}  {base / median:>13.0%}")

@@ -27,7 +27,8 @@ from gradpool.protos import gradpool_pb2 as pb
 from gradpool.protos import gradpool_pb2_grpc as pb_grpc
 from gradpool.worker import wire
 from gradpool.worker.engine.errors import GradpoolError, GraphError, InputError, ShardingError
-from gradpool.worker.engine.tensors import fill_tensor
+from gradpool.worker.engine.tensors import EXACT, fill_tensor
+from gradpool.worker.engine.tensors import wire_dtype as parse_wire_dtype
 from gradpool.worker.rpc import (DEFAULT_MAX_MESSAGE_MB, MISSING_DATASET, auth_metadata, channel_options, method_path,
                                  rpc_error_kind, with_port)
 from gradpool.worker.streams import PROTOBUF_LIMIT_BYTES, STREAM_THRESHOLD_BYTES, call_streamed
@@ -345,6 +346,14 @@ class ClusterStatus:
 
 # ---------------------------------------------------------------- the client
 
+class _Default:
+    def __repr__(self) -> str:
+        return "the client's wire_dtype"
+
+
+CLIENT_DEFAULT: Any = _Default()
+
+
 class Client:
     """A connection to a gradpool coordinator.
 
@@ -353,12 +362,24 @@ class Client:
     `timeout=`. A coordinator that cannot be reached is retried with backoff
     for `retry.budget_seconds` (30 s: a restart), and graphs and datasets it
     forgot are sent again, unseen. `token` is sent as `authorization: Bearer`.
+
+    `wire_dtype` ("bfloat16" or "float16"; default None: exact) sends float
+    params and gets gradients back as 16-bit floats: half the params and
+    gradient traffic, **not exact**. Params are rounded (through float32) on
+    the way out, each shard's gradient on the way back, their sum again for
+    the reply; results come back in the params' own dtypes. bfloat16 keeps
+    float32's range with 8 significant bits; float16 has 11 but overflows to
+    inf beyond 65504 and loses gradients below about 6e-8. Inputs always
+    travel exact; `forward` ignores it. `gradients(..., wire_dtype=)`
+    overrides it for one call (None: exact).
     """
 
     def __init__(self, address: str, token: Optional[str] = None,
                  timeout: Optional[float] = DEFAULT_TIMEOUT_SECONDS, *,
                  max_message_mb: float = DEFAULT_MAX_MESSAGE_MB, retry: RetryPolicy = RetryPolicy(),
-                 stream_threshold_mb: float = STREAM_THRESHOLD_BYTES / 2**20):
+                 stream_threshold_mb: float = STREAM_THRESHOLD_BYTES / 2**20, wire_dtype: Optional[str] = None):
+        self._wire_dtype = parse_wire_dtype(wire_dtype)  # an InputError now, not at the first step
+        self.wire_dtype = wire_dtype
         self.address = address = with_port(address)
         self.timeout = timeout
         self._channel = grpc.insecure_channel(address, options=channel_options(max_message_mb))
@@ -424,9 +445,11 @@ class Client:
         raise AssertionError("unreachable")
 
     def _request_body(self, graph: Graph, params: Mapping[str, Any], batch: "Mapping[str, Any] | DatasetRows",
-                      outputs: Optional[Sequence[str]] = None) -> tuple[wire.Parts, Optional[DatasetRows]]:
+                      outputs: Optional[Sequence[str]] = None,
+                      wire_dtype: int = EXACT) -> tuple[wire.Parts, Optional[DatasetRows]]:
         """Params and batch checked as every backend checks them, written once as
-        the request's body (views of the arrays, not copies): all but the graph id."""
+        the request's body (views of the arrays, not copies; float params
+        encoded in `wire_dtype` when that is not EXACT): all but the graph id."""
         rows_message = None
         if isinstance(batch, DatasetRows):
             rows = batch
@@ -442,22 +465,25 @@ class Client:
         else:
             rows = None
             params, arrays, _ = checked_arrays(graph, params, batch, outputs)
-        _, body = wire.request_parts("", params, arrays, uuid.uuid4().hex, rows_message, outputs)
+        _, body = wire.request_parts("", params, arrays, uuid.uuid4().hex, rows_message, outputs, wire_dtype)
         return body, rows
 
     # ------------------------------------------------------------ computing
 
     def gradients(self, graph: Graph, params: Mapping[str, Any], batch: "Mapping[str, Any] | DatasetRows", *,
-                  timeout: Optional[float] = None) -> GradientsResult:
+                  timeout: Optional[float] = None, wire_dtype: Optional[str] = CLIENT_DEFAULT) -> GradientsResult:
         """Loss and parameter gradients of the whole batch, as `local_gradients`
         computes them (`loss, grads = ...` unpacks it), with where each shard ran.
-        `batch` is arrays, or rows of an uploaded dataset (`ref.take(indices)`)."""
+        `batch` is arrays, or rows of an uploaded dataset (`ref.take(indices)`).
+        `wire_dtype` overrides the client's for this call (None: exact; see `Client`)."""
         timeout = self._timeout(timeout)
-        body, rows = self._request_body(graph, params, batch)
+        encoding = self._wire_dtype if wire_dtype is CLIENT_DEFAULT else parse_wire_dtype(wire_dtype)
+        body, rows = self._request_body(graph, params, batch, wire_dtype=encoding)
         response = self._with_resources(
             graph, rows, lambda key: self._rpc.compute_gradients(wire.with_graph_id(key, body), timeout=timeout),
             timeout)
-        return GradientsResult(response.loss, _arrays(response.grads, "gradient"), response.examples,
+        dtypes = {name: dtype for name, (_, dtype) in graph.params.items()}
+        return GradientsResult(response.loss, _arrays(response.grads, "gradient", dtypes), response.examples,
                                [ShardStat.from_proto(s) for s in response.shards], response.seconds)
 
     def forward(self, graph: Graph, params: Mapping[str, Any], batch: "Mapping[str, Any] | DatasetRows",
@@ -494,6 +520,16 @@ class Client:
         return f"<gradpool.Client {self.address}>"
 
 
-def _arrays(named: Sequence[tuple[str, wire.TensorView]], what: str) -> dict[str, np.ndarray]:
-    """Writable arrays of their own (the views are read-only and would keep the response alive)."""
-    return {name: np.array(tensor.array()) for name, tensor in wire.named_map(named, what).items()}
+def _arrays(named: Sequence[tuple[str, wire.TensorView]], what: str,
+            dtypes: Optional[Mapping[str, np.dtype]] = None) -> dict[str, np.ndarray]:
+    """Writable arrays of their own (the views are read-only and would keep the
+    response alive); compact gradients decoded to their param's dtype (`dtypes`)."""
+    out = {}
+    for name, tensor in wire.named_map(named, what).items():
+        if tensor.compact:
+            if dtypes is None or name not in dtypes:
+                raise ServiceError(f"the coordinator sent {what} {name!r} as {tensor.dtype_name}, unasked")
+            out[name] = tensor.values(dtypes[name])
+        else:
+            out[name] = np.array(tensor.array())
+    return out

@@ -15,12 +15,16 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INT32: _ClassVar[DType]
     INT64: _ClassVar[DType]
     BOOL: _ClassVar[DType]
+    FLOAT16: _ClassVar[DType]
+    BFLOAT16: _ClassVar[DType]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT64: DType
 INT32: DType
 INT64: DType
 BOOL: DType
+FLOAT16: DType
+BFLOAT16: DType
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -118,18 +122,20 @@ class RegisterGraphResponse(_message.Message):
     def __init__(self, graph_id: _Optional[str] = ...) -> None: ...
 
 class GradientsRequest(_message.Message):
-    __slots__ = ("graph_id", "params", "inputs", "request_id", "rows")
+    __slots__ = ("graph_id", "params", "inputs", "request_id", "rows", "wire_dtype")
     GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     graph_id: str
     params: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     inputs: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     request_id: str
     rows: DatasetRows
-    def __init__(self, graph_id: _Optional[str] = ..., params: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., request_id: _Optional[str] = ..., rows: _Optional[_Union[DatasetRows, _Mapping]] = ...) -> None: ...
+    wire_dtype: DType
+    def __init__(self, graph_id: _Optional[str] = ..., params: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., request_id: _Optional[str] = ..., rows: _Optional[_Union[DatasetRows, _Mapping]] = ..., wire_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class ArraySpec(_message.Message):
     __slots__ = ("name", "dtype", "shape")
@@ -344,7 +350,7 @@ class LoadGraphResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ShardRequest(_message.Message):
-    __slots__ = ("graph_id", "params", "inputs", "global_batch", "include_batch_independent", "mode", "outputs", "rows")
+    __slots__ = ("graph_id", "params", "inputs", "global_batch", "include_batch_independent", "mode", "outputs", "rows", "wire_dtype")
     class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         GRADIENTS: _ClassVar[ShardRequest.Mode]
@@ -359,6 +365,7 @@ class ShardRequest(_message.Message):
     MODE_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     graph_id: str
     params: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     inputs: _containers.RepeatedCompositeFieldContainer[NamedTensor]
@@ -367,7 +374,8 @@ class ShardRequest(_message.Message):
     mode: ShardRequest.Mode
     outputs: _containers.RepeatedScalarFieldContainer[str]
     rows: DatasetRows
-    def __init__(self, graph_id: _Optional[str] = ..., params: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., global_batch: _Optional[int] = ..., include_batch_independent: _Optional[bool] = ..., mode: _Optional[_Union[ShardRequest.Mode, str]] = ..., outputs: _Optional[_Iterable[str]] = ..., rows: _Optional[_Union[DatasetRows, _Mapping]] = ...) -> None: ...
+    wire_dtype: DType
+    def __init__(self, graph_id: _Optional[str] = ..., params: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., global_batch: _Optional[int] = ..., include_batch_independent: _Optional[bool] = ..., mode: _Optional[_Union[ShardRequest.Mode, str]] = ..., outputs: _Optional[_Iterable[str]] = ..., rows: _Optional[_Union[DatasetRows, _Mapping]] = ..., wire_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class ShardResponse(_message.Message):
     __slots__ = ("loss", "grads", "outputs", "examples", "seconds")

@@ -26,7 +26,7 @@ from gradpool.worker import wire
 from gradpool.worker.datasets import Dataset, DatasetStore, assemble, check_indices, indices_from
 from gradpool.worker.engine import OrderedSum, Program, graph_id
 from gradpool.worker.engine.errors import GradpoolError, InputError, quoted
-from gradpool.worker.engine.tensors import DTYPE_TO_PROTO
+from gradpool.worker.engine.tensors import DTYPE_TO_PROTO, EXACT, wire_dtype_field
 from gradpool.worker.rpc import (
     MISSING_DATASET,
     MISSING_GRAPH,
@@ -144,20 +144,21 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         started = time.perf_counter()
         with self._tally() as tally:
             request = wire.read_request(data)
+            wire_dtype = wire_dtype_field(request.wire_dtype)
             record = self._graph(request.graph_id)
             program = record.program
-            program.signature.check_wire_params(request.params)
+            program.signature.check_wire_params(request.params)  # float params may come compact
             batch = self._batch(program, request)
-            shards = self._shards(record, request.param_fields, batch)
+            shards = self._shards(record, request.param_fields, batch, wire_dtype=wire_dtype)
             total = OrderedSum(len(shards))
             with self._fan_out(shards, record, batch.dataset, context, request.request_id,
-                               gradient_problem(program)) as results:
+                               gradient_problem(program, wire_dtype)) as results:
                 for shard, response in results:
-                    total.add(shard.index, response.loss, self._shard_grads(shard, response))
+                    total.add(shard.index, response.loss, self._shard_grads(program, response))
             assert total.grads is not None
             tally.examples = batch.examples
             return wire.gradients_response(total.loss, total.grads, batch.examples, [s.stats() for s in shards],
-                                           time.perf_counter() - started)
+                                           time.perf_counter() - started, wire_dtype)
 
     def _evaluate(self, data: "bytes | bytearray", context: grpc.ServicerContext) -> wire.Parts:
         started = time.perf_counter()
@@ -282,13 +283,15 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return Batch(int(indices.size), dataset=dataset, indices=indices)
 
     def _shards(self, record: GraphRecord, params: Sequence[memoryview], batch: Batch,
-                mode: int = pb.ShardRequest.GRADIENTS, outputs: Sequence[str] = ()) -> list[Shard]:
+                mode: int = pb.ShardRequest.GRADIENTS, outputs: Sequence[str] = (),
+                wire_dtype: int = EXACT) -> list[Shard]:
         pool = self.registry.pool()
         if not pool:
             raise RpcFailure(grpc.StatusCode.UNAVAILABLE,
                              "no live workers: start one with `gradpool worker --coordinator HOST:PORT`")
         assignment = plan(pool, batch.examples)
-        requests = shard_requests(record.graph_id, params, batch, [(a, b) for _, a, b in assignment], mode, outputs)
+        requests = shard_requests(record.graph_id, params, batch, [(a, b) for _, a, b in assignment], mode, outputs,
+                                  wire_dtype)
         return [Shard(i, start, stop, request, worker)
                 for i, ((worker, start, stop), request) in enumerate(zip(assignment, requests))]
 
@@ -313,9 +316,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 raise failure.status() from None
 
     @staticmethod
-    def _shard_grads(shard: Shard, response: wire.ResultView) -> dict:
-        """A shard's gradients: read-only views of its response (`gradient_problem` checked them)."""
-        return {name: tensor.array() for name, tensor in response.grads}
+    def _shard_grads(program: Program, response: wire.ResultView) -> dict:
+        """A shard's gradients (`gradient_problem` checked them): read-only views
+        of its response or, sent compact, decoded to each param's own dtype, so
+        that the sum is in float32/float64, in shard order."""
+        tensors = dict(response.grads)
+        return {name: tensors[name].values(node.dtype) for name, node in program.params.items()}
 
     @staticmethod
     def _concat_outputs(program: Program, outputs: list[str], shards: list[Shard],
@@ -330,9 +336,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return joined
 
 
-def gradient_problem(program: Program) -> Callable[[Shard, wire.ResultView], str]:
+def gradient_problem(program: Program, wire_dtype: int = EXACT) -> Callable[[Shard, wire.ResultView], str]:
     """What is wrong with a shard's gradients ("" when nothing): names, shapes and
-    dtypes against the graph's params, before anything enters the sum."""
+    dtypes (or the compact encoding asked for) against the graph's params,
+    before anything enters the sum."""
     def check(shard: Shard, response: wire.ResultView) -> str:
         try:
             grads = wire.named_map(response.grads, "gradient")
@@ -341,8 +348,10 @@ def gradient_problem(program: Program) -> Callable[[Shard, wire.ResultView], str
         if set(grads) != set(program.params):
             return f"gradients for {quoted(sorted(grads))}, not the graph's params {quoted(sorted(program.params))}"
         for name, node in program.params.items():
-            if grads[name].shape != node.shape or grads[name].dtype != node.dtype:
-                return f"gradient {quoted(name)} as {grads[name].shape} of {grads[name].dtype}"
+            tensor = grads[name]
+            if (tensor.shape != node.shape or tensor.compact != wire_dtype
+                    or (not wire_dtype and tensor.dtype != node.dtype)):
+                return f"gradient {quoted(name)} as {tensor.shape} of {tensor.dtype}"
         return ""
     return check
 

@@ -155,15 +155,17 @@ def plan(pool: Sequence[WorkerEntry], examples: int) -> list[tuple[WorkerEntry, 
 
 def shard_requests(graph_id: str, param_fields: Sequence[memoryview], batch: Batch,
                    bounds: Sequence[tuple[int, int]], mode: int = pb.ShardRequest.GRADIENTS,
-                   outputs: Sequence[str] = ()) -> list[Parts]:
+                   outputs: Sequence[str] = (), wire_dtype: int = pb.DTYPE_UNSPECIFIED) -> list[Parts]:
     """One ShardRequest per (start, stop), none of them copying a tensor yet:
     inline inputs are cut by row stride from the client's bytes, params are the
-    client's own fields, and a resident dataset's shard is its slice of the
-    indices. The bytes are joined once, when a shard is sent."""
+    client's own fields (compact or not, as they came), and a resident
+    dataset's shard is its slice of the indices. The bytes are joined once,
+    when a shard is sent. `wire_dtype`: the encoding the gradients come back in."""
     requests = []
     for index, (start, stop) in enumerate(bounds):
         header = pb.ShardRequest(graph_id=graph_id, global_batch=batch.examples,
-                                 include_batch_independent=index == 0, mode=mode, outputs=outputs)
+                                 include_batch_independent=index == 0, mode=mode, outputs=outputs,
+                                 wire_dtype=wire_dtype)
         if batch.dataset is not None:
             assert batch.indices is not None
             header.rows.dataset_id = batch.dataset.dataset_id

@@ -32,6 +32,7 @@ from gradpool.worker import wire
 from gradpool.worker.datasets import DEFAULT_DATASET_CACHE_BYTES, DatasetStore, assemble, indices_from
 from gradpool.worker.engine import Program, graph_id
 from gradpool.worker.engine.errors import GradpoolError
+from gradpool.worker.engine.tensors import wire_dtype_field
 from gradpool.worker.rpc import (
     DEFAULT_MAX_MESSAGE_MB,
     MISSING_DATASET,
@@ -111,7 +112,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         stop = threading.Event()  # set when the call ends early: the engine stops between two nodes
         if not context.add_callback(stop.set) or not context.is_active():
             raise RpcFailure(grpc.StatusCode.CANCELLED, "the caller gave up before the shard started")
-        params = {name: tensor.array() for name, tensor in wire.named_map(request.params, "param").items()}
+        wire_dtype = wire_dtype_field(request.wire_dtype)  # the gradients' encoding (outputs are never compacted)
+        params = wire.param_arrays(request.params, program.signature)  # compact ones decoded to the graph's dtypes
         inputs = self._inputs(program, request)
         global_batch = request.global_batch or None
         if request.mode == pb.ShardRequest.GRADIENTS:
@@ -129,7 +131,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             self.shards_served += 1
             self.examples_served += result.examples
         return wire.shard_response(result.loss, result.grads, result.outputs, result.examples,
-                                   time.perf_counter() - started)
+                                   time.perf_counter() - started, wire_dtype)
 
     def _inputs(self, program: Program, request: wire.ShardRequestView) -> dict:
         """The shard's inputs: views of the request's bytes, or a cached dataset's rows."""

@@ -15,6 +15,12 @@ what they write, and they read what any writes) but:
 
 Only the fields below are understood; unknown fields are skipped, as
 protobuf does.
+
+Params and gradients may travel compact (`wire_dtype` FLOAT16 or BFLOAT16,
+2 bytes an element; engine/tensors.py holds the codec): `read_tensor`
+accepts those encodings and says so (`TensorView.compact`), whoever uses
+the values decodes them (`TensorView.values`), and the writers encode
+float arrays when asked (`wire=`).
 """
 
 from __future__ import annotations
@@ -30,9 +36,11 @@ from gradpool.protos import gradpool_pb2 as pb
 
 from .engine.errors import InputError, quoted
 from .engine.ops import fmt
-from .engine.tensors import DTYPE_TO_PROTO, MAX_RANK, PROTO_TO_DTYPE, as_dtype
+from .engine.tensors import (DTYPE_TO_PROTO, EXACT, MAX_RANK, PROTO_TO_DTYPE, WIRE_DTYPES, WIRE_STORAGE, as_dtype,
+                             compact, expand)
 
 if TYPE_CHECKING:
+    from .engine.signature import Signature as SignatureLike
     from .engine.signature import WireInput as WireInputLike
 
 VARINT, FIXED64, LEN, FIXED32 = 0, 1, 2, 5
@@ -140,8 +148,23 @@ class TensorView:
     data: memoryview
 
     def array(self) -> np.ndarray:
-        """A read-only numpy view of the message's bytes."""
+        """A read-only numpy view of the message's bytes (a compact tensor's
+        as their storage dtype: float16 or uint16)."""
         return np.frombuffer(self.data, dtype=self.dtype.newbyteorder("<")).reshape(self.shape)
+
+    @property
+    def compact(self) -> int:
+        """The compact encoding (FLOAT16, BFLOAT16) the tensor came in; 0 (EXACT) for a tensor of its own dtype."""
+        return self.proto_dtype if self.proto_dtype in WIRE_DTYPES else EXACT
+
+    @property
+    def dtype_name(self) -> str:
+        return WIRE_DTYPES.get(self.proto_dtype) or str(self.dtype)
+
+    def values(self, dtype: np.dtype) -> np.ndarray:
+        """The values as an array of the float `dtype` they stand for: a read-only
+        view of the message when the tensor is exact, decoded (a new array) when compact."""
+        return expand(self.array(), self.compact, dtype) if self.compact else self.array()
 
 
 def read_tensor(buf: memoryview, what: str) -> TensorView:
@@ -160,14 +183,18 @@ def read_tensor(buf: memoryview, what: str) -> TensorView:
             data = value  # type: ignore[assignment]
         if len(shape) > MAX_RANK:
             raise InputError(f"{what}: invalid shape: more than {MAX_RANK} dims")
-    if proto_dtype not in PROTO_TO_DTYPE:
+    if proto_dtype in PROTO_TO_DTYPE:
+        dtype = PROTO_TO_DTYPE[proto_dtype]
+    elif proto_dtype in WIRE_STORAGE:  # a compact float param or gradient; what may be compact is the reader's check
+        dtype = WIRE_STORAGE[proto_dtype]
+    else:
         raise InputError(f"{what}: unknown dtype enum {proto_dtype}")
-    dtype = PROTO_TO_DTYPE[proto_dtype]
     if any(d < 0 for d in shape):
         raise InputError(f"{what}: invalid shape {fmt(shape)}")
     needed = math.prod(shape) * dtype.itemsize
     if needed != len(data):
-        raise InputError(f"{what}: shape {tuple(shape)} of {dtype} needs {needed} bytes, got {len(data)}")
+        name = WIRE_DTYPES.get(proto_dtype) or dtype
+        raise InputError(f"{what}: shape {tuple(shape)} of {name} needs {needed} bytes, got {len(data)}")
     return TensorView(dtype, proto_dtype, tuple(shape), data)
 
 
@@ -222,13 +249,17 @@ class Parts:
         self.size += message.size
         return self
 
-    def named_tensor(self, number: int, name: str, tensor: "np.ndarray | TensorView") -> "Parts":
+    def named_tensor(self, number: int, name: str, tensor: "np.ndarray | TensorView", wire: int = EXACT) -> "Parts":
         """A NamedTensor field from an array (no copy when it is contiguous
-        little-endian) or a received TensorView."""
+        little-endian) or a received TensorView (as it came). With `wire`
+        (FLOAT16, BFLOAT16) a float array is written in that encoding (a
+        half-size copy); other arrays as they are."""
         if isinstance(tensor, TensorView):
             return self.named_raw(number, name, tensor.proto_dtype, tensor.shape, [tensor.data])
         dtype = as_dtype(tensor.dtype)
         shape = np.shape(tensor)  # before ascontiguousarray, which makes a scalar 1-D
+        if wire != EXACT and dtype.kind == "f":
+            return self.named_raw(number, name, wire, shape, [_view(memoryview(compact(tensor, wire).reshape(-1)))])
         flat = np.ascontiguousarray(tensor, dtype=dtype.newbyteorder("<")).reshape(-1)
         return self.named_raw(number, name, DTYPE_TO_PROTO[dtype], shape, [_view(memoryview(flat))])
 
@@ -275,9 +306,9 @@ def _frame(pieces: Sequence[Buffer], size: int, total: Optional[int]) -> bytes:
     return b"".join([header, *pieces])
 
 
-def named_arrays(parts: Parts, number: int, arrays: Mapping[str, np.ndarray]) -> Parts:
+def named_arrays(parts: Parts, number: int, arrays: Mapping[str, np.ndarray], wire: int = EXACT) -> Parts:
     for name, array in arrays.items():
-        parts.named_tensor(number, name, array)
+        parts.named_tensor(number, name, array, wire)
     return parts
 
 
@@ -294,10 +325,11 @@ class RequestView:
     outputs: list[str] = field(default_factory=list)
     request_id: str = ""
     rows: Optional[pb.DatasetRows] = None
+    wire_dtype: int = EXACT  # GradientsRequest only: the gradients' encoding (unchecked: see tensors.wire_dtype_field)
 
 
 # Field numbers (gradpool.proto): both requests share 1-3; then they differ.
-GRADIENTS_REQUEST = {"request_id": 4, "rows": 5}
+GRADIENTS_REQUEST = {"request_id": 4, "rows": 5, "wire_dtype": 6}
 EVALUATE_REQUEST = {"outputs": 4, "request_id": 5, "rows": 6}
 
 
@@ -309,6 +341,8 @@ def read_request(buf: Buffer, evaluate: bool = False) -> RequestView:
     numbers = EVALUATE_REQUEST if evaluate else GRADIENTS_REQUEST
     request = RequestView()
     for number, wire_type, value, whole in walk(buf):
+        if wire_type == VARINT and number == numbers.get("wire_dtype"):
+            request.wire_dtype = int(value)  # type: ignore[arg-type]
         if wire_type != LEN:
             continue
         if number == 1:
@@ -329,18 +363,23 @@ def read_request(buf: Buffer, evaluate: bool = False) -> RequestView:
 
 def request_parts(graph_id: str, params: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarray],
                   request_id: str, rows: Optional[pb.DatasetRows] = None,
-                  outputs: Optional[Sequence[str]] = None) -> tuple[Parts, Parts]:
+                  outputs: Optional[Sequence[str]] = None, wire_dtype: int = EXACT) -> tuple[Parts, Parts]:
     """A GradientsRequest (or, with `outputs`, an EvaluateRequest) as (header,
-    body): the header holds the graph id, so a retry rebuilds only it."""
+    body): the header holds the graph id, so a retry rebuilds only it. With
+    `wire_dtype` (GradientsRequest only) float params are written in that
+    encoding and the gradients asked for in it; inputs always as they are."""
+    if outputs is not None and wire_dtype != EXACT:
+        raise ValueError("an EvaluateRequest has no wire_dtype")
     numbers = EVALUATE_REQUEST if outputs is not None else GRADIENTS_REQUEST
     body = Parts()
-    named_arrays(body, 2, params)
+    named_arrays(body, 2, params, wire_dtype)
     named_arrays(body, 3, inputs)
     for name in outputs or ():
         body.bytes_field(4, name.encode())
     body.bytes_field(numbers["request_id"], request_id.encode())
     if rows is not None:
         body.bytes_field(numbers["rows"], rows.SerializeToString())
+    body.varint_field(GRADIENTS_REQUEST["wire_dtype"], wire_dtype)  # nothing when EXACT
     return Parts().bytes_field(1, graph_id.encode()), body
 
 
@@ -374,6 +413,7 @@ class ShardRequestView:
     mode: int = 0
     outputs: list[str] = field(default_factory=list)
     rows: Optional[pb.DatasetRows] = None
+    wire_dtype: int = EXACT  # unchecked: see tensors.wire_dtype_field
 
 
 def read_shard_request(buf: Buffer) -> ShardRequestView:
@@ -397,7 +437,25 @@ def read_shard_request(buf: Buffer) -> ShardRequestView:
                 request.include_batch_independent = bool(value)
             elif number == 6:
                 request.mode = int(value)  # type: ignore[arg-type]
+            elif number == 9:
+                request.wire_dtype = int(value)  # type: ignore[arg-type]
     return request
+
+
+def param_arrays(params: Sequence[tuple[str, TensorView]], signature: "SignatureLike") -> dict[str, np.ndarray]:
+    """Received params as arrays: views of the message, or, for a param sent
+    compact, its values decoded to the dtype the graph declares (after the
+    signature's check of that tensor: a compact int param is refused in its
+    words). Names are left to the engine's own check."""
+    out: dict[str, np.ndarray] = {}
+    for name, tensor in named_map(params, "param").items():
+        spec = signature.params.get(name)
+        if tensor.compact and spec is not None:
+            signature.check_tensor(spec, tensor.dtype, tensor.shape, tensor.compact)
+            out[name] = tensor.values(spec.dtype)
+        else:
+            out[name] = tensor.array()
+    return out
 
 
 @dataclass
@@ -453,9 +511,10 @@ def _parse(message_type: type, data: memoryview):  # type: ignore[no-untyped-def
 
 
 def gradients_response(loss: float, grads: Mapping[str, np.ndarray], examples: int,
-                       shards: Sequence[pb.ShardStats], seconds: float) -> Parts:
+                       shards: Sequence[pb.ShardStats], seconds: float, wire: int = EXACT) -> Parts:
+    """A GradientsResponse; with `wire` (FLOAT16, BFLOAT16) the gradients in that encoding."""
     parts = Parts().double_field(1, loss)
-    named_arrays(parts, 2, grads)
+    named_arrays(parts, 2, grads, wire)
     parts.varint_field(3, examples)
     for stats in shards:
         parts.bytes_field(4, stats.SerializeToString())
@@ -463,9 +522,10 @@ def gradients_response(loss: float, grads: Mapping[str, np.ndarray], examples: i
 
 
 def shard_response(loss: float, grads: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray],
-                   examples: int, seconds: float) -> Parts:
+                   examples: int, seconds: float, wire: int = EXACT) -> Parts:
+    """A ShardResponse; with `wire` (FLOAT16, BFLOAT16) the gradients in that encoding (outputs never)."""
     parts = Parts().double_field(1, loss)
-    named_arrays(parts, 2, grads)
+    named_arrays(parts, 2, grads, wire)
     named_arrays(parts, 3, outputs)
     return parts.varint_field(4, examples).double_field(5, seconds)
 
@@ -499,10 +559,10 @@ def read_evaluate_response(buf: Buffer) -> ResultView:
 def _check_field_numbers() -> None:
     """The numbers above are gradpool.proto's; a proto change that moves one must fail loudly, at import."""
     expected = {
-        "GradientsRequest": {"graph_id": 1, "params": 2, "inputs": 3, "request_id": 4, "rows": 5},
+        "GradientsRequest": {"graph_id": 1, "params": 2, "inputs": 3, "request_id": 4, "rows": 5, "wire_dtype": 6},
         "EvaluateRequest": {"graph_id": 1, "params": 2, "inputs": 3, "outputs": 4, "request_id": 5, "rows": 6},
         "ShardRequest": {"graph_id": 1, "params": 2, "inputs": 3, "global_batch": 4,
-                         "include_batch_independent": 5, "mode": 6, "outputs": 7, "rows": 8},
+                         "include_batch_independent": 5, "mode": 6, "outputs": 7, "rows": 8, "wire_dtype": 9},
         "ShardResponse": {"loss": 1, "grads": 2, "outputs": 3, "examples": 4, "seconds": 5},
         "GradientsResponse": {"loss": 1, "grads": 2, "examples": 3, "shards": 4, "seconds": 5},
         "EvaluateResponse": {"outputs": 1, "examples": 2, "shards": 3, "seconds": 4},
@@ -514,6 +574,9 @@ def _check_field_numbers() -> None:
         actual = {f.name: f.number for f in getattr(pb, message).DESCRIPTOR.fields}
         if actual != numbers:
             raise ImportError(f"gradpool.proto's {message} fields are {actual}; worker/wire.py reads {numbers}")
+    compact_enums = {"FLOAT16": pb.FLOAT16, "BFLOAT16": pb.BFLOAT16}  # the wire's, like field numbers
+    if compact_enums != {"FLOAT16": 6, "BFLOAT16": 7}:
+        raise ImportError(f"gradpool.proto's compact DType values are {compact_enums}; the wire carries 6 and 7")
 
 
 _check_field_numbers()

@@ -18,6 +18,7 @@ import numpy as np
 
 from .errors import InputError, quoted
 from .ops import fmt
+from .tensors import WIRE_DTYPES
 
 if TYPE_CHECKING:  # the wire reader lives above the engine; signatures only read its fields
     from gradpool.worker.wire import TensorView
@@ -88,10 +89,17 @@ class Signature:
 
     # ------------------------------------------------------------ one tensor
 
-    def check_tensor(self, spec: TensorSpec, dtype: np.dtype, shape: tuple[int, ...]) -> None:
-        """The same message for a numpy array and a wire tensor."""
+    def check_tensor(self, spec: TensorSpec, dtype: np.dtype, shape: tuple[int, ...], wire: int = 0) -> None:
+        """The same message for a numpy array and a wire tensor. `wire` is a
+        wire tensor's compact encoding (FLOAT16, BFLOAT16; `dtype` is then how
+        its bytes are read): allowed for float params only."""
         what = f"{spec.kind} {quoted(spec.name)}"
-        if dtype != spec.dtype:
+        if wire:
+            if spec.kind != "param" or spec.dtype.kind != "f":
+                hint = " (inputs travel in their own dtypes; only float params and gradients are compacted)" \
+                    if spec.kind == "input" else ""
+                raise InputError(f"{what} is {WIRE_DTYPES[wire]}, but the graph declares {spec.dtype}{hint}")
+        elif dtype != spec.dtype:
             raise InputError(f"{what} is {dtype}, but the graph declares {spec.dtype}")
         if spec.kind == "input":
             if len(shape) == 0 or tuple(shape[1:]) != spec.row_shape:
@@ -147,10 +155,11 @@ class Signature:
 
     def check_wire_params(self, params: "Sequence[tuple[str, TensorView]]",
                           required: Optional[Iterable[str]] = None) -> None:
-        """Wire params (read by `wire.read_named`, byte counts already checked), not decoded."""
+        """Wire params (read by `wire.read_named`, byte counts already checked), not
+        decoded; a float param may come in a compact encoding (`wire_dtype`)."""
         self.check_names([name for name, _ in params], "param", required)
         for name, tensor in params:
-            self.check_tensor(self.params[name], tensor.dtype, tensor.shape)
+            self.check_tensor(self.params[name], tensor.dtype, tensor.shape, tensor.compact)
 
     def check_wire_inputs(self, inputs: "Sequence[tuple[str, TensorView]]",
                           required: Optional[Iterable[str]] = None) -> tuple[int, list[WireInput]]:
@@ -161,7 +170,7 @@ class Signature:
         checked = []
         for name, tensor in inputs:
             spec = self.inputs[name]
-            self.check_tensor(spec, tensor.dtype, tensor.shape)
+            self.check_tensor(spec, tensor.dtype, tensor.shape, tensor.compact)
             sizes[name] = tensor.shape[0]
             checked.append(WireInput(name, tensor.proto_dtype, spec.row_shape,
                                      tensor.dtype.itemsize * math.prod(spec.row_shape), tensor.data))
