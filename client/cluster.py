@@ -314,16 +314,18 @@ class LocalCluster:
         while len(self.workers) > count:
             self.stop_worker()
 
-    def restart_coordinator(self, wait: bool = True) -> None:
-        """Stop the coordinator and start a fresh one on the same port; it knows
-        no graphs and no workers until they register again."""
+    def restart_coordinator(self, wait: bool = True, down_seconds: float = 0.0, kill: bool = False) -> None:
+        """Stop the coordinator (SIGKILL with `kill`), wait `down_seconds`, and
+        start a fresh one on the same port; it knows no graphs, datasets or
+        workers until they are sent and register again."""
         if self.coordinator is None:
             raise ClusterError("the cluster is not started")
         port = self.coordinator.port
-        self.coordinator.stop()
+        self.coordinator.stop(kill=kill)
         if self._status_client is not None:
             self._status_client.close()
             self._status_client = None
+        time.sleep(down_seconds)
         self._start_coordinator(port=port)
         if wait:
             self.wait_for_workers()

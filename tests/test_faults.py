@@ -176,3 +176,130 @@ def test_a_worker_drained_past_its_grace_period_hands_its_shard_to_another() -> 
         assert exact(result, graph, params, {k: v for k, v in batch.items()})
         assert exited_after < 3.0, f"the worker took {exited_after:.1f}s to exit after SIGTERM"
         assert any(s.attempts > 1 for s in result.shards)
+
+
+# ------------------------------------------------------------------ restarts and chaos
+
+def sharded_reference(graph: gp.Graph, params: dict, batch: dict, bounds: list[tuple[int, int]]
+                      ) -> tuple[float, dict]:
+    """The service's arithmetic in this process for any shard bounds: each
+    shard with the global batch size, batch-independent terms on the first,
+    summed in shard order."""
+    program, total = graph.program(), gp.worker.engine.OrderedSum(len(bounds))
+    for index, (start, stop) in enumerate(bounds):
+        piece = {name: value[start:stop] for name, value in batch.items()}
+        result = program.run(params, piece, global_batch=len(batch["y"]), include_batch_independent=index == 0)
+        total.add(index, result.loss, result.grads)
+    return total.loss, total.grads
+
+
+def small_model() -> gp.Graph:
+    g = gp.Graph("small")
+    x, y = g.input("x", (32,)), g.input("y", (), dtype="int64")
+    W1, W2 = g.param("W1", (32, 64)), g.param("W2", (64, 10))
+    g.set_loss(gp.softmax_cross_entropy(gp.tanh(x @ W1) @ W2, y).mean() + 1e-3 * (W1 ** 2).sum())
+    return g
+
+
+@pytest.mark.parametrize("down_seconds", [0.0, 5.0])
+def test_a_training_loop_rides_out_a_coordinator_restart_with_no_error(down_seconds: float) -> None:
+    graph = small_model()
+    rng = np.random.default_rng(1)
+    batch = {"x": rng.normal(size=(2000, 32)).astype(np.float32), "y": rng.integers(0, 10, 2000)}
+    with cluster(workers=2) as running, running.client(timeout=120) as service:
+        ref = service.upload(batch)
+        params, errors, steps = graph.init_params(0), [], []
+        stop = threading.Event()
+
+        def train() -> None:
+            while not stop.is_set():
+                rows = np.sort(rng.choice(2000, 128, replace=False))
+                try:
+                    result = service.gradients(graph, params, ref.take(rows))
+                except gp.GradpoolError as err:  # what a training loop would see
+                    errors.append(err)
+                    continue
+                steps.append((rows, result))
+
+        thread = threading.Thread(target=train, daemon=True)
+        thread.start()
+        time.sleep(1.0)
+        before = len(steps)
+        running.restart_coordinator(down_seconds=down_seconds, kill=True)
+        time.sleep(1.5)
+        stop.set()
+        thread.join(60)
+        assert not errors, errors
+        assert len(steps) > before, "no step completed after the restart"
+        for rows, result in steps[-3:]:
+            bounds = [(s.start, s.start + s.examples) for s in result.shards]
+            loss, grads = sharded_reference(graph, params, {k: v[rows] for k, v in batch.items()}, bounds)
+            assert result.loss == loss and all(np.array_equal(result.grads[k], grads[k]) for k in grads)
+
+
+def test_chaos_every_step_is_exact_while_workers_die_hang_and_return() -> None:
+    """A training loop while a background thread kills, freezes and replaces
+    workers and restarts the coordinator once: every step completes, covers
+    every example exactly once, and equals the in-process sum over that
+    step's shard bounds; the final params equal a replay of those plans."""
+    graph = small_model()
+    rng = np.random.default_rng(2)
+    batch = {"x": rng.normal(size=(3000, 32)).astype(np.float32), "y": rng.integers(0, 10, 3000)}
+    lr = np.float32(0.2)
+    with cluster(workers=3) as running, running.client(timeout=120) as service:
+        ref = service.upload(batch)
+        params = graph.init_params(0)
+        plans: list[tuple[np.ndarray, list[tuple[int, int]]]] = []
+        stop = threading.Event()
+        chaos_rng = np.random.default_rng(3)
+        actions: list[str] = []
+
+        script = ["kill", "stop", "add", "restart coordinator", "kill", "stop"]  # victims drawn at random
+
+        def chaos() -> None:
+            for action in script:
+                if stop.wait(0.4):
+                    return
+                live = [w for w in running.workers if w.alive()]
+                victim = live[chaos_rng.integers(len(live))]
+                if action == "kill":
+                    victim.popen.kill()
+                    running.workers.remove(victim)
+                    running.add_worker(wait=False)
+                elif action == "stop":  # a hung machine, for longer than a hedge takes
+                    os.kill(victim.pid, signal.SIGSTOP)
+                    stop.wait(1.5)
+                    os.kill(victim.pid, signal.SIGCONT)
+                elif action == "add":
+                    running.add_worker(wait=False)
+                else:
+                    running.restart_coordinator(wait=False, kill=True)
+                actions.append(action)
+
+        thread = threading.Thread(target=chaos, daemon=True)
+        thread.start()
+        try:
+            step, give_up = 0, time.monotonic() + 60
+            while len(actions) < len(script):
+                assert time.monotonic() < give_up, f"the chaos stalled: {actions}"
+                step += 1
+                rows = np.sort(rng.choice(3000, 256, replace=False))
+                result = service.gradients(graph, params, ref.take(rows))
+                bounds = [(s.start, s.start + s.examples) for s in result.shards]
+                assert bounds[0][0] == 0 and bounds[-1][1] == len(rows), "examples lost"
+                assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:])), "examples lost or counted twice"
+                loss, grads = sharded_reference(graph, params, {k: v[rows] for k, v in batch.items()}, bounds)
+                assert result.loss == loss and all(np.array_equal(result.grads[k], grads[k]) for k in grads), step
+                plans.append((rows, bounds))
+                for name in params:
+                    params[name] = params[name] - lr * result.grads[name]
+        finally:
+            stop.set()
+            thread.join(30)
+        assert actions == script
+        replay = graph.init_params(0)
+        for rows, bounds in plans:
+            _, grads = sharded_reference(graph, replay, {k: v[rows] for k, v in batch.items()}, bounds)
+            for name in replay:
+                replay[name] = replay[name] - lr * grads[name]
+        assert all(np.array_equal(params[k], replay[k]) for k in params)
