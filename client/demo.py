@@ -145,7 +145,7 @@ def live_workers(client: Any) -> Optional[int]:
     if workers is None:
         return None
     states = [w.get("state") if isinstance(w, dict) else getattr(w, "state", "live") for w in workers]
-    return sum(1 for state in states if state in ("live", None, ""))
+    return sum(1 for state in states if state in ("live", "suspect", None, ""))
 
 
 # ------------------------------------------------------------------ outputs

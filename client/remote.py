@@ -322,7 +322,8 @@ class ClusterStatus:
 
     @property
     def live_workers(self) -> list[WorkerStatus]:
-        return [w for w in self.workers if w.state == "live"]
+        """Workers taking shards: "live", and "suspect" (one of its shards straggled and was hedged)."""
+        return [w for w in self.workers if w.state in ("live", "suspect")]
 
     def table(self) -> str:
         """The status as a readable table (what `gradpool status` prints)."""

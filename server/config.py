@@ -27,6 +27,7 @@ class CoordinatorConfig:
     max_graphs: int = 256
     dataset_cache_mb: float = DEFAULT_DATASET_CACHE_BYTES / 2**20
     stream_threshold_mb: float = STREAM_THRESHOLD_BYTES / 2**20
+    max_shard_mb: float = 0.0
     threads: int = 32
     max_concurrent_requests: int = 64
     grace_seconds: float = 5.0
@@ -69,6 +70,10 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "gradpool coord
                                                                   STREAM_THRESHOLD_BYTES // 2**20),
         help="shards larger than this go to workers as a stream of chunks (RunShardStream), not one message "
              "(env GRADPOOL_STREAM_THRESHOLD_MB, default %(default)s)")
+    add("--max-shard-mb", type=float, default=env_default("GRADPOOL_MAX_SHARD_MB", 0),
+        help="pipelining: a worker whose share of an inline batch is larger gets it as several shards of at most "
+             "this many MB, so the next transfers while the first computes; 0: one shard per worker "
+             "(env GRADPOOL_MAX_SHARD_MB, default %(default)s)")
     add("--threads", type=int, default=env_default("GRADPOOL_THREADS", 32),
         help="concurrent RPCs served (env GRADPOOL_THREADS, default %(default)s)")
     add("--max-concurrent-requests", type=int, default=env_default("GRADPOOL_MAX_CONCURRENT_REQUESTS", 64),
@@ -90,7 +95,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "gradpool coord
         parser.error(f"need 0 < --heartbeat-seconds ({args.heartbeat_seconds}) < --lease-seconds "
                      f"({args.lease_seconds})")
     if (not args.request_timeout_seconds > 0 or args.max_graphs < 1 or args.threads < 1
-            or not args.dataset_cache_mb > 0 or not args.stream_threshold_mb > 0 or args.max_concurrent_requests < 1):
+            or not args.dataset_cache_mb > 0 or not args.stream_threshold_mb > 0 or args.max_concurrent_requests < 1
+            or args.max_shard_mb < 0):
         parser.error("--request-timeout-seconds, --max-graphs, --dataset-cache-mb and --threads must be positive")
     try:
         message_limit_bytes(args.max_message_mb)

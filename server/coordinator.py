@@ -289,7 +289,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         if not pool:
             raise RpcFailure(grpc.StatusCode.UNAVAILABLE,
                              "no live workers: start one with `gradpool worker --coordinator HOST:PORT`")
-        assignment = plan(pool, batch.examples)
+        row_bytes = sum(item.row_bytes for item in batch.inputs)  # inline batches only: rows travel
+        assignment = plan(pool, batch.examples, row_bytes, int(self.config.max_shard_mb * 2**20))
         requests = shard_requests(record.graph_id, params, batch, [(a, b) for _, a, b in assignment], mode, outputs,
                                   wire_dtype)
         return [Shard(i, start, stop, request, worker)

@@ -138,19 +138,28 @@ class ShardFailed(Exception):
         return RpcFailure(grpc.StatusCode.INTERNAL, f"{where} failed with {self.code.name}: {self.details}")
 
 
-def plan(pool: Sequence[WorkerEntry], examples: int) -> list[tuple[WorkerEntry, int, int]]:
+def plan(pool: Sequence[WorkerEntry], examples: int, row_bytes: int = 0,
+         max_shard_bytes: int = 0) -> list[tuple[WorkerEntry, int, int]]:
     """(worker, start, stop) per shard: `shard_bounds` by capacity.
 
     `shard_bounds` drops empty shards (fewer examples than workers); the
     shards then go to the fastest workers (ties: pool order), kept in pool
     order. A batch with no examples still gets one (empty) shard, as in
-    `local_gradients`.
+    `local_gradients`. With `max_shard_bytes`, a worker whose share of the
+    inline batch is larger gets it as several consecutive shards of at most
+    that size (pipelining: the next transfers while the first computes); the
+    plan still depends only on the pool and the batch, so it is reproducible.
     """
     bounds = shard_bounds(examples, [w.capacity for w in pool]) or [(0, examples)]
     if len(bounds) < len(pool):
         fastest = sorted(range(len(pool)), key=lambda i: (-pool[i].capacity, i))[: len(bounds)]
         pool = [pool[i] for i in sorted(fastest)]
-    return [(worker, start, stop) for worker, (start, stop) in zip(pool, bounds)]
+    shards = []
+    for worker, (start, stop) in zip(pool, bounds):
+        pieces = -(-(stop - start) * row_bytes // max_shard_bytes) if max_shard_bytes and row_bytes else 1
+        for a, b in shard_bounds(stop - start, [1.0] * max(1, pieces)) or [(0, stop - start)]:
+            shards.append((worker, start + a, start + b))
+    return shards
 
 
 def shard_requests(graph_id: str, param_fields: Sequence[memoryview], batch: Batch,

@@ -135,7 +135,8 @@ def test_a_hung_worker_is_hedged_and_rejoins_when_it_wakes() -> None:
         while not any(sleeper.address in s.worker for s in service.gradients(graph, params, rows).shards):
             assert time.monotonic() < deadline, "the woken worker never served again"
             time.sleep(0.2)
-        assert sleeper.address in [w.address for w in running.status().live_workers]  # no longer suspect
+        states = {w.address: w.state for w in running.status().workers}
+        assert states[sleeper.address] == "live"  # no longer suspect
 
 
 def test_a_cancelled_call_stops_the_engine_on_the_worker() -> None:

@@ -120,3 +120,32 @@ def test_a_unary_message_past_the_limit_is_refused_and_a_bad_stream_too(cluster)
             iter(frames), timeout=60)))
         loss, _ = gp.local_gradients(graph, params, batch)
         assert abs(answer.loss - loss) < 1e-6
+
+
+def test_pipelined_shards_split_a_workers_share_and_stay_exact() -> None:
+    """--max-shard-mb: each worker's share of an inline batch comes as several
+    shards (the next transfers while one computes); the plan is fixed by the
+    pool and the batch, so the sum is still bitwise reproducible."""
+    g = gp.Graph("pipelined")
+    x, y = g.input("x", (64,)), g.input("y", (), dtype="int64")
+    g.set_loss(gp.softmax_cross_entropy(x @ g.param("W", (64, 10)), y).mean())
+    params = g.init_params(0)
+    rng = np.random.default_rng(0)
+    batch = {"x": rng.normal(size=(1000, 64)).astype(np.float32), "y": rng.integers(0, 10, 1000)}
+    # 500 rows of 264 bytes per worker: pieces of at most 0.05 MB -> 3 shards each
+    with gp.LocalCluster(workers=2, coordinator_args=["--max-shard-mb", "0.05"]) as running, \
+            running.client(timeout=60) as service:
+        first = service.gradients(g, params, batch)
+        again = service.gradients(g, params, batch)
+    assert len(first.shards) == 6 and len({s.worker for s in first.shards}) == 2
+    assert [s.worker for s in first.shards[:3]] == [first.shards[0].worker] * 3
+    loss, grads = gp.local_gradients(g, params, batch, shards=2)
+    bounds = [(s.start, s.start + s.examples) for s in first.shards]
+    program, total = g.program(), gp.worker.engine.OrderedSum(len(bounds))
+    for index, (start, stop) in enumerate(bounds):
+        part = program.run(params, {k: v[start:stop] for k, v in batch.items()}, global_batch=1000,
+                           include_batch_independent=index == 0)
+        total.add(index, part.loss, part.grads)
+    assert first.loss == total.loss and np.array_equal(first.grads["W"], total.grads["W"])
+    assert again.loss == first.loss and np.array_equal(again.grads["W"], first.grads["W"])
+    np.testing.assert_allclose(first.grads["W"], grads["W"], rtol=1e-5, atol=1e-7)
