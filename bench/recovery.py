@@ -2,13 +2,14 @@
 
     python bench/recovery.py [--repeats 3] [--restarts 0,5,15]
 
-On a LocalCluster of 3 workers (plus an idle spare to hedge on), a step
-of a deep tanh MLP whose shards take about a second each is timed:
+On a LocalCluster of 4 workers, a step of a deep tanh MLP cut into 4
+shards of about a second each is timed:
 
 * undisturbed -- the baseline, measured in the same run before each case;
 * SIGKILL     -- one worker killed 0.3 s into the step (its shard is retried
                  on a survivor);
-* SIGSTOP     -- one worker frozen 0.3 s into the step (its shard is hedged);
+* SIGSTOP     -- one worker frozen 0.3 s into the step (its shard is hedged
+                 once its siblings are done and a worker is free);
 
 and prints min/median/max of each, and the median ratio to undisturbed.
 Then a training loop runs while the coordinator is SIGKILLed and restarted
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             for case in ("SIGKILL", "SIGSTOP"):
                 cluster.scale_to(3)
                 service.gradients(graph, params, rows)
-                cluster.add_worker()  # the spare, idle: the next step plans 4 shards, so measure with 4
+                cluster.add_worker()  # a fresh fourth worker each run (the last run's victim is gone or frozen)
                 base = timed_step(service, graph, params, rows)
                 victim = cluster.workers[1]
                 if case == "SIGKILL":
