@@ -376,7 +376,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "gradpool worke
         help="log verbosity on stderr (env GRADPOOL_LOG_LEVEL, default %(default)s)")
     args = parser.parse_args(argv)
     if not 0 < args.capacity <= MAX_CAPACITY:
-        parser.error(f"--capacity must be in (0, {MAX_CAPACITY:g}], got {args.capacity}")
+        parser.error(f"--capacity must be positive and at most {MAX_CAPACITY:g}, got {args.capacity}")
     server_tls(args.tls_cert, args.tls_key, args.tls_ca, args.mtls, parser.error)
     if args.max_graphs < 1 or args.threads < 1 or not args.dataset_cache_mb > 0 or args.max_concurrent_shards < 1:
         parser.error("--max-graphs, --threads and --dataset-cache-mb must be positive")
