@@ -34,6 +34,8 @@ for _module, _names in {
     "gradpool.remote": "Client ClusterStatus ForwardResult GradientsResult RemoteGraphError RemoteInputError "
                        "RemoteShardingError RetryPolicy ServiceError ServiceUnavailable ShardStat WorkerStatus",
     "gradpool.training": "GradientSource History LocalBackend Trainer TrainingError fit",
+    "gradpool.worker.rpc": "TlsConfig",
+    "gradpool.certs": "make_dev_certs",
 }.items():
     _EXPORTS.update(dict.fromkeys(_names.split(), _module))
 
@@ -57,6 +59,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, eagerly
+    from gradpool.certs import make_dev_certs
     from gradpool.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
     from gradpool.cluster import ClusterError, LocalCluster, gradient_service
     from gradpool.functional import (abs, binary_cross_entropy, concat, embedding, exp, leaky_relu, log,
@@ -72,3 +75,4 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, eagerly
                                  ServiceUnavailable, ShardStat, WorkerStatus)
     from gradpool.training import GradientSource, History, LocalBackend, Trainer, TrainingError, fit
     from gradpool.worker.engine.errors import GradpoolError, GraphError, InputError, ShardingError
+    from gradpool.worker.rpc import TlsConfig

@@ -4,6 +4,7 @@
     gradpool worker --coordinator localhost:50051 --port 0
     gradpool status --coordinator localhost:50051
     gradpool health localhost:50051
+    gradpool certs certs/          a development CA and TLS certificates
     gradpool demo [demo options]
 
 The server commands are imported only when used, so `gradpool status` stays
@@ -21,7 +22,7 @@ from dataclasses import asdict
 from typing import Callable, Optional, Sequence
 
 from gradpool.worker.engine.errors import GradpoolError
-from gradpool.worker.rpc import VERSION, with_port
+from gradpool.worker.rpc import VERSION, add_client_tls_arguments, client_tls, open_channel, with_port
 
 PROG = "gradpool"
 
@@ -68,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--coordinator", default=os.environ.get("GRADPOOL_COORDINATOR", "localhost:50051"),
                         help="coordinator HOST:PORT (env GRADPOOL_COORDINATOR, default %(default)s)")
     status.add_argument("--token", default=os.environ.get("GRADPOOL_TOKEN") or None,
-                        help="token, if the coordinator requires one (env GRADPOOL_TOKEN)")
+                        help="client token, if the coordinator requires one (env GRADPOOL_TOKEN)")
+    add_client_tls_arguments(status)
     status.add_argument("--timeout", type=float, default=5.0,
                         help="seconds to wait for an answer, retries included (default %(default)s)")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -78,6 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("address", nargs="?", default="localhost:50051",
                         help="server HOST:PORT (default %(default)s)")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait (default %(default)s)")
+    add_client_tls_arguments(health)
+    certs = commands.add_parser(
+        "certs", help="write a development CA and coordinator, worker and client certificates",
+        description="Write a development CA (ca.pem, ca-key.pem) and certificates signed by it into DIR: "
+                    "coordinator.pem and worker.pem (serverAuth and clientAuth, for localhost, 127.0.0.1, ::1 "
+                    "and the compose service names coordinator and worker, plus each --host) and client.pem "
+                    "(clientAuth), each with NAME-key.pem. Needs the cryptography package.")
+    certs.add_argument("directory", metavar="DIR", help="folder to write into (created if missing)")
+    certs.add_argument("--host", action="append", default=[], metavar="NAME",
+                       help="another DNS name or IP address for the server certificates (repeatable)")
+    certs.add_argument("--days", type=int, default=365, help="validity in days (default %(default)s)")
+    certs.add_argument("--compose", action="store_true",
+                       help="for docker-compose: also write .env next to docker-compose.yml (in the current "
+                            "folder) with fresh client and worker tokens and COMPOSE_FILE including "
+                            "docker-compose.tls.yml, and make the keys readable by the containers' user")
     return parser
 
 
@@ -85,7 +102,7 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(with_port(args.address)) as channel:
+    with open_channel(with_port(args.address), client_tls(args)) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout)
         except grpc.RpcError as err:
@@ -98,13 +115,49 @@ def _health(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from .remote import Client, RetryPolicy
 
-    with Client(args.coordinator, token=args.token, retry=RetryPolicy(attempts=3)) as service:
+    with Client(args.coordinator, token=args.token, retry=RetryPolicy(attempts=3), tls=client_tls(args)) as service:
         status = service.status(timeout=args.timeout)
     if args.json:
         print(json.dumps(asdict(status), indent=2))
     else:
         print(f"coordinator {args.coordinator}")
         print(status.table())
+    return 0
+
+
+COMPOSE_ENV = ".env"
+
+
+def _certs(args: argparse.Namespace) -> int:
+    import secrets
+    from pathlib import Path
+
+    from .certs import make_dev_certs
+
+    # In containers the keys are read by uid 10001, not by their owner here.
+    written = make_dev_certs(args.directory, args.host, args.days, key_mode=0o644 if args.compose else 0o600)
+    print(f"wrote {', '.join(sorted(p.name for p in written.values()))} into {args.directory}")
+    if args.compose:
+        env = Path(COMPOSE_ENV)
+        if env.exists():
+            raise GradpoolError(f"{env} exists: remove it to write fresh tokens (the certificates are written)")
+        directory = Path(args.directory).resolve()
+        lines = [
+            "# Written by `gradpool certs --compose`: docker compose reads it from this folder.",
+            "COMPOSE_FILE=docker-compose.yml:docker-compose.tls.yml",
+            f"GRADPOOL_CERTS_DIR={directory}",
+            f"GRADPOOL_TOKEN={secrets.token_urlsafe(24)}",
+            f"GRADPOOL_WORKER_TOKEN={secrets.token_urlsafe(24)}",
+            f"GRADPOOL_COORDINATOR_TOKEN={secrets.token_urlsafe(24)}",
+        ]
+        fd = os.open(env, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        print(f"wrote {env}: `docker compose up -d` now runs with TLS, mTLS and tokens; from this host: "
+              f"set -a; . ./{env}; set +a; gradpool status --tls-ca {directory}/ca.pem "
+              f"--tls-cert {directory}/client.pem --tls-key {directory}/client-key.pem")
+    else:
+        print("keys are readable by you only; ca-key.pem is needed only to issue more certificates")
     return 0
 
 
@@ -118,9 +171,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return _status(args)
         if args.command == "health":
             return _health(args)
+        if args.command == "certs":
+            return _certs(args)
         build_parser().print_help()
         return 2
-    except GradpoolError as err:
+    except (GradpoolError, ValueError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -129,6 +184,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BrokenPipeError:  # `gradpool status --json | head -1`: the reader left, which is fine
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 141
+    except OSError as err:  # a TLS file that cannot be read, a folder that cannot be written
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
 import select
 import signal
 import subprocess
@@ -25,7 +26,7 @@ import weakref
 from typing import Any, Iterator, Optional, Sequence
 
 from gradpool.worker.engine.errors import GradpoolError
-from gradpool.worker.rpc import PARENT_PID_ENV
+from gradpool.worker.rpc import PARENT_PID_ENV, TlsConfig
 
 from .remote import Client, ClusterStatus, RetryPolicy, ServiceError
 
@@ -141,9 +142,20 @@ class LocalCluster:
     service's shards those of `local_gradients(..., shards=k)`).
     `threads_per_worker` caps each worker's BLAS/OpenMP threads: workers on
     one machine otherwise each start a thread per core and fight over them.
+
+    Credentials (none by default: the open dev mode): `token` is the clients'
+    token, `worker_token` the workers' (a random one is made when only
+    `token` is given), `coordinator_token` what the coordinator calls workers
+    with (default: the worker token); they reach the processes through their
+    environment, not their command lines. `tls` is a folder made by
+    `gradpool certs` (`gp.make_dev_certs`): every port serves TLS with its
+    coordinator/worker certificates, and `client()` trusts its CA and presents
+    client.pem; `mtls=True` makes every server require client certificates.
     """
 
     def __init__(self, workers: int = 2, *, capacity: float = 1.0, token: Optional[str] = None,
+                 worker_token: Optional[str] = None, coordinator_token: Optional[str] = None,
+                 tls: "Optional[str | os.PathLike[str]]" = None, mtls: bool = False,
                  host: str = "127.0.0.1", heartbeat_seconds: float = 0.25, lease_seconds: float = 3.0,
                  max_message_mb: Optional[float] = None, log_level: str = "WARNING",
                  coordinator_args: Sequence[str] = (), worker_args: Sequence[str] = (),
@@ -153,6 +165,14 @@ class LocalCluster:
         self.initial_workers = workers
         self.capacity = capacity
         self.token = token
+        if worker_token is None and (token or coordinator_token):
+            worker_token = secrets.token_urlsafe(24)  # with a client token, workers need their own to join
+        self.worker_token = worker_token
+        self.coordinator_token = coordinator_token
+        if mtls and not tls:
+            raise ValueError("mtls=True needs tls=<a folder made by `gradpool certs`>")
+        self.tls = None if tls is None else os.fspath(tls)
+        self.mtls = mtls
         self.host = host
         self.heartbeat_seconds = heartbeat_seconds
         self.lease_seconds = lease_seconds
@@ -205,18 +225,36 @@ class LocalCluster:
         _stop_all(self._all)
         self._all.clear()
 
-    def _common_args(self) -> list[str]:
+    def _common_args(self, role: str) -> list[str]:
         args = ["--host", self.host, "--log-level", self.log_level]
-        if self.token:
-            args += ["--token", self.token]
         if self.max_message_mb:
             args += ["--max-message-mb", str(self.max_message_mb)]
+        if self.tls:
+            files = TlsConfig.from_dir(self.tls, role)
+            args += ["--tls-cert", str(files.cert), "--tls-key", str(files.key), "--tls-ca", str(files.ca)]
+            if self.mtls:
+                args.append("--mtls")
         return args
+
+    def _env(self, role: str) -> dict[str, str]:
+        """The child's environment, with the tokens its role uses (kept off the command line)."""
+        env = child_env()
+        tokens = {"GRADPOOL_WORKER_TOKEN": self.worker_token, "GRADPOOL_COORDINATOR_TOKEN": self.coordinator_token}
+        if role == "coordinator":
+            tokens["GRADPOOL_TOKEN"] = self.token
+        env.update({name: value for name, value in tokens.items() if value})
+        return env
+
+    @property
+    def client_tls(self) -> Optional[TlsConfig]:
+        """What a client of this cluster connects with (None: plaintext)."""
+        return TlsConfig.from_dir(self.tls, "client") if self.tls else None
 
     def _start_coordinator(self, port: int) -> None:
         args = ["--port", str(port), "--heartbeat-seconds", str(self.heartbeat_seconds),
-                "--lease-seconds", str(self.lease_seconds), *self._common_args(), *self.coordinator_args]
-        self.coordinator = ChildProcess("coordinator", args, child_env())
+                "--lease-seconds", str(self.lease_seconds), *self._common_args("coordinator"),
+                *self.coordinator_args]
+        self.coordinator = ChildProcess("coordinator", args, self._env("coordinator"))
         self._all.append(self.coordinator)
         self.coordinator.ready(self.startup_timeout)
 
@@ -225,8 +263,8 @@ class LocalCluster:
         if self.coordinator is None:
             raise ClusterError("the cluster is not started")
         args = ["--coordinator", self.coordinator.address, "--port", "0", "--capacity", str(capacity),
-                *self._common_args(), *self.worker_args, *extra_args]
-        env = child_env()
+                *self._common_args("worker"), *self.worker_args, *extra_args]
+        env = self._env("worker")
         if self.threads_per_worker:
             for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
                 env[name] = str(self.threads_per_worker)
@@ -248,12 +286,13 @@ class LocalCluster:
         return [w.address for w in self.workers]
 
     def client(self, timeout: Optional[float] = None, **kwargs: object) -> Client:
-        """A Client for this cluster (with its token)."""
+        """A Client for this cluster (with its client token and TLS files)."""
+        kwargs.setdefault("tls", self.client_tls)
         return Client(self.address, token=self.token, timeout=timeout, **kwargs)  # type: ignore[arg-type]
 
     def status(self) -> ClusterStatus:
         if self._status_client is None:
-            self._status_client = Client(self.address, token=self.token,
+            self._status_client = Client(self.address, token=self.token, tls=self.client_tls,
                                          retry=RetryPolicy(attempts=2, initial_backoff=0.05))
         return self._status_client.status(timeout=5.0)
 

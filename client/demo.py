@@ -25,6 +25,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 
 from gradpool.worker.engine.errors import GradpoolError
+from gradpool.worker.rpc import add_client_tls_arguments, client_tls
 
 from . import optim
 from .checkpoint import atomic_write
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="no servers at all: compute gradients in this process (same arithmetic)")
     parser.add_argument("--token", default=os.environ.get("GRADPOOL_TOKEN") or None,
                         help="token, if the coordinator requires one (env GRADPOOL_TOKEN)")
+    add_client_tls_arguments(parser)
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                         help="give up on a coordinator call after this long, retries included (default: no limit)")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
@@ -127,7 +129,7 @@ def open_backend(args: argparse.Namespace) -> Iterator[tuple[Any, str, Optional[
     from .remote import Client
 
     if args.coordinator:
-        with Client(args.coordinator, token=args.token, timeout=args.timeout) as client:
+        with Client(args.coordinator, token=args.token, timeout=args.timeout, tls=client_tls(args)) as client:
             yield client, f"coordinator {args.coordinator}", live_workers(client)
         return
     from .cluster import LocalCluster

@@ -14,6 +14,7 @@ decorator, `retried`, which never retries the codes in `NEVER_RETRIED`.
 from __future__ import annotations
 
 import functools
+import os
 import random
 import time
 import uuid
@@ -29,8 +30,8 @@ from gradpool.worker import wire
 from gradpool.worker.engine.errors import GradpoolError, GraphError, InputError, ShardingError
 from gradpool.worker.engine.tensors import EXACT, fill_tensor
 from gradpool.worker.engine.tensors import wire_dtype as parse_wire_dtype
-from gradpool.worker.rpc import (DEFAULT_MAX_MESSAGE_MB, MISSING_DATASET, auth_metadata, channel_options, method_path,
-                                 rpc_error_kind, with_port)
+from gradpool.worker.rpc import (DEFAULT_MAX_MESSAGE_MB, MISSING_DATASET, TlsConfig, auth_metadata, channel_options,
+                                 method_path, open_channel, rpc_error_kind, with_port)
 from gradpool.worker.streams import PROTOBUF_LIMIT_BYTES, STREAM_THRESHOLD_BYTES, call_streamed
 
 from .data import DatasetRef, DatasetRows
@@ -115,6 +116,9 @@ def service_error(err: grpc.RpcError, address: str) -> ServiceError:
         return ServiceError(f"NOT_FOUND: {details}", code, details, kind)
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return ServiceError(f"the coordinator at {address} refused the token: {details}", code, details)
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return ServiceError(f"the coordinator at {address} does not let this token do that: {details}", code,
+                            details)
     return ServiceError(f"{code.name}: {details}", code, details)
 
 
@@ -355,6 +359,21 @@ class _Default:
 CLIENT_DEFAULT: Any = _Default()
 
 
+def client_tls_config(tls: "TlsConfig | bool | str | os.PathLike[str] | None") -> Optional[TlsConfig]:
+    """`Client(tls=...)` as a TlsConfig (None: plaintext)."""
+    if tls is None or tls is False:
+        return None
+    if tls is True:
+        return TlsConfig()
+    if isinstance(tls, TlsConfig):
+        return tls
+    if isinstance(tls, (str, os.PathLike)):
+        if not os.path.isdir(tls):
+            raise ValueError(f"tls={str(tls)!r} is not a folder made by `gradpool certs`")
+        return TlsConfig.from_dir(tls, "client")
+    raise TypeError(f"tls must be a bool, a gp.TlsConfig or a certs folder, not {type(tls).__name__}")
+
+
 class Client:
     """A connection to a gradpool coordinator.
 
@@ -362,7 +381,14 @@ class Client:
     `timeout=None` means no deadline at all; each method also takes its own
     `timeout=`. A coordinator that cannot be reached is retried with backoff
     for `retry.budget_seconds` (30 s: a restart), and graphs and datasets it
-    forgot are sent again, unseen. `token` is sent as `authorization: Bearer`.
+    forgot are sent again, unseen. `token` (the client token, GRADPOOL_TOKEN
+    on the coordinator) is sent as `authorization: Bearer`.
+
+    `tls`: None or False for plaintext; True for TLS verified by the system's
+    CAs; a `gp.TlsConfig(ca=..., cert=..., key=...)` for a private CA and, for
+    a coordinator that requires client certificates (mTLS), the client's own;
+    or a folder made by `gradpool certs DIR` (its ca.pem, client.pem and
+    client-key.pem).
 
     `wire_dtype` ("bfloat16" or "float16"; default None: exact) sends float
     params and gets gradients back as 16-bit floats: half the params and
@@ -378,12 +404,14 @@ class Client:
     def __init__(self, address: str, token: Optional[str] = None,
                  timeout: Optional[float] = DEFAULT_TIMEOUT_SECONDS, *,
                  max_message_mb: float = DEFAULT_MAX_MESSAGE_MB, retry: RetryPolicy = RetryPolicy(),
-                 stream_threshold_mb: float = STREAM_THRESHOLD_BYTES / 2**20, wire_dtype: Optional[str] = None):
+                 stream_threshold_mb: float = STREAM_THRESHOLD_BYTES / 2**20, wire_dtype: Optional[str] = None,
+                 tls: "TlsConfig | bool | str | os.PathLike[str] | None" = None):
         self._wire_dtype = parse_wire_dtype(wire_dtype)  # an InputError now, not at the first step
         self.wire_dtype = wire_dtype
         self.address = address = with_port(address)
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address, options=channel_options(max_message_mb))
+        self.tls = client_tls_config(tls)
+        self._channel = open_channel(address, self.tls, channel_options(max_message_mb))
         self._rpc = CoordinatorRpc(self._channel, address, token, retry, int(stream_threshold_mb * 2**20))
         self._registered: set[str] = set()
         self._uploaded: set[str] = set()

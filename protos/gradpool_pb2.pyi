@@ -296,30 +296,36 @@ class StatusResponse(_message.Message):
     def __init__(self, workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ..., requests_served: _Optional[int] = ..., examples_served: _Optional[int] = ..., graphs_registered: _Optional[int] = ..., uptime_seconds: _Optional[float] = ..., version: _Optional[str] = ..., requests_failed: _Optional[int] = ..., datasets_resident: _Optional[int] = ..., dataset_bytes: _Optional[int] = ...) -> None: ...
 
 class RegisterWorkerRequest(_message.Message):
-    __slots__ = ("address", "capacity", "worker_id")
+    __slots__ = ("address", "capacity", "worker_id", "lease_secret")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECRET_FIELD_NUMBER: _ClassVar[int]
     address: str
     capacity: float
     worker_id: str
-    def __init__(self, address: _Optional[str] = ..., capacity: _Optional[float] = ..., worker_id: _Optional[str] = ...) -> None: ...
+    lease_secret: str
+    def __init__(self, address: _Optional[str] = ..., capacity: _Optional[float] = ..., worker_id: _Optional[str] = ..., lease_secret: _Optional[str] = ...) -> None: ...
 
 class RegisterWorkerResponse(_message.Message):
-    __slots__ = ("worker_id", "heartbeat_seconds", "lease_seconds")
+    __slots__ = ("worker_id", "heartbeat_seconds", "lease_seconds", "lease_secret")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LEASE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECRET_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     heartbeat_seconds: float
     lease_seconds: float
-    def __init__(self, worker_id: _Optional[str] = ..., heartbeat_seconds: _Optional[float] = ..., lease_seconds: _Optional[float] = ...) -> None: ...
+    lease_secret: str
+    def __init__(self, worker_id: _Optional[str] = ..., heartbeat_seconds: _Optional[float] = ..., lease_seconds: _Optional[float] = ..., lease_secret: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("worker_id",)
+    __slots__ = ("worker_id", "lease_secret")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECRET_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
-    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+    lease_secret: str
+    def __init__(self, worker_id: _Optional[str] = ..., lease_secret: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("known",)
@@ -328,10 +334,12 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, known: _Optional[bool] = ...) -> None: ...
 
 class DeregisterWorkerRequest(_message.Message):
-    __slots__ = ("worker_id",)
+    __slots__ = ("worker_id", "lease_secret")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SECRET_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
-    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+    lease_secret: str
+    def __init__(self, worker_id: _Optional[str] = ..., lease_secret: _Optional[str] = ...) -> None: ...
 
 class DeregisterWorkerResponse(_message.Message):
     __slots__ = ()

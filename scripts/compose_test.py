@@ -11,7 +11,8 @@ message and the logs of the containers involved:
   kill        `docker kill` of a worker during training: training completes
   restart     restarting the coordinator container during training: training completes
   scale       scaling to 5 workers during training: the new workers get shards
-  token       with GRADPOOL_TOKEN set: the host without it is refused, with it it trains
+  token       with GRADPOOL_TOKEN and GRADPOOL_WORKER_TOKEN set: the host without the client token is
+              refused, with it it trains
   down        `down -v` leaves no container, network or volume of the project
 
 The compose project gets its own name and a free host port, so a cluster the
@@ -103,11 +104,13 @@ class Cluster:
         self.port = port
         self.address = f"localhost:{port}"
         self.token = ""
+        self.worker_token = ""
 
     def env(self) -> dict:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GRADPOOL_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GRADPOOL_") and k != "COMPOSE_FILE"}
         env.update(GRADPOOL_PUBLISH_PORT=str(self.port), GRADPOOL_TOKEN=self.token,
-                   COMPOSE_PROJECT_NAME=PROJECT)
+                   GRADPOOL_WORKER_TOKEN=self.worker_token, COMPOSE_PROJECT_NAME=PROJECT,
+                   COMPOSE_FILE="docker-compose.yml")  # not a .env's TLS override
         return env
 
     def __call__(self, *args: str, timeout: float, check: bool = True) -> subprocess.CompletedProcess:
@@ -511,6 +514,7 @@ class Checks:
     def token(self) -> None:
         with self.check("GRADPOOL_TOKEN: without it refused, with it trains") as note:
             self.cluster.token = secrets.token_hex(16)
+            self.cluster.worker_token = secrets.token_hex(16)  # workers join with their own token
             self.cluster("up", "-d", "--scale", "worker=3", timeout=240)  # the environment changed: recreated
             wait_healthy(self.cluster, 3, timeout=120)
             with self.cluster.client(token=self.cluster.token) as client:

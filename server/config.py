@@ -9,7 +9,8 @@ from typing import Optional, Sequence
 
 from gradpool.worker.datasets import DEFAULT_DATASET_CACHE_BYTES
 from gradpool.worker.streams import STREAM_THRESHOLD_BYTES
-from gradpool.worker.rpc import DEFAULT_MAX_MESSAGE_MB, env_default, message_limit_bytes
+from gradpool.worker.rpc import (DEFAULT_MAX_MESSAGE_MB, TlsConfig, add_server_tls_arguments, env_default,
+                                 message_limit_bytes, server_tls)
 
 
 @dataclass
@@ -17,7 +18,14 @@ class CoordinatorConfig:
     host: str = "0.0.0.0"
     port: int = 50051
     workers: list[str] = field(default_factory=list)
-    token: Optional[str] = None
+    token: Optional[str] = None  # clients' token
+    worker_token: Optional[str] = None  # workers' token, to join the pool
+    coordinator_token: Optional[str] = None  # sent to workers (default: worker_token)
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    tls_ca: Optional[str] = None
+    mtls: bool = False
+    tls_worker_name: Optional[str] = None
     max_message_mb: float = DEFAULT_MAX_MESSAGE_MB
     heartbeat_seconds: float = 1.0
     lease_seconds: float = 4.0
@@ -33,6 +41,25 @@ class CoordinatorConfig:
     grace_seconds: float = 5.0
     log_level: str = "INFO"
 
+    @property
+    def tls(self) -> Optional[TlsConfig]:
+        """The server's TLS (None: plaintext); its channels to workers use the same files."""
+        if not self.tls_cert:
+            return None
+        return TlsConfig(ca=self.tls_ca, cert=self.tls_cert, key=self.tls_key, require_client_cert=self.mtls)
+
+    @property
+    def worker_tls(self) -> Optional[TlsConfig]:
+        """TLS of the channels to workers: the CA verifies them, our certificate is our client certificate."""
+        if not self.tls_cert:
+            return None
+        return TlsConfig(ca=self.tls_ca, cert=self.tls_cert, key=self.tls_key, server_name=self.tls_worker_name)
+
+    @property
+    def to_workers_token(self) -> Optional[str]:
+        """The token the coordinator sends to workers."""
+        return self.coordinator_token or self.worker_token
+
 
 def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "gradpool coordinator") -> CoordinatorConfig:
     parser = argparse.ArgumentParser(
@@ -47,8 +74,18 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "gradpool coord
     add("--workers", default=env_default("GRADPOOL_WORKERS", ""),
         help="static workers, HOST:PORT,... used besides those that register (env GRADPOOL_WORKERS)")
     add("--token", default=os.environ.get("GRADPOOL_TOKEN") or None,
-        help="shared secret: every RPC must carry 'authorization: Bearer TOKEN', and it is sent to workers "
-             "(env GRADPOOL_TOKEN)")
+        help="the clients' token: graphs, gradients, datasets and status need 'authorization: Bearer TOKEN' "
+             "(env GRADPOOL_TOKEN). With any token set, each role needs its own")
+    add("--worker-token", default=os.environ.get("GRADPOOL_WORKER_TOKEN") or None,
+        help="the workers' token: RegisterWorker, Heartbeat and DeregisterWorker need it "
+             "(env GRADPOOL_WORKER_TOKEN)")
+    add("--coordinator-token", default=os.environ.get("GRADPOOL_COORDINATOR_TOKEN") or None,
+        help="token sent to workers with every call (env GRADPOOL_COORDINATOR_TOKEN; default the worker token); "
+             "a dedicated one keeps workers from calling each other")
+    add_server_tls_arguments(parser)
+    add("--tls-worker-name", default=os.environ.get("GRADPOOL_TLS_WORKER_NAME") or None, metavar="NAME",
+        help="name checked in every worker's certificate instead of its advertised host, for workers whose "
+             "host names are not known in advance (containers) (env GRADPOOL_TLS_WORKER_NAME)")
     add("--max-message-mb", type=float, default=env_default("GRADPOOL_MAX_MESSAGE_MB", DEFAULT_MAX_MESSAGE_MB),
         help="largest gRPC message sent or received, in MB, at most 2047 (env GRADPOOL_MAX_MESSAGE_MB, "
              "default %(default)s)")
@@ -102,6 +139,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "gradpool coord
         message_limit_bytes(args.max_message_mb)
     except ValueError as err:
         parser.error(str(err))
+    server_tls(args.tls_cert, args.tls_key, args.tls_ca, args.mtls, parser.error)
     values = vars(args)
     values["workers"] = workers
     return CoordinatorConfig(**values)

@@ -27,8 +27,11 @@ from gradpool.worker.datasets import Dataset, DatasetStore, assemble, check_indi
 from gradpool.worker.engine import OrderedSum, Program, graph_id
 from gradpool.worker.engine.errors import GradpoolError, InputError, quoted
 from gradpool.worker.engine.tensors import DTYPE_TO_PROTO, EXACT, wire_dtype_field
+from gradpool.worker.engine.sharding import MAX_CAPACITY
 from gradpool.worker.rpc import (
+    CLIENT,
     MISSING_DATASET,
+    WORKER,
     MISSING_GRAPH,
     VERSION,
     LruCache,
@@ -44,6 +47,7 @@ from gradpool.worker.rpc import (
     serve_until_signalled,
     server_options,
     translate_errors,
+    warn_about_tokens,
 )
 from gradpool.worker.streams import PROTOBUF_LIMIT_BYTES, from_frames, to_frames
 
@@ -101,7 +105,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     def __init__(self, config: CoordinatorConfig):
         self.config = config
-        self.registry = WorkerRegistry(config.lease_seconds, channel_options(config.max_message_mb))
+        self.registry = WorkerRegistry(config.lease_seconds, channel_options(config.max_message_mb),
+                                       config.worker_tls)
         for address in config.workers:
             self.registry.add_static(address)
         self.graphs = GraphStore(config.max_graphs)
@@ -109,7 +114,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.max_stream_bytes = PROTOBUF_LIMIT_BYTES
         self.totals = Totals()
         self._totals_lock = threading.Lock()
-        self._metadata = auth_metadata(config.token)
+        self._metadata = auth_metadata(config.to_workers_token)
         self._started = time.monotonic()
 
     # ------------------------------------------------------------ clients
@@ -217,21 +222,21 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
             raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"worker address {quoted(address)} is not HOST:PORT")
-        if not 0 < request.capacity < float("inf"):
+        if not 0 < request.capacity <= MAX_CAPACITY:  # NaN fails too
             raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT,
-                             f"worker capacity must be a positive number, got {request.capacity}")
-        entry = self.registry.register(address, request.capacity, request.worker_id or address)
+                             f"worker capacity must be a number in (0, {MAX_CAPACITY:g}], got {request.capacity}")
+        entry = self.registry.register(address, request.capacity, request.worker_id or address, request.lease_secret)
         return pb.RegisterWorkerResponse(worker_id=entry.worker_id, heartbeat_seconds=self.config.heartbeat_seconds,
-                                         lease_seconds=self.config.lease_seconds)
+                                         lease_seconds=self.config.lease_seconds, lease_secret=entry.secret)
 
     @translate_errors
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
-        return pb.HeartbeatResponse(known=self.registry.heartbeat(request.worker_id))
+        return pb.HeartbeatResponse(known=self.registry.heartbeat(request.worker_id, request.lease_secret))
 
     @translate_errors
     def DeregisterWorker(self, request: pb.DeregisterWorkerRequest,
                          context: grpc.ServicerContext) -> pb.DeregisterWorkerResponse:
-        self.registry.deregister(request.worker_id)
+        self.registry.deregister(request.worker_id, request.lease_secret)
         return pb.DeregisterWorkerResponse()
 
     # ------------------------------------------------------------ helpers
@@ -428,26 +433,30 @@ def start(config: CoordinatorConfig) -> RunningCoordinator:
     """Start serving without blocking."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="coordinator"),
                          maximum_concurrent_rpcs=config.max_concurrent_requests,
-                         options=server_options(config.max_message_mb), interceptors=interceptors(config.token))
+                         options=server_options(config.max_message_mb),
+                         interceptors=interceptors({CLIENT: config.token, WORKER: config.worker_token}))
     servicer = CoordinatorServicer(config)
     add_servicer(server, servicer, "Coordinator",
                  raw=("ComputeGradients", "ComputeGradientsStream", "Evaluate", "EvaluateStream"))
     health = add_health_and_reflection(server, [SERVICE_NAME])
-    port = bind(server, config.host, config.port)
+    port = bind(server, config.host, config.port, config.tls)
     server.start()
     maintenance = Maintenance(servicer.registry, min(config.heartbeat_seconds, config.lease_seconds / 4),
-                              auth_metadata(config.token))
+                              auth_metadata(config.to_workers_token))
     maintenance.start()
     return RunningCoordinator(server, servicer, port, health, maintenance)
 
 
 def serve(config: CoordinatorConfig) -> None:
     """Run the coordinator until SIGTERM/SIGINT, then stop gracefully."""
+    warn_about_tokens({CLIENT: config.token, WORKER: config.worker_token}, log)
     running = start(config)
     announce("coordinator", config.host, running.port)
-    log.info("coordinator %s serving on port %d (heartbeat %.3gs, lease %.3gs, messages up to %g MB%s)", VERSION,
-             running.port, config.heartbeat_seconds, config.lease_seconds, config.max_message_mb,
-             ", token required" if config.token else "")
+    tokens = "client and worker tokens" if config.token or config.worker_token else "no tokens"
+    tls = ("mTLS" if config.mtls else "TLS") if config.tls_cert else "plaintext"
+    log.info("coordinator %s serving on port %d (heartbeat %.3gs, lease %.3gs, messages up to %g MB, %s, %s)",
+             VERSION, running.port, config.heartbeat_seconds, config.lease_seconds, config.max_message_mb, tls,
+             tokens)
     serve_until_signalled(running, config.grace_seconds, log)
 
 

@@ -10,17 +10,19 @@ workers join and leave at any time.
 
 from __future__ import annotations
 
+import hmac
 import logging
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence
 
 import grpc
 
 from gradpool.protos import gradpool_pb2 as pb
 from gradpool.protos import gradpool_pb2_grpc as pb_grpc
-from gradpool.worker.rpc import method_path
+from gradpool.worker.rpc import RpcFailure, TlsConfig, method_path, open_channel
 
 log = logging.getLogger("gradpool.coordinator")
 
@@ -56,6 +58,9 @@ class WorkerEntry:
     # A shard of its ran far longer than its siblings and was hedged: not
     # picked for retries and hedges until it finishes a shard again.
     suspect: bool = False
+    # The lease secret its registration returned: heartbeats, deregistration
+    # and re-registration under its id must carry it ("" until one registered).
+    secret: str = field(default="", repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     # Held while sending a graph, so concurrent requests send it once.
     load_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -136,17 +141,35 @@ class WorkerEntry:
                                  graphs_sent=self.graphs_sent, errors=self.errors, static=self.static)
 
 
-class WorkerRegistry:
-    """Thread-safe set of workers, keyed by worker id."""
+def _same_secret(given: str, expected: str) -> bool:
+    """Constant-time comparison; an entry without a secret matches nothing."""
+    return bool(expected) and hmac.compare_digest(given.encode(), expected.encode())
 
-    def __init__(self, lease_seconds: float, channel_options: Sequence[tuple[str, int]]):
+
+def _refuse(message: str) -> RpcFailure:
+    return RpcFailure(grpc.StatusCode.PERMISSION_DENIED, message)
+
+
+class WorkerRegistry:
+    """Thread-safe set of workers, keyed by worker id.
+
+    Each registration gets a random lease secret; the worker's heartbeats,
+    its deregistration and its registering again under the same id while the
+    entry is known must carry it, so no one else can take over, renew or
+    remove its entry. A new worker at the address of a live one is refused
+    until that one deregisters or its lease lapses.
+    """
+
+    def __init__(self, lease_seconds: float, channel_options: Sequence[tuple[str, int]],
+                 tls: Optional[TlsConfig] = None):
         self.lease_seconds = lease_seconds
         self._options = list(channel_options)
+        self._tls = tls
         self._workers: dict[str, WorkerEntry] = {}
         self._lock = threading.Lock()
 
     def _connect(self, worker_id: str, address: str, capacity: float, static: bool) -> WorkerEntry:
-        channel = grpc.insecure_channel(address, options=self._options)
+        channel = open_channel(address, self._tls, self._options)
         run_shard = channel.unary_unary(method_path("Worker", "RunShard"), request_serializer=None,
                                         response_deserializer=None)
         run_shard_stream = channel.stream_stream(method_path("Worker", "RunShardStream"), request_serializer=None,
@@ -160,26 +183,47 @@ class WorkerRegistry:
             self._workers[address] = self._connect(address, address, capacity, static=True)
         log.info("static worker %s", address)
 
-    def register(self, address: str, capacity: float, worker_id: str) -> WorkerEntry:
-        """Add or refresh a worker. A registration at a static worker's address
-        refreshes that entry; a new id at a known address replaces the stale
-        process that was there."""
+    def _live(self, entry: WorkerEntry, now: float) -> bool:
+        with entry.lock:
+            return entry.state == LIVE and (entry.static or now - entry.last_contact <= self.lease_seconds)
+
+    def register(self, address: str, capacity: float, worker_id: str, secret: str = "") -> WorkerEntry:
+        """Add or refresh a worker; the entry's `secret` is its lease secret.
+
+        Registering under a known id needs that entry's secret (PERMISSION_DENIED
+        otherwise). A registration at a static worker's address refreshes that
+        entry (the first one sets its secret). A new id at the address of a live
+        worker is refused; at that of a lapsed or unreachable one it replaces it.
+        """
         retired = []
+        now = time.monotonic()
         with self._lock:
-            static = next((w for w in self._workers.values() if w.static and w.address == address), None)
-            if static is not None:
-                with static.lock:
-                    static.capacity, static.state, static.last_contact = capacity, LIVE, time.monotonic()
-                return static
             entry = self._workers.get(worker_id)
+            if entry is not None and not entry.static and not _same_secret(secret, entry.secret):
+                raise _refuse(f"worker id {worker_id!r} is taken by a registered worker: registering under it "
+                              "needs that registration's lease secret")
             if entry is not None and entry.address == address:
                 with entry.lock:
-                    entry.capacity, entry.state, entry.last_contact = capacity, LIVE, time.monotonic()
+                    entry.capacity, entry.state, entry.last_contact = capacity, LIVE, now
                 return entry
+            static = next((w for w in self._workers.values() if w.static and w.address == address), None)
+            if static is not None:
+                if static.secret and not _same_secret(secret, static.secret):
+                    raise _refuse(f"the static worker at {address} is registered: registering it again needs "
+                                  "that registration's lease secret")
+                with static.lock:
+                    static.capacity, static.state, static.last_contact = capacity, LIVE, now
+                    static.secret = static.secret or secrets.token_urlsafe(32)
+                return static
+            for other_id, other in self._workers.items():
+                if other_id != worker_id and other.address == address and self._live(other, now):
+                    raise _refuse(f"{address} is the address of live worker {other_id!r}: a new worker there is "
+                                  "taken only once it deregisters or its lease lapses")
             for other_id, other in list(self._workers.items()):
                 if other_id == worker_id or other.address == address:
                     retired.append(self._workers.pop(other_id))
             entry = self._connect(worker_id, address, capacity, static=False)
+            entry.secret = secrets.token_urlsafe(32)
             self._workers[worker_id] = entry
         for old in retired:
             log.info("worker %s replaced by %s", old.describe(), entry.describe())
@@ -187,12 +231,15 @@ class WorkerRegistry:
         log.info("worker %s joined (capacity %g)", entry.describe(), capacity)
         return entry
 
-    def heartbeat(self, worker_id: str) -> bool:
-        """Renew a lease; False when the worker is unknown (it must register)."""
+    def heartbeat(self, worker_id: str, secret: str = "") -> bool:
+        """Renew a lease; False when the worker is unknown (it must register).
+        A wrong lease secret is PERMISSION_DENIED."""
         with self._lock:
             entry = self._workers.get(worker_id)
         if entry is None:
             return False
+        if not _same_secret(secret, entry.secret):
+            raise _refuse(f"wrong lease secret for worker {worker_id!r}")
         with entry.lock:
             entry.last_contact = time.monotonic()
             if entry.state != LIVE:
@@ -200,11 +247,16 @@ class WorkerRegistry:
             entry.state = LIVE
         return True
 
-    def deregister(self, worker_id: str) -> bool:
+    def deregister(self, worker_id: str, secret: str = "") -> bool:
+        """Remove a registered worker (static ones stay); a wrong lease secret is PERMISSION_DENIED."""
         with self._lock:
             entry = self._workers.get(worker_id)
-            if entry is None or entry.static:
-                return entry is not None
+            if entry is None:
+                return False
+            if not _same_secret(secret, entry.secret):
+                raise _refuse(f"wrong lease secret for worker {worker_id!r}")
+            if entry.static:
+                return True
             del self._workers[worker_id]
         log.info("worker %s left", entry.describe())
         entry.retire()

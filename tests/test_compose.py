@@ -32,6 +32,7 @@ from models import batch_for, params_for, softmax_mlp
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
+TLS_OVERRIDE = yaml.safe_load((ROOT / "docker-compose.tls.yml").read_text())["services"]
 CONTAINER_PORTS = ("50051", "50052")
 
 
@@ -111,15 +112,16 @@ def gradpool_argv(args: list[str], ports: dict[str, str]) -> list[str]:
     return [sys.executable, "-m", "gradpool.cli", *(substitute(a, ports) for a in args)]
 
 
-def service_env(name: str, ports: dict[str, str]) -> dict[str, str]:
+def service_env(name: str, ports: dict[str, str], extra: "dict[str, str] | None" = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRADPOOL_")}
     env["PYTHONPATH"] = str(ROOT)
     env.update({k: substitute(v, ports) for k, v in SERVICES[name].get("environment", {}).items()})
+    env.update(extra or {})
     return env
 
 
-def start(name: str, ports: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(gradpool_argv(SERVICES[name]["command"], ports), env=service_env(name, ports),
+def start(name: str, ports: dict[str, str], env: "dict[str, str] | None" = None) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(gradpool_argv(SERVICES[name]["command"], ports), env=env or service_env(name, ports),
                             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, cwd=ROOT)
     line = proc.stdout.readline().strip()  # type: ignore[union-attr]
     match = LISTENING.match(line)
@@ -127,10 +129,10 @@ def start(name: str, ports: dict[str, str]) -> tuple[subprocess.Popen, str]:
     return proc, match.group(2)
 
 
-def healthcheck(name: str, ports: dict[str, str]) -> subprocess.CompletedProcess:
+def healthcheck(name: str, ports: dict[str, str], env: "dict[str, str] | None" = None) -> subprocess.CompletedProcess:
     test = SERVICES[name]["healthcheck"]["test"]
     assert test[0] == "CMD" and test[1] == "gradpool"
-    return subprocess.run(gradpool_argv(test[2:], ports), env=service_env(name, ports), capture_output=True,
+    return subprocess.run(gradpool_argv(test[2:], ports), env=env or service_env(name, ports), capture_output=True,
                           text=True, timeout=30, cwd=ROOT)
 
 
@@ -189,3 +191,73 @@ def test_health_probe_fails_for_a_dead_address() -> None:
                              "--timeout", "1"], capture_output=True, text=True, timeout=30, cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 1 and "is not healthy" in result.stderr
+
+
+def tls_env(name: str, ports: dict[str, str], certs: Path, tokens: dict[str, str]) -> dict[str, str]:
+    """A service's environment with docker-compose.tls.yml on top, its /certs mount
+    pointing at `certs`, and the tokens a .env from `gradpool certs --compose` sets."""
+    saved = {k: os.environ.get(k) for k in tokens}
+    os.environ.update(tokens)  # what compose substitutes from .env
+    try:
+        env = service_env(name, ports)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    override = TLS_OVERRIDE[name]
+    assert override["volumes"][0].endswith(":/certs:ro")
+    env.update({k: str(v).replace("/certs/", f"{certs}/") for k, v in override["environment"].items()})
+    return env
+
+
+def test_compose_with_tls_and_tokens_runs_as_written(tmp_path: Path) -> None:
+    """The TLS override and the .env of `gradpool certs --compose`: mTLS and tokens on every
+    port, healthchecks over TLS, gradients from a client with the client certificate."""
+    result = subprocess.run([sys.executable, "-m", "gradpool.cli", "certs", str(tmp_path / "certs"), "--compose"],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    dotenv = dict(line.split("=", 1) for line in (tmp_path / ".env").read_text().splitlines()
+                  if line and not line.startswith("#"))
+    assert dotenv["COMPOSE_FILE"] == "docker-compose.yml:docker-compose.tls.yml"
+    certs = Path(dotenv["GRADPOOL_CERTS_DIR"])
+    tokens = {k: v for k, v in dotenv.items() if k.endswith("TOKEN")}
+    assert len(set(tokens.values())) == 3
+    coordinator_ports = {"50051": free_port()}
+    worker_ports = {"50051": coordinator_ports["50051"], "50052": free_port()}
+    processes = []
+    try:
+        coordinator, _ = start("coordinator", coordinator_ports, tls_env("coordinator", coordinator_ports, certs,
+                                                                         tokens))
+        processes.append(coordinator)
+        worker_env = tls_env("worker", worker_ports, certs, tokens)
+        assert worker_env["GRADPOOL_MTLS"] == "1" and "GRADPOOL_TOKEN" not in worker_env
+        worker, _ = start("worker", worker_ports, worker_env)
+        processes.append(worker)
+        for name, ports in (("coordinator", coordinator_ports), ("worker", worker_ports)):
+            probe = healthcheck(name, ports, tls_env(name, ports, certs, tokens))
+            assert probe.returncode == 0 and "SERVING" in probe.stdout, probe.stderr
+            plain = healthcheck(name, ports)  # the same probe without the TLS variables
+            assert plain.returncode == 1
+        tls = gp.TlsConfig.from_dir(certs, "client")
+        graph = softmax_mlp()
+        params, batch = params_for(graph), batch_for(graph, 20)
+        with gp.Client(f"127.0.0.1:{coordinator_ports['50051']}", token=tokens["GRADPOOL_TOKEN"], tls=tls,
+                       timeout=60) as client:
+            deadline = time.monotonic() + 30
+            while not client.status().live_workers:
+                assert time.monotonic() < deadline, "the worker never registered over TLS"
+                time.sleep(0.1)
+            loss, _ = client.gradients(graph, params, batch)
+        assert loss == pytest.approx(gp.local_gradients(graph, params, batch)[0], rel=1e-10)
+    finally:
+        for proc in reversed(processes):
+            proc.terminate()
+        for proc in processes:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

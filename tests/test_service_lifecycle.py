@@ -61,8 +61,8 @@ def test_the_right_token_works_and_a_wrong_or_missing_one_is_refused(cluster):
 
 
 def test_health_needs_no_token_and_reflection_lists_the_services(cluster):
-    for address, service in [(cluster.address, "gradpool.v1.Coordinator"),
-                             (cluster.worker_addresses[0], "gradpool.v1.Worker")]:
+    for address, service, token in [(cluster.address, "gradpool.v1.Coordinator", TOKEN),
+                                    (cluster.worker_addresses[0], "gradpool.v1.Worker", cluster.worker_token)]:
         channel = grpc.insecure_channel(address)
         health = health_pb2_grpc.HealthStub(channel)
         for name in ("", service):
@@ -70,7 +70,7 @@ def test_health_needs_no_token_and_reflection_lists_the_services(cluster):
             assert answer.status == health_pb2.HealthCheckResponse.SERVING
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
         replies = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
-                                                  metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=10)
+                                                  metadata=(("authorization", f"Bearer {token}"),), timeout=10)
         names = {s.name for reply in replies for s in reply.list_services_response.service}
         assert {service, "grpc.health.v1.Health"} <= names
 

@@ -1,6 +1,6 @@
 """gRPC plumbing shared by the worker, the coordinator and the SDK.
 
-Message limits, the token interceptor, health and reflection, binding and
+Message limits, roles and the role interceptor, TLS credentials, health and reflection, binding and
 announcing, shutdown signals, and the translation of engine errors into
 gRPC statuses. It lives in `worker` because `worker` may not import `server`
 or `client`, while both of those may import `worker`.
@@ -18,6 +18,7 @@ import socket
 import threading
 from collections import OrderedDict
 from concurrent import futures
+from dataclasses import dataclass
 from typing import Any, Callable, Generic, Iterable, Optional, TypeVar
 
 import grpc
@@ -48,8 +49,6 @@ VERSION = _installed_version()
 DEFAULT_MAX_MESSAGE_MB = 64.0
 GRPC_HARD_LIMIT_BYTES = 2**31 - 1
 AUTH_HEADER = "authorization"
-# Liveness probes (docker, grpc_health_probe) need no token; they learn nothing.
-UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.Health/",)
 PARENT_PID_ENV = "GRADPOOL_EXIT_WITH_PARENT"
 
 
@@ -82,33 +81,100 @@ def server_options(max_message_mb: float = DEFAULT_MAX_MESSAGE_MB) -> list[tuple
 
 
 def auth_metadata(token: Optional[str]) -> tuple[tuple[str, str], ...]:
-    """Call metadata carrying the shared token, or nothing without one."""
+    """Call metadata carrying a bearer token, or nothing without one."""
     return ((AUTH_HEADER, f"Bearer {token}"),) if token else ()
 
 
-class TokenInterceptor(grpc.ServerInterceptor):
-    """Rejects every RPC (except health checks) without `authorization: Bearer <token>`."""
+# ---------------------------------------------------------------- roles
 
-    def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode()
+# Who may call what. A credential (a bearer token) proves one role:
+#   client       GRADPOOL_TOKEN         submits work to the coordinator
+#   worker       GRADPOOL_WORKER_TOKEN  joins the coordinator's pool
+#   coordinator  GRADPOOL_COORDINATOR_TOKEN (default: the worker token)
+#                                       calls workers (graphs, datasets, shards)
+# A server with no token configured for any role is open (the local/dev
+# mode). With any token configured, a call needs a token of a role the
+# method allows: a missing or unknown token is UNAUTHENTICATED, a valid token
+# of another role PERMISSION_DENIED, and a role without a configured token
+# cannot be assumed by anyone.
+CLIENT, WORKER, COORDINATOR = "client", "worker", "coordinator"
+ROLES = (CLIENT, WORKER, COORDINATOR)
+WORKER_METHODS = ("RegisterWorker", "Heartbeat", "DeregisterWorker")
+
+
+def _method_roles() -> dict[str, frozenset[str]]:
+    """The one table of method -> roles allowed to call it, over every RPC of gradpool.proto."""
+    table: dict[str, frozenset[str]] = {}
+    for method in pb.DESCRIPTOR.services_by_name["Coordinator"].methods:
+        table[method_path("Coordinator", method.name)] = frozenset(
+            {WORKER} if method.name in WORKER_METHODS else {CLIENT})
+    for method in pb.DESCRIPTOR.services_by_name["Worker"].methods:
+        table[method_path("Worker", method.name)] = frozenset({COORDINATOR})
+    return table
+
+
+def method_path(service: str, method: str) -> str:
+    return f"/{pb.DESCRIPTOR.services_by_name[service].full_name}/{method}"
+
+
+METHOD_ROLES = _method_roles()
+# Liveness probes (docker, grpc_health_probe) need no credential; they learn nothing.
+OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+# Reflection lists the (public) proto's services: any valid credential may ask.
+ANY_ROLE_PREFIXES = ("/grpc.reflection.",)
+UNAUTHENTICATED_PREFIXES = OPEN_PREFIXES  # the old name
+
+
+class RoleInterceptor(grpc.ServerInterceptor):
+    """Checks every RPC's bearer token against the tokens of the roles this
+    server accepts and the method's roles in METHOD_ROLES (constant-time
+    comparisons, each configured token compared every time)."""
+
+    def __init__(self, tokens: "dict[str, Optional[str]]"):
+        unknown = set(tokens) - set(ROLES)
+        if unknown:
+            raise ValueError(f"unknown role(s) {sorted(unknown)}: roles are {ROLES}")
+        self._expected = [(role, f"Bearer {token}".encode()) for role, token in tokens.items() if token]
+
+    @property
+    def open(self) -> bool:
+        return not self._expected
+
+    def roles_of(self, metadata: Iterable[tuple[str, Any]]) -> set[str]:
+        given = dict(metadata or ()).get(AUTH_HEADER, "")
+        given_bytes = given if isinstance(given, bytes) else str(given).encode()
+        roles = set()
+        for role, expected in self._expected:  # no early exit: the time does not say which matched
+            if hmac.compare_digest(given_bytes, expected):
+                roles.add(role)
+        return roles
 
     def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
-        if handler_call_details.method.startswith(UNAUTHENTICATED_PREFIXES):
+        method = handler_call_details.method
+        if self.open or method.startswith(OPEN_PREFIXES):
             return continuation(handler_call_details)
-        given = dict(handler_call_details.invocation_metadata or ()).get(AUTH_HEADER, "")
-        if hmac.compare_digest(str(given).encode(), self._expected):
+        roles = self.roles_of(handler_call_details.invocation_metadata)
+        if not roles:
+            return _rejecting_handler(continuation(handler_call_details), grpc.StatusCode.UNAUTHENTICATED,
+                                      "missing or wrong token: send metadata 'authorization: Bearer <token>' "
+                                      "with a token of a role that may call " + method)
+        allowed = METHOD_ROLES.get(method)
+        if method.startswith(ANY_ROLE_PREFIXES) or (allowed is not None and roles & allowed):
             return continuation(handler_call_details)
-        handler = continuation(handler_call_details)
-        return _rejecting_handler(handler, "missing or wrong token: send metadata 'authorization: Bearer <token>'")
+        needed = " or ".join(sorted(allowed)) if allowed else "no"
+        return _rejecting_handler(continuation(handler_call_details), grpc.StatusCode.PERMISSION_DENIED,
+                                  f"a {' and '.join(sorted(roles))} token may not call {method}: "
+                                  f"it takes a {needed} token")
 
 
-def _rejecting_handler(handler: Optional[grpc.RpcMethodHandler], message: str) -> Optional[grpc.RpcMethodHandler]:
-    """A handler of the same streaming shape as `handler` that answers UNAUTHENTICATED."""
+def _rejecting_handler(handler: Optional[grpc.RpcMethodHandler], code: grpc.StatusCode,
+                       message: str) -> Optional[grpc.RpcMethodHandler]:
+    """A handler of the same streaming shape as `handler` that answers `code`."""
     if handler is None:
         return None
 
     def reject(request_or_iterator, context):  # type: ignore[no-untyped-def]
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        context.abort(code, message)
 
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(reject)
@@ -119,12 +185,145 @@ def _rejecting_handler(handler: Optional[grpc.RpcMethodHandler], message: str) -
     return grpc.unary_unary_rpc_method_handler(reject)
 
 
-def interceptors(token: Optional[str]) -> list[grpc.ServerInterceptor]:
-    return [TokenInterceptor(token)] if token else []
+def interceptors(tokens: "dict[str, Optional[str]]") -> list[grpc.ServerInterceptor]:
+    """The role interceptor for a server accepting `tokens` (role -> token), none when all are unset."""
+    interceptor = RoleInterceptor(tokens)
+    return [] if interceptor.open else [interceptor]
 
 
-def method_path(service: str, method: str) -> str:
-    return f"/{pb.DESCRIPTOR.services_by_name[service].full_name}/{method}"
+def warn_about_tokens(tokens: "dict[str, Optional[str]]", logger: logging.Logger) -> None:
+    """Say at startup what a token configuration means, where it is probably a mistake."""
+    set_tokens = {role: token for role, token in tokens.items() if token}
+    if not set_tokens:
+        return
+    for role in tokens:
+        if role not in set_tokens:
+            logger.warning("no %s token configured: no one can call the %s methods here", role, role)
+    values = list(set_tokens.values())
+    if len(set(values)) < len(values):
+        logger.warning("two roles share one token: whoever holds it has both roles")
+
+
+# ---------------------------------------------------------------- TLS
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS for a server and its outgoing channels, or for an SDK channel (PEM files).
+
+    Server side: `cert`/`key` are served; `ca`, with `require_client_cert`
+    (mTLS), verifies callers' certificates. Channel side: `ca` verifies the
+    server (the system roots when unset); `cert`/`key`, when set, are
+    presented as the client certificate (a coordinator or worker presents its
+    own, so `gradpool certs` gives those both serverAuth and clientAuth);
+    `server_name` is the name checked in the server's certificate instead of
+    the address's host (the coordinator checks workers against one name).
+    """
+
+    ca: Optional[str] = None
+    cert: Optional[str] = None
+    key: Optional[str] = None
+    require_client_cert: bool = False
+    server_name: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("TLS: give both a certificate and its key, or neither")
+        if self.require_client_cert and not self.ca:
+            raise ValueError("TLS: requiring client certificates (mTLS) needs the CA that signs them")
+
+    @classmethod
+    def from_dir(cls, directory: "str | os.PathLike[str]", name: str, **kwargs: Any) -> "TlsConfig":
+        """The files `gradpool certs DIR` writes: DIR/ca.pem, DIR/NAME.pem, DIR/NAME-key.pem."""
+        return cls(ca=os.path.join(directory, "ca.pem"), cert=os.path.join(directory, f"{name}.pem"),
+                   key=os.path.join(directory, f"{name}-key.pem"), **kwargs)
+
+    @staticmethod
+    def _read(path: Optional[str], what: str) -> Optional[bytes]:
+        if not path:
+            return None
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as err:
+            raise OSError(f"TLS: cannot read the {what} {path}: {err.strerror}") from None
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        if not self.cert:
+            raise ValueError("TLS: a server needs a certificate and key")
+        pair = (self._read(self.key, "private key"), self._read(self.cert, "certificate"))
+        return grpc.ssl_server_credentials([pair], root_certificates=self._read(self.ca, "CA certificate"),
+                                           require_client_auth=self.require_client_cert)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(root_certificates=self._read(self.ca, "CA certificate"),
+                                            private_key=self._read(self.key, "private key"),
+                                            certificate_chain=self._read(self.cert, "certificate"))
+
+
+def open_channel(address: str, tls: Optional[TlsConfig], options: Iterable[tuple[str, Any]] = ()) -> grpc.Channel:
+    """A channel to `address`: TLS with `tls`, plaintext without."""
+    options = list(options)
+    if tls is None:
+        return grpc.insecure_channel(address, options=options)
+    if tls.server_name:
+        options.append(("grpc.ssl_target_name_override", tls.server_name))
+    return grpc.secure_channel(address, tls.channel_credentials(), options=options)
+
+
+def add_server_tls_arguments(parser: Any) -> None:
+    """The TLS flags of both servers (each with its environment variable)."""
+    add = parser.add_argument
+    add("--tls-cert", default=os.environ.get("GRADPOOL_TLS_CERT") or None, metavar="PEM",
+        help="serve TLS with this certificate (also presented as the client certificate on outgoing calls) "
+             "(env GRADPOOL_TLS_CERT)")
+    add("--tls-key", default=os.environ.get("GRADPOOL_TLS_KEY") or None, metavar="PEM",
+        help="the certificate's private key (env GRADPOOL_TLS_KEY)")
+    add("--tls-ca", default=os.environ.get("GRADPOOL_TLS_CA") or None, metavar="PEM",
+        help="CA that verifies the peers this server calls and, with --mtls, its callers (env GRADPOOL_TLS_CA)")
+    add("--mtls", action="store_true", default=env_flag("GRADPOOL_MTLS"),
+        help="require a client certificate signed by --tls-ca from every caller (env GRADPOOL_MTLS=1)")
+
+
+def server_tls(cert: Optional[str], key: Optional[str], ca: Optional[str], mtls: bool,
+               error: Callable[[str], Any]) -> Optional[TlsConfig]:
+    """The TLS of a server's flags (None: plaintext); `error` reports a bad combination."""
+    if not (cert or key or ca or mtls):
+        return None
+    if not (cert and key):
+        error("TLS needs --tls-cert and --tls-key (env GRADPOOL_TLS_CERT, GRADPOOL_TLS_KEY)")
+    try:
+        return TlsConfig(ca=ca, cert=cert, key=key, require_client_cert=mtls)
+    except ValueError as err:
+        error(str(err))
+    return None
+
+
+def add_client_tls_arguments(parser: Any) -> None:
+    """The TLS flags of the SDK's commands (status, health, demo)."""
+    add = parser.add_argument
+    add("--tls", action="store_true", default=env_flag("GRADPOOL_TLS"),
+        help="connect with TLS (implied by --tls-ca or --tls-cert; env GRADPOOL_TLS=1)")
+    add("--tls-ca", default=os.environ.get("GRADPOOL_TLS_CA") or None, metavar="PEM",
+        help="CA that verifies the server (default: the system's; env GRADPOOL_TLS_CA)")
+    add("--tls-cert", default=os.environ.get("GRADPOOL_TLS_CERT") or None, metavar="PEM",
+        help="client certificate, for servers that require one (mTLS) (env GRADPOOL_TLS_CERT)")
+    add("--tls-key", default=os.environ.get("GRADPOOL_TLS_KEY") or None, metavar="PEM",
+        help="the client certificate's key (env GRADPOOL_TLS_KEY)")
+    add("--tls-server-name", default=os.environ.get("GRADPOOL_TLS_SERVER_NAME") or None, metavar="NAME",
+        help="name to check in the server's certificate instead of the address's host "
+             "(env GRADPOOL_TLS_SERVER_NAME)")
+
+
+def client_tls(args: Any) -> Optional[TlsConfig]:
+    """The TlsConfig of `add_client_tls_arguments` flags (None: plaintext)."""
+    if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key):
+        return None
+    return TlsConfig(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key, server_name=args.tls_server_name)
+
+
+def env_flag(name: str) -> bool:
+    """A boolean environment variable: 1/true/yes/on."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def add_servicer(server: grpc.Server, servicer: object, service: str, raw: Iterable[str] = ()) -> None:
@@ -187,8 +386,8 @@ def with_port(address: str, default_port: int = DEFAULT_COORDINATOR_PORT) -> str
     return address if ":" in address else f"{address}:{default_port}"
 
 
-def bind(server: grpc.Server, host: str, port: int) -> int:
-    """Bind an insecure port and return the real one (`port` 0 picks a free one).
+def bind(server: grpc.Server, host: str, port: int, tls: Optional[TlsConfig] = None) -> int:
+    """Bind a port (TLS with `tls`, else plaintext) and return the real one (`port` 0 picks a free one).
 
     A taken port or a foreign host is found by a plain socket first, so the
     user reads one clear line instead of gRPC's C-core log.
@@ -196,7 +395,10 @@ def bind(server: grpc.Server, host: str, port: int) -> int:
     if port:
         _probe_listen(host, port)
     try:
-        bound = server.add_insecure_port(format_address(host, port))
+        if tls is None:
+            bound = server.add_insecure_port(format_address(host, port))
+        else:
+            bound = server.add_secure_port(format_address(host, port), tls.server_credentials())
     except RuntimeError as err:  # gRPC raises when it cannot bind
         raise OSError(f"cannot listen on {format_address(host, port)}: {err}") from None
     if bound == 0:

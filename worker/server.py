@@ -33,12 +33,16 @@ from gradpool.worker.datasets import DEFAULT_DATASET_CACHE_BYTES, DatasetStore, 
 from gradpool.worker.engine import Program, graph_id
 from gradpool.worker.engine.errors import GradpoolError
 from gradpool.worker.engine.tensors import wire_dtype_field
+from gradpool.worker.engine.sharding import MAX_CAPACITY
 from gradpool.worker.rpc import (
+    COORDINATOR,
     DEFAULT_MAX_MESSAGE_MB,
     MISSING_DATASET,
     MISSING_GRAPH,
     LruCache,
     RpcFailure,
+    TlsConfig,
+    add_server_tls_arguments,
     add_health_and_reflection,
     add_servicer,
     announce,
@@ -49,10 +53,13 @@ from gradpool.worker.rpc import (
     format_address,
     interceptors,
     message_limit_bytes,
+    open_channel,
     run_main,
     serve_until_signalled,
     server_options,
+    server_tls,
     translate_errors,
+    warn_about_tokens,
     with_port,
 )
 from gradpool.worker.streams import PROTOBUF_LIMIT_BYTES, from_frames, to_frames
@@ -180,7 +187,9 @@ class CoordinatorLink:
     heartbeats at the interval the coordinator asks for. A heartbeat answered
     `known=False` (the coordinator restarted or dropped our lease) or that
     fails at all sends it back to registering; registering again under the
-    same worker id is harmless.
+    same worker id is harmless. The lease secret the coordinator returns goes
+    with every heartbeat, the deregistration and registering again: without
+    it no one can take over, renew or remove this worker's entry.
     """
 
     INITIAL_BACKOFF = 0.05
@@ -188,13 +197,15 @@ class CoordinatorLink:
     CALL_TIMEOUT = 5.0
 
     def __init__(self, coordinator: str, advertise: str, capacity: float, worker_id: str,
-                 token: Optional[str] = None, max_message_mb: float = DEFAULT_MAX_MESSAGE_MB):
+                 token: Optional[str] = None, max_message_mb: float = DEFAULT_MAX_MESSAGE_MB,
+                 tls: Optional[TlsConfig] = None):
         self.coordinator = coordinator = with_port(coordinator)
         self.advertise = advertise
         self.capacity = capacity
         self.worker_id = worker_id
+        self.lease_secret = ""
         self._metadata = auth_metadata(token)
-        self._channel = grpc.insecure_channel(coordinator, options=channel_options(max_message_mb))
+        self._channel = open_channel(coordinator, tls, channel_options(max_message_mb))
         self._stub = pb_grpc.CoordinatorStub(self._channel)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="coordinator-link", daemon=True)
@@ -220,7 +231,8 @@ class CoordinatorLink:
             self._heartbeat()
 
     def _register(self) -> bool:
-        request = pb.RegisterWorkerRequest(address=self.advertise, capacity=self.capacity, worker_id=self.worker_id)
+        request = pb.RegisterWorkerRequest(address=self.advertise, capacity=self.capacity, worker_id=self.worker_id,
+                                           lease_secret=self.lease_secret)
         try:
             response = self._stub.RegisterWorker(request, timeout=self.CALL_TIMEOUT, metadata=self._metadata)
         except grpc.RpcError as err:
@@ -228,6 +240,7 @@ class CoordinatorLink:
                            f"{err.code().name}: {err.details()}")
             return False
         self.worker_id = response.worker_id or self.worker_id
+        self.lease_secret = response.lease_secret
         if response.heartbeat_seconds > 0:
             self.heartbeat_seconds = response.heartbeat_seconds
         self._last_error = ""
@@ -238,8 +251,8 @@ class CoordinatorLink:
 
     def _heartbeat(self) -> None:
         try:
-            known = self._stub.Heartbeat(pb.HeartbeatRequest(worker_id=self.worker_id), timeout=self.CALL_TIMEOUT,
-                                         metadata=self._metadata).known
+            known = self._stub.Heartbeat(pb.HeartbeatRequest(worker_id=self.worker_id, lease_secret=self.lease_secret),
+                                         timeout=self.CALL_TIMEOUT, metadata=self._metadata).known
         except grpc.RpcError as err:
             self._complain(f"heartbeat to {self.coordinator} failed: {err.code().name}: {err.details()}")
             self.registered.clear()
@@ -259,8 +272,9 @@ class CoordinatorLink:
         self._thread.join(timeout=self.CALL_TIMEOUT)
         if deregister and self.registered.is_set():
             try:
-                self._stub.DeregisterWorker(pb.DeregisterWorkerRequest(worker_id=self.worker_id), timeout=2.0,
-                                            metadata=self._metadata)
+                self._stub.DeregisterWorker(pb.DeregisterWorkerRequest(worker_id=self.worker_id,
+                                                                       lease_secret=self.lease_secret),
+                                            timeout=2.0, metadata=self._metadata)
                 log.info("deregistered from %s", self.coordinator)
             except grpc.RpcError as err:
                 log.warning("could not deregister from %s: %s", self.coordinator, err.details())
@@ -277,7 +291,13 @@ class WorkerConfig:
     advertise: Optional[str] = None
     capacity: float = float(os.cpu_count() or 1)
     worker_id: Optional[str] = None
-    token: Optional[str] = None
+    worker_token: Optional[str] = None  # sent to the coordinator to join its pool
+    coordinator_token: Optional[str] = None  # required from callers (default: worker_token)
+    tls_cert: Optional[str] = None
+    tls_key: Optional[str] = None
+    tls_ca: Optional[str] = None
+    mtls: bool = False
+    token: Optional[str] = None  # the clients' token: accepted and ignored (a worker has no client methods)
     max_message_mb: float = DEFAULT_MAX_MESSAGE_MB
     max_graphs: int = 64
     dataset_cache_mb: float = DEFAULT_DATASET_CACHE_BYTES / 2**20
@@ -285,6 +305,25 @@ class WorkerConfig:
     max_concurrent_shards: int = 16
     grace_seconds: float = 5.0
     log_level: str = "INFO"
+
+    @property
+    def tls(self) -> Optional[TlsConfig]:
+        """The server's TLS (None: plaintext)."""
+        if not self.tls_cert:
+            return None
+        return TlsConfig(ca=self.tls_ca, cert=self.tls_cert, key=self.tls_key, require_client_cert=self.mtls)
+
+    @property
+    def coordinator_tls(self) -> Optional[TlsConfig]:
+        """TLS of the channel to the coordinator: the CA verifies it, our certificate is our client certificate."""
+        if not self.tls_cert:
+            return None
+        return TlsConfig(ca=self.tls_ca, cert=self.tls_cert, key=self.tls_key)
+
+    @property
+    def callers_token(self) -> Optional[str]:
+        """The token callers (the coordinator) must present."""
+        return self.coordinator_token or self.worker_token
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "gradpool worker") -> WorkerConfig:
@@ -307,8 +346,16 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "gradpool worke
              "%(default)s)")
     add("--worker-id", default=os.environ.get("GRADPOOL_WORKER_ID") or None,
         help="stable name for this worker (env GRADPOOL_WORKER_ID; default host-pid-random)")
+    add("--worker-token", default=os.environ.get("GRADPOOL_WORKER_TOKEN") or None,
+        help="the workers' token: sent to the coordinator to join its pool, and required from callers unless "
+             "--coordinator-token is given (env GRADPOOL_WORKER_TOKEN)")
+    add("--coordinator-token", default=os.environ.get("GRADPOOL_COORDINATOR_TOKEN") or None,
+        help="the token the coordinator calls workers with, required from every caller "
+             "(env GRADPOOL_COORDINATOR_TOKEN; default the worker token)")
     add("--token", default=os.environ.get("GRADPOOL_TOKEN") or None,
-        help="shared secret: required from callers and sent to the coordinator (env GRADPOOL_TOKEN)")
+        help="the clients' token (env GRADPOOL_TOKEN): a worker has no client methods and ignores it; it joins "
+             "the pool with --worker-token")
+    add_server_tls_arguments(parser)
     add("--max-message-mb", type=float, default=env_default("GRADPOOL_MAX_MESSAGE_MB", DEFAULT_MAX_MESSAGE_MB),
         help="largest gRPC message sent or received, in MB, at most 2047 (env GRADPOOL_MAX_MESSAGE_MB, "
              "default %(default)s)")
@@ -328,8 +375,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "gradpool worke
         choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper,
         help="log verbosity on stderr (env GRADPOOL_LOG_LEVEL, default %(default)s)")
     args = parser.parse_args(argv)
-    if not args.capacity > 0:
-        parser.error(f"--capacity must be positive, got {args.capacity}")
+    if not 0 < args.capacity <= MAX_CAPACITY:
+        parser.error(f"--capacity must be positive and at most {MAX_CAPACITY:g}, got {args.capacity}")
+    server_tls(args.tls_cert, args.tls_key, args.tls_ca, args.mtls, parser.error)
     if args.max_graphs < 1 or args.threads < 1 or not args.dataset_cache_mb > 0 or args.max_concurrent_shards < 1:
         parser.error("--max-graphs, --threads and --dataset-cache-mb must be positive")
     try:
@@ -362,24 +410,29 @@ def start(config: WorkerConfig) -> RunningWorker:
     worker_id = config.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="worker-rpc"),
                          maximum_concurrent_rpcs=config.max_concurrent_shards,
-                         options=server_options(config.max_message_mb), interceptors=interceptors(config.token))
+                         options=server_options(config.max_message_mb),
+                         interceptors=interceptors({COORDINATOR: config.callers_token}))
     servicer = WorkerServicer(worker_id, config.max_graphs, int(config.dataset_cache_mb * 2**20))
     add_servicer(server, servicer, "Worker", raw=("RunShard", "RunShardStream"))
     health = add_health_and_reflection(server, [pb.DESCRIPTOR.services_by_name["Worker"].full_name])
-    port = bind(server, config.host, config.port)
+    port = bind(server, config.host, config.port, config.tls)
     server.start()
     wildcard = config.host in ("0.0.0.0", "::", "[::]", "")
     advertise = config.advertise or format_address(socket.gethostname() if wildcard else config.host, port)
     link = None
     if config.coordinator:
-        link = CoordinatorLink(config.coordinator, advertise, config.capacity, worker_id, config.token,
-                               config.max_message_mb)
+        link = CoordinatorLink(config.coordinator, advertise, config.capacity, worker_id, config.worker_token,
+                               config.max_message_mb, config.coordinator_tls)
         link.start()
     return RunningWorker(server, servicer, port, advertise, health, link)
 
 
 def serve(config: WorkerConfig) -> None:
     """Run a worker until SIGTERM/SIGINT, then leave the pool and stop gracefully."""
+    if config.token and not config.worker_token:
+        log.warning("GRADPOOL_TOKEN/--token is the clients' token and a worker does not use it: join a pool "
+                    "that needs a token with --worker-token (GRADPOOL_WORKER_TOKEN)")
+    warn_about_tokens({COORDINATOR: config.callers_token}, log)
     running = start(config)
     announce("worker", config.host, running.port)
     log.info("worker %s serving on port %d, advertised as %s, capacity %g%s", running.servicer.worker_id,

@@ -83,6 +83,12 @@ def classify(nodes: Sequence["NodeInfo"], loss_index: int) -> frozenset[tuple[in
     return frozenset(cuts)
 
 
+# The largest worker capacity the coordinator accepts. Capacities are
+# relative speeds (cores, examples/s); the bound keeps the sum of a pool's
+# capacities, and `examples * capacity`, far from overflowing a float.
+MAX_CAPACITY = 1e6
+
+
 def shard_bounds(examples: int, capacities: Sequence[float]) -> list[tuple[int, int]]:
     """Contiguous [start, stop) slices, sized in proportion to `capacities`.
 
@@ -93,8 +99,8 @@ def shard_bounds(examples: int, capacities: Sequence[float]) -> list[tuple[int, 
     """
     if examples < 0:
         raise InputError(f"batch size must be >= 0, got {examples}")
-    if not capacities or any(not np.isfinite(c) or c <= 0 for c in capacities):
-        raise InputError(f"capacities must be positive numbers, got {list(capacities)}")
+    if not capacities or any(not 0 < c <= MAX_CAPACITY for c in capacities):
+        raise InputError(f"capacities must be positive numbers up to {MAX_CAPACITY:g}, got {list(capacities)}")
     total = float(sum(capacities))
     exact = [examples * c / total for c in capacities]
     sizes = [int(e) for e in exact]
