@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from gradpool.worker.datasets import DEFAULT_DATASET_CACHE_BYTES
+from gradpool.worker.rpc import (DEFAULT_MAX_MESSAGE_MB, TlsConfig, add_observability_flags, add_server_tls_arguments,
+                                 env_default, message_limit_bytes, server_tls)
 from gradpool.worker.streams import STREAM_THRESHOLD_BYTES
-from gradpool.worker.rpc import (DEFAULT_MAX_MESSAGE_MB, TlsConfig, add_server_tls_arguments, env_default,
-                                 message_limit_bytes, server_tls)
 
 
 @dataclass
@@ -40,6 +40,8 @@ class CoordinatorConfig:
     max_concurrent_requests: int = 64
     grace_seconds: float = 5.0
     log_level: str = "INFO"
+    log_format: str = "text"
+    metrics_port: int = 0
 
     @property
     def tls(self) -> Optional[TlsConfig]:
@@ -119,9 +121,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "gradpool coord
     add("--grace-seconds", type=float, default=env_default("GRADPOOL_GRACE_SECONDS", 5.0),
         help="on SIGTERM, how long running requests may finish (env GRADPOOL_GRACE_SECONDS, "
              "default %(default)s)")
-    add("--log-level", default=env_default("GRADPOOL_LOG_LEVEL", "INFO"), type=str.upper,
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="log verbosity on stderr (env GRADPOOL_LOG_LEVEL, default %(default)s)")
+    add_observability_flags(add)
     args = parser.parse_args(argv)
     workers = [w.strip() for w in args.workers.split(",") if w.strip()]
     for address in workers:

@@ -26,6 +26,8 @@ from gradpool.worker import wire
 from gradpool.worker.datasets import Dataset, DatasetStore, assemble, check_indices, indices_from
 from gradpool.worker.engine import OrderedSum, Program, graph_id
 from gradpool.worker.engine.errors import GradpoolError, InputError, quoted
+from gradpool.worker.observability import (BYTES_IN, BYTES_OUT, DATASET_BYTES, DATASETS, EXAMPLES, GRAPHS,
+                                           REQUEST_ID_HEADER, call_context)
 from gradpool.worker.engine.tensors import DTYPE_TO_PROTO, EXACT, wire_dtype_field
 from gradpool.worker.engine.sharding import MAX_CAPACITY
 from gradpool.worker.rpc import (
@@ -122,7 +124,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     @translate_errors
     def RegisterGraph(self, request: pb.RegisterGraphRequest,
                       context: grpc.ServicerContext) -> pb.RegisterGraphResponse:
-        return pb.RegisterGraphResponse(graph_id=self.graphs.add(request.graph).graph_id)
+        key = self.graphs.add(request.graph).graph_id
+        self._cache_gauges()
+        return pb.RegisterGraphResponse(graph_id=key)
 
     # ComputeGradients, Evaluate and their *Stream twins take and return raw
     # bytes (registered so by `add_servicer`): the tensors in them are read in
@@ -130,25 +134,37 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     @translate_errors
     def ComputeGradients(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        return self._compute_gradients(request, context).join()
+        return self._sent(self._compute_gradients(self._received(request), context)).join()
 
     @translate_errors
     def ComputeGradientsStream(self, request_iterator: Iterator[bytes],
                                context: grpc.ServicerContext) -> Iterator[bytes]:
-        return to_frames(self._compute_gradients(from_frames(request_iterator, self.max_stream_bytes), context))
+        request = self._received(from_frames(request_iterator, self.max_stream_bytes))
+        return to_frames(self._sent(self._compute_gradients(request, context)))
 
     @translate_errors
     def Evaluate(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        return self._evaluate(request, context).join()
+        return self._sent(self._evaluate(self._received(request), context)).join()
 
     @translate_errors
     def EvaluateStream(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        return to_frames(self._evaluate(from_frames(request_iterator, self.max_stream_bytes), context))
+        request = self._received(from_frames(request_iterator, self.max_stream_bytes))
+        return to_frames(self._sent(self._evaluate(request, context)))
+
+    @staticmethod
+    def _received(data: "bytes | bytearray") -> "bytes | bytearray":
+        BYTES_IN.labels("coordinator").inc(len(data))
+        return data
+
+    @staticmethod
+    def _sent(parts: wire.Parts) -> wire.Parts:
+        BYTES_OUT.labels("coordinator").inc(parts.size)
+        return parts
 
     def _compute_gradients(self, data: "bytes | bytearray", context: grpc.ServicerContext) -> wire.Parts:
         started = time.perf_counter()
-        with self._tally() as tally:
-            request = wire.read_request(data)
+        request = wire.read_request(data)
+        with self._tally() as tally, call_context(request.request_id, request.graph_id) as request_id:
             wire_dtype = wire_dtype_field(request.wire_dtype)
             record = self._graph(request.graph_id)
             program = record.program
@@ -156,7 +172,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             batch = self._batch(program, request)
             shards = self._shards(record, request.param_fields, batch, wire_dtype=wire_dtype)
             total = OrderedSum(len(shards))
-            with self._fan_out(shards, record, batch.dataset, context, request.request_id,
+            with self._fan_out(shards, record, batch.dataset, context, request_id,
                                gradient_problem(program, wire_dtype)) as results:
                 for shard, response in results:
                     total.add(shard.index, response.loss, self._shard_grads(program, response))
@@ -167,8 +183,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     def _evaluate(self, data: "bytes | bytearray", context: grpc.ServicerContext) -> wire.Parts:
         started = time.perf_counter()
-        with self._tally() as tally:
-            request = wire.read_request(data, evaluate=True)
+        request = wire.read_request(data, evaluate=True)
+        with self._tally() as tally, call_context(request.request_id, request.graph_id) as request_id:
             record = self._graph(request.graph_id)
             program = record.program
             outputs = request.outputs
@@ -179,7 +195,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             shards = self._shards(record, request.param_fields, batch, mode=pb.ShardRequest.FORWARD,
                                   outputs=outputs)
             pieces: list[Optional[wire.ResultView]] = [None] * len(shards)
-            with self._fan_out(shards, record, batch.dataset, context, request.request_id,
+            with self._fan_out(shards, record, batch.dataset, context, request_id,
                                output_problem(program, outputs)) as results:
                 for shard, response in results:
                     pieces[shard.index] = response
@@ -195,7 +211,14 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             log.info("evicted dataset %s (least recently used) to make room", evicted[:12])
         log.info("dataset %s resident (%d examples, %.1f MB)", dataset.dataset_id[:12], dataset.examples,
                  dataset.nbytes / 2**20)
+        self._cache_gauges()
         return dataset.info()
+
+    def _cache_gauges(self) -> None:
+        datasets, dataset_bytes = self.datasets.stats()
+        DATASETS.labels("coordinator").set(datasets)
+        DATASET_BYTES.labels("coordinator").set(dataset_bytes)
+        GRAPHS.labels("coordinator").set(len(self.graphs))
 
     @translate_errors
     def GetDataset(self, request: pb.GetDatasetRequest, context: grpc.ServicerContext) -> pb.DatasetInfo:
@@ -254,6 +277,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         with self._totals_lock:
             self.totals.requests_served += 1
             self.totals.examples_served += tally.examples
+        EXAMPLES.labels("coordinator").inc(tally.examples)
 
     def _graph(self, key: str) -> GraphRecord:
         record = self.graphs.get(key)
@@ -312,7 +336,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         limit = self.config.request_timeout_seconds
         timeout = limit if remaining is None or remaining > limit else remaining
         log.debug("request %s: %d shard(s), %.1fs to go", request_id or "-", len(shards), timeout)
-        with FanOut(shards, record, self.registry, time.monotonic() + timeout, self._metadata, dataset,
+        metadata = self._metadata + (((REQUEST_ID_HEADER, request_id),) if request_id else ())
+        with FanOut(shards, record, self.registry, time.monotonic() + timeout, metadata, dataset,
                     int(self.config.stream_threshold_mb * 2**20), check) as fan:
             context.add_callback(fan.cancel)  # the client went away
             try:
@@ -400,6 +425,7 @@ class Maintenance:
         while not self._stop.wait(self._period):
             try:
                 self._registry.expire()
+                self._registry.publish()
                 for entry in self._registry.unreachable_static():
                     try:
                         entry.stub.GetWorkerStatus(pb.WorkerStatusRequest(), timeout=1.0, metadata=self._metadata)

@@ -38,6 +38,7 @@ from gradpool.worker.datasets import Dataset
 from gradpool.worker.engine import GradpoolError, Program, shard_bounds
 from gradpool.worker.engine.signature import WireInput
 from gradpool.worker.engine.tensors import fill_tensor
+from gradpool.worker.observability import SHARD_SECONDS, SHARDS_HEDGED, SHARDS_RETRIED
 from gradpool.worker.rpc import MISSING_DATASET, RpcFailure, rpc_error_kind
 from gradpool.worker.streams import PROTOBUF_LIMIT_BYTES, STREAM_THRESHOLD_BYTES, StreamedCall
 from gradpool.worker.wire import Parts
@@ -246,6 +247,7 @@ class FanOut:
             shard.request = wire.Parts()  # kept only for retries: let go of the views now
             shard.seconds = time.perf_counter() - shard.first_sent
             self._finished_seconds.append(time.monotonic() - attempt.started)
+            SHARD_SECONDS.observe(self._finished_seconds[-1])
             attempt.worker.served(shard.examples)
             pending -= 1
             yield shard, response
@@ -303,6 +305,7 @@ class FanOut:
                 log.warning("shard %d (examples %d:%d): %s failed with %s (%s); retrying on %s", shard.index,
                             shard.start, shard.stop, worker.describe(), code.name, details[:200],
                             elsewhere.describe())
+                SHARDS_RETRIED.inc()
                 self._send(shard, elsewhere)
                 return
             if elsewhere is None:
@@ -330,6 +333,7 @@ class FanOut:
                     log.warning("shard %d (examples %d:%d) on %s has run %.1fs (> %.1fs): hedging on %s",
                                 shard.index, shard.start, shard.stop, attempt.worker.describe(),
                                 now - attempt.started, bound, spare.describe())
+                    SHARDS_HEDGED.inc()
                     self._send(shard, spare, hedge=True)
 
     def _free_worker(self, shard: Shard, idle_only: bool = False) -> Optional[WorkerEntry]:

@@ -22,6 +22,7 @@ import grpc
 
 from gradpool.protos import gradpool_pb2 as pb
 from gradpool.protos import gradpool_pb2_grpc as pb_grpc
+from gradpool.worker.observability import WORKERS
 from gradpool.worker.rpc import RpcFailure, TlsConfig, method_path, open_channel
 
 log = logging.getLogger("gradpool.coordinator")
@@ -229,6 +230,7 @@ class WorkerRegistry:
             log.info("worker %s replaced by %s", old.describe(), entry.describe())
             old.retire()
         log.info("worker %s joined (capacity %g)", entry.describe(), capacity)
+        self.publish()
         return entry
 
     def heartbeat(self, worker_id: str, secret: str = "") -> bool:
@@ -260,6 +262,7 @@ class WorkerRegistry:
             del self._workers[worker_id]
         log.info("worker %s left", entry.describe())
         entry.retire()
+        self.publish()
         return True
 
     def mark_unreachable(self, entry: WorkerEntry, why: str) -> None:
@@ -287,6 +290,16 @@ class WorkerRegistry:
                         now - entry.last_contact, self.lease_seconds)
             entry.retire()
         return lapsed
+
+    def publish(self) -> None:
+        """The workers by state, for the `gradpool_workers` gauge."""
+        counts = {LIVE: 0, UNREACHABLE: 0, SUSPECT: 0}
+        with self._lock:
+            entries = list(self._workers.values())
+        for entry in entries:
+            counts[SUSPECT if entry.suspect and entry.state == LIVE else entry.state] += 1
+        for state, count in counts.items():
+            WORKERS.labels(state).set(count)
 
     def pool(self) -> list[WorkerEntry]:
         """Live workers in a stable order (by id), so that the same worker set

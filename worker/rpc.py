@@ -24,6 +24,7 @@ from typing import Any, Callable, Generic, Iterable, Optional, TypeVar
 import grpc
 
 from gradpool.protos import gradpool_pb2 as pb
+from gradpool.worker.observability import Observed, configure_logging, serve_metrics, server_role
 from gradpool.worker.engine.errors import Cancelled, CapacityError, GradpoolError
 
 log = logging.getLogger("gradpool.rpc")
@@ -69,15 +70,27 @@ RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reco
                      ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
+# Keepalive pings every 10 s on idle connections too: a peer that died
+# silently (a machine gone, a NAT dropping the flow) is noticed in about 15 s
+# instead of at the next call's deadline. Servers accept pings that often.
+KEEPALIVE_OPTIONS = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
+                     ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
+SERVER_KEEPALIVE_OPTIONS = [("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+                            ("grpc.keepalive_permit_without_calls", 1)]
+
+
 def channel_options(max_message_mb: float = DEFAULT_MAX_MESSAGE_MB) -> list[tuple[str, int]]:
-    """Options for every channel: raised send/receive limits, quick reconnects."""
+    """Options for every channel: raised send/receive limits, quick reconnects, keepalive."""
     limit = message_limit_bytes(max_message_mb)
-    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit), *RECONNECT_OPTIONS]
+    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit), *RECONNECT_OPTIONS,
+            *KEEPALIVE_OPTIONS]
 
 
 def server_options(max_message_mb: float = DEFAULT_MAX_MESSAGE_MB) -> list[tuple[str, int]]:
     # No SO_REUSEPORT: a second server on a taken port must fail, not share it.
-    return channel_options(max_message_mb) + [("grpc.so_reuseport", 0)]
+    limit = message_limit_bytes(max_message_mb)
+    return [("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
+            *SERVER_KEEPALIVE_OPTIONS, ("grpc.so_reuseport", 0)]
 
 
 def auth_metadata(token: Optional[str]) -> tuple[tuple[str, str], ...]:
@@ -435,9 +448,6 @@ def env_default(name: str, fallback: object) -> str:
     return value if value not in (None, "") else str(fallback)
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
 
 def wait_for_shutdown(stop: Optional[threading.Event] = None) -> str:
@@ -506,8 +516,11 @@ def translate_errors(method: Callable) -> Callable:
     @functools.wraps(method)
     def wrapper(self, request, context):  # type: ignore[no-untyped-def]
         kind = ""
+        observed = Observed(server_role(self), method.__name__)
         try:
-            return method(self, request, context)
+            result = method(self, request, context)
+            observed.done("OK")
+            return result
         except RpcFailure as err:
             code, message, kind = err.code, str(err), err.kind
         except CapacityError as err:
@@ -519,6 +532,7 @@ def translate_errors(method: Callable) -> Callable:
         except Exception as err:  # a bug; keep serving and say what happened
             log.exception("%s failed", method.__name__)
             code, message = grpc.StatusCode.INTERNAL, f"{method.__name__} failed: {type(err).__name__}: {err}"
+        observed.done(code.name)
         if kind:
             context.set_trailing_metadata(((ERROR_KIND_KEY, kind),))
         context.abort(code, message)
@@ -533,10 +547,24 @@ def serve_until_signalled(running: Any, grace_seconds: float, logger: logging.Lo
     running.stop(grace_seconds)
 
 
+def add_observability_flags(add: Callable[..., Any]) -> None:
+    """--log-level, --log-format and --metrics-port: the same on both servers."""
+    add("--log-level", default=env_default("GRADPOOL_LOG_LEVEL", "INFO"), type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log verbosity on stderr (env GRADPOOL_LOG_LEVEL, default %(default)s)")
+    add("--log-format", default=env_default("GRADPOOL_LOG_FORMAT", "text"), choices=["text", "json"],
+        help="json: one object a line with time, level, logger, message and the request id, graph id and "
+             "worker where they apply (env GRADPOOL_LOG_FORMAT, default %(default)s)")
+    add("--metrics-port", type=int, default=env_default("GRADPOOL_METRICS_PORT", 0),
+        help="serve Prometheus metrics over HTTP on this port, 0 for none (env GRADPOOL_METRICS_PORT, "
+             "default %(default)s)")
+
+
 def run_main(serve: Callable[[Any], None], config: Any, logger: logging.Logger) -> int:
     """A server's `main`: logging set up, exit 1 with one log line if it cannot bind."""
-    configure_logging(config.log_level)
+    configure_logging(config.log_level, getattr(config, "log_format", "text"))
     try:
+        serve_metrics(getattr(config, "metrics_port", 0), getattr(config, "metrics_host", "0.0.0.0"))
         serve(config)
     except OSError as err:
         logger.error("%s", err)

@@ -32,6 +32,8 @@ from gradpool.worker import wire
 from gradpool.worker.datasets import DEFAULT_DATASET_CACHE_BYTES, DatasetStore, assemble, indices_from
 from gradpool.worker.engine import Program, graph_id
 from gradpool.worker.engine.errors import GradpoolError
+from gradpool.worker.observability import (BYTES_IN, BYTES_OUT, DATASET_BYTES, DATASETS, EXAMPLES, GRAPHS,
+                                           REQUEST_ID_HEADER, call_context)
 from gradpool.worker.engine.tensors import wire_dtype_field
 from gradpool.worker.engine.sharding import MAX_CAPACITY
 from gradpool.worker.rpc import (
@@ -44,6 +46,7 @@ from gradpool.worker.rpc import (
     TlsConfig,
     add_server_tls_arguments,
     add_health_and_reflection,
+    add_observability_flags,
     add_servicer,
     announce,
     auth_metadata,
@@ -97,17 +100,28 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         with self._lock:
             self.graphs_loaded += 1
         log.info("loaded graph %s (%s, %d nodes)", key[:12], program.name, len(program.nodes))
+        self._cache_gauges()
         return pb.LoadGraphResponse()
 
     @translate_errors
     def RunShard(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         """Raw bytes in and out (see `add_servicer`): tensors are read in place."""
-        return self._run_shard(wire.read_shard_request(request), context).join()
+        BYTES_IN.labels("worker").inc(len(request))
+        return self._traced_shard(wire.read_shard_request(request), context).join()
 
     @translate_errors
     def RunShardStream(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        request = wire.read_shard_request(from_frames(request_iterator, PROTOBUF_LIMIT_BYTES))
-        return to_frames(self._run_shard(request, context))
+        data = from_frames(request_iterator, PROTOBUF_LIMIT_BYTES)
+        BYTES_IN.labels("worker").inc(len(data))
+        return to_frames(self._traced_shard(wire.read_shard_request(data), context))
+
+    def _traced_shard(self, request: wire.ShardRequestView, context: grpc.ServicerContext) -> wire.Parts:
+        """The shard, its log lines carrying the client's request id (sent along by the coordinator)."""
+        request_id = dict(context.invocation_metadata() or ()).get(REQUEST_ID_HEADER, "")
+        with call_context(request_id, request.graph_id, self.worker_id):
+            response = self._run_shard(request, context)
+        BYTES_OUT.labels("worker").inc(response.size)
+        return response
 
     def _run_shard(self, request: wire.ShardRequestView, context: grpc.ServicerContext) -> wire.Parts:
         started = time.perf_counter()
@@ -137,6 +151,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         with self._lock:
             self.shards_served += 1
             self.examples_served += result.examples
+        EXAMPLES.labels("worker").inc(result.examples)
+        log.debug("shard of %d example(s) computed in %.3fs", result.examples, time.perf_counter() - started)
         return wire.shard_response(result.loss, result.grads, result.outputs, result.examples,
                                    time.perf_counter() - started, wire_dtype)
 
@@ -165,7 +181,14 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             log.info("evicted dataset %s from the cache", evicted[:12])
         log.info("cached dataset %s (%d examples, %.1f MB)", dataset.dataset_id[:12], dataset.examples,
                  dataset.nbytes / 2**20)
+        self._cache_gauges()
         return dataset.info()
+
+    def _cache_gauges(self) -> None:
+        datasets, dataset_bytes = self.datasets.stats()
+        GRAPHS.labels("worker").set(len(self.graphs))
+        DATASETS.labels("worker").set(datasets)
+        DATASET_BYTES.labels("worker").set(dataset_bytes)
 
     @translate_errors
     def GetWorkerStatus(self, request: pb.WorkerStatusRequest,
@@ -305,6 +328,8 @@ class WorkerConfig:
     max_concurrent_shards: int = 16
     grace_seconds: float = 5.0
     log_level: str = "INFO"
+    log_format: str = "text"
+    metrics_port: int = 0
 
     @property
     def tls(self) -> Optional[TlsConfig]:
@@ -371,9 +396,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "gradpool worke
              "shard to another worker (env GRADPOOL_MAX_CONCURRENT_SHARDS, default %(default)s)")
     add("--grace-seconds", type=float, default=env_default("GRADPOOL_GRACE_SECONDS", 5.0),
         help="on SIGTERM, how long running shards may finish (env GRADPOOL_GRACE_SECONDS, default %(default)s)")
-    add("--log-level", default=env_default("GRADPOOL_LOG_LEVEL", "INFO"),
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper,
-        help="log verbosity on stderr (env GRADPOOL_LOG_LEVEL, default %(default)s)")
+    add_observability_flags(add)
     args = parser.parse_args(argv)
     if not 0 < args.capacity <= MAX_CAPACITY:
         parser.error(f"--capacity must be positive and at most {MAX_CAPACITY:g}, got {args.capacity}")
