@@ -320,8 +320,8 @@ class FanOut:
         for shard in self.shards:
             if shard.done or not shard.running:
                 continue
-            lost = [a for a in shard.running if a.worker.retired]
-            for attempt in lost:  # lease lapsed or deregistered mid-shard: its answer may never come
+            lost = [a for a in shard.running if a.worker.lapsed]
+            for attempt in lost:  # its lease lapsed mid-shard (hung or dead): its answer may never come
                 attempt.future.cancel()  # type: ignore[union-attr]
             if bound is None or len(shard.running) > 1 or len(shard.tried) >= MAX_WORKERS_PER_SHARD:
                 continue

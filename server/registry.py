@@ -59,6 +59,9 @@ class WorkerEntry:
     # A shard of its ran far longer than its siblings and was hedged: not
     # picked for retries and hedges until it finishes a shard again.
     suspect: bool = False
+    # Dropped for missed heartbeats (hung or dead), as opposed to leaving:
+    # a draining worker finishes its shards, a lapsed one may never answer.
+    lapsed: bool = False
     # The lease secret its registration returned: heartbeats, deregistration
     # and re-registration under its id must carry it ("" until one registered).
     secret: str = field(default="", repr=False)
@@ -285,6 +288,7 @@ class WorkerRegistry:
                       if not w.static and now - w.last_contact > self.lease_seconds]
             for entry in lapsed:
                 del self._workers[entry.worker_id]
+                entry.lapsed = True
         for entry in lapsed:
             log.warning("worker %s dropped: no heartbeat for %.1fs (lease %.1fs)", entry.describe(),
                         now - entry.last_contact, self.lease_seconds)

@@ -304,3 +304,95 @@ def test_chaos_every_step_is_exact_while_workers_die_hang_and_return() -> None:
             for name in replay:
                 replay[name] = replay[name] - lr * grads[name]
         assert all(np.array_equal(params[k], replay[k]) for k in params)
+
+
+def test_a_worker_drained_within_its_grace_period_finishes_its_shard() -> None:
+    graph, batch = deep_model(), data()
+    params = graph.init_params(0)
+    with cluster(worker_args=["--grace-seconds", "30"]) as running, running.client(timeout=120) as service:
+        ref = service.upload(batch)
+        rows = ref.take(np.arange(EXAMPLES))
+        service.gradients(graph, params, ref.take(np.arange(30)))
+        leaving = running.workers[1]
+        thread, box = in_background(lambda: service.gradients(graph, params, rows))
+        time.sleep(0.3)
+        leaving.popen.send_signal(signal.SIGTERM)
+        thread.join(120)
+        leaving.popen.wait(30)  # it exits once its shard is done
+        result = box["result"]
+        assert exact(result, graph, params, batch)
+        assert all(s.attempts == 1 for s in result.shards), "a shard was moved although the grace period sufficed"
+        assert any(leaving.address in s.worker for s in result.shards)
+        assert leaving.address not in [w.address for w in running.status().workers]  # it left the pool
+
+
+def test_a_busy_coordinator_refuses_fast_and_the_sdk_retries() -> None:
+    graph, batch = deep_model(), data(3000)
+    params = graph.init_params(0)
+    with cluster(workers=1, coordinator_args=["--max-concurrent-requests", "1"]) as running, \
+            running.client(timeout=120) as service:
+        ref = service.upload(batch)
+        service.gradients(graph, params, ref.take(np.arange(10)))
+        thread, box = in_background(lambda: service.gradients(graph, params, ref.take(np.arange(3000))))
+        time.sleep(0.3)  # the slow request holds the one slot
+        with grpc.insecure_channel(running.address) as channel:
+            with pytest.raises(grpc.RpcError) as caught:
+                pb_grpc.CoordinatorStub(channel).GetStatus(pb.StatusRequest(), timeout=10)
+        assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "Concurrent RPC limit exceeded" in caught.value.details()
+        status = service.status()  # the SDK backs off and retries until the slot is free
+        thread.join(120)
+        assert "result" in box and status.requests_served >= 1
+
+
+class LyingWorker(pb_grpc.WorkerServicer):
+    """Answers every shard with gradients of the wrong shape."""
+
+    def LoadGraph(self, request, context):  # type: ignore[no-untyped-def]
+        return pb.LoadGraphResponse()
+
+    def RunShard(self, request, context):  # type: ignore[no-untyped-def]
+        shard = pb.ShardRequest.FromString(request)
+        return pb.ShardResponse(loss=1.0, examples=shard.global_batch and len(shard.inputs[0].tensor.shape) and
+                                shard.inputs[0].tensor.shape[0], grads=to_named({"W1": np.zeros(3)})
+                                ).SerializeToString()
+
+
+def test_a_wrong_answer_counts_as_its_workers_failure_and_the_shard_moves() -> None:
+    from concurrent import futures
+    from gradpool.worker.rpc import add_servicer
+
+    liar = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    add_servicer(liar, LyingWorker(), "Worker", raw=("RunShard", "RunShardStream"))
+    port = liar.add_insecure_port("127.0.0.1:0")
+    liar.start()
+    graph = small_model()
+    rng = np.random.default_rng(0)
+    batch = {"x": rng.normal(size=(64, 32)).astype(np.float32), "y": rng.integers(0, 10, 64)}
+    params = graph.init_params(0)
+    try:
+        with cluster(workers=1) as running, running.client(timeout=60) as service, \
+                grpc.insecure_channel(running.address) as channel:
+            coordinator = pb_grpc.CoordinatorStub(channel)
+            joined = coordinator.RegisterWorker(pb.RegisterWorkerRequest(
+                address=f"127.0.0.1:{port}", capacity=1.0, worker_id="liar"), timeout=10)
+            stop = threading.Event()
+
+            def heartbeat() -> None:  # keep the liar's lease for the test's duration
+                while not stop.wait(0.2):
+                    coordinator.Heartbeat(pb.HeartbeatRequest(worker_id="liar", lease_secret=joined.lease_secret),
+                                          timeout=5)
+            beating = threading.Thread(target=heartbeat, daemon=True)
+            beating.start()
+            try:
+                result = service.gradients(graph, params, batch)
+            finally:
+                stop.set()
+                beating.join(10)
+            assert len(result.shards) == 2 and any(s.attempts > 1 for s in result.shards)
+            assert all(f"127.0.0.1:{port}" not in s.worker for s in result.shards)
+            assert exact(result, graph, params, batch)
+            liar_status = next(w for w in running.status().workers if w.worker_id == "liar")
+            assert liar_status.errors >= 1
+    finally:
+        liar.stop(None)
