@@ -380,7 +380,7 @@ def gradient_service(coordinator: Optional[str] = None, *, workers: int = 2, loc
     """Where a script's gradients come from, chosen by its flags: a `Client` of a
     running `coordinator`, of a fresh LocalCluster of `workers` processes, or
     (`local=True`) the in-process engine. All three answer `.gradients` and
-    `.evaluate` the same way, so the rest of a script does not care."""
+    `.forward` the same way, so the rest of a script does not care."""
     if local:
         from .training import LocalBackend
 

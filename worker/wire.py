@@ -469,36 +469,36 @@ class ResultView:
     shards: list[pb.ShardStats] = field(default_factory=list)
 
 
-def read_shard_response(buf: Buffer) -> ResultView:
+# Field numbers of the three results (gradpool.proto), for one reader.
+SHARD_RESPONSE = {"loss": 1, "grads": 2, "outputs": 3, "examples": 4, "seconds": 5}
+GRADIENTS_RESPONSE = {"loss": 1, "grads": 2, "examples": 3, "shards": 4, "seconds": 5}
+EVALUATE_RESPONSE = {"outputs": 1, "examples": 2, "shards": 3, "seconds": 4}
+
+
+def _read_result(buf: Buffer, numbers: Mapping[str, int]) -> ResultView:
+    names = {number: name for name, number in numbers.items()}
     result = ResultView()
     for number, wire_type, value in fields(buf):
-        if number == 1 and wire_type == FIXED64:
-            result.loss = as_double(int(value))  # type: ignore[arg-type]
-        elif number == 2 and wire_type == LEN:
+        name = names.get(number)
+        if name in ("loss", "seconds") and wire_type == FIXED64:
+            setattr(result, name, as_double(int(value)))  # type: ignore[arg-type]
+        elif name == "grads" and wire_type == LEN:
             result.grads.append(read_named(value, "gradient"))  # type: ignore[arg-type]
-        elif number == 3 and wire_type == LEN:
+        elif name == "outputs" and wire_type == LEN:
             result.outputs.append(read_named(value, "output"))  # type: ignore[arg-type]
-        elif number == 4 and wire_type == VARINT:
+        elif name == "examples" and wire_type == VARINT:
             result.examples = signed(int(value))  # type: ignore[arg-type]
-        elif number == 5 and wire_type == FIXED64:
-            result.seconds = as_double(int(value))  # type: ignore[arg-type]
+        elif name == "shards" and wire_type == LEN:
+            result.shards.append(_parse(pb.ShardStats, value))  # type: ignore[arg-type]
     return result
+
+
+def read_shard_response(buf: Buffer) -> ResultView:
+    return _read_result(buf, SHARD_RESPONSE)
 
 
 def read_gradients_response(buf: Buffer) -> ResultView:
-    result = ResultView()
-    for number, wire_type, value in fields(buf):
-        if number == 1 and wire_type == FIXED64:
-            result.loss = as_double(int(value))  # type: ignore[arg-type]
-        elif number == 2 and wire_type == LEN:
-            result.grads.append(read_named(value, "gradient"))  # type: ignore[arg-type]
-        elif number == 3 and wire_type == VARINT:
-            result.examples = signed(int(value))  # type: ignore[arg-type]
-        elif number == 4 and wire_type == LEN:
-            result.shards.append(_parse(pb.ShardStats, value))  # type: ignore[arg-type]
-        elif number == 5 and wire_type == FIXED64:
-            result.seconds = as_double(int(value))  # type: ignore[arg-type]
-    return result
+    return _read_result(buf, GRADIENTS_RESPONSE)
 
 
 def _parse(message_type: type, data: memoryview):  # type: ignore[no-untyped-def]
@@ -543,17 +543,7 @@ def evaluate_response(outputs: Sequence[tuple[str, int, tuple[int, ...], Sequenc
 
 
 def read_evaluate_response(buf: Buffer) -> ResultView:
-    result = ResultView()
-    for number, wire_type, value in fields(buf):
-        if number == 1 and wire_type == LEN:
-            result.outputs.append(read_named(value, "output"))  # type: ignore[arg-type]
-        elif number == 2 and wire_type == VARINT:
-            result.examples = signed(int(value))  # type: ignore[arg-type]
-        elif number == 3 and wire_type == LEN:
-            result.shards.append(_parse(pb.ShardStats, value))  # type: ignore[arg-type]
-        elif number == 4 and wire_type == FIXED64:
-            result.seconds = as_double(int(value))  # type: ignore[arg-type]
-    return result
+    return _read_result(buf, EVALUATE_RESPONSE)
 
 
 def _check_field_numbers() -> None:
@@ -563,9 +553,9 @@ def _check_field_numbers() -> None:
         "EvaluateRequest": {"graph_id": 1, "params": 2, "inputs": 3, "outputs": 4, "request_id": 5, "rows": 6},
         "ShardRequest": {"graph_id": 1, "params": 2, "inputs": 3, "global_batch": 4,
                          "include_batch_independent": 5, "mode": 6, "outputs": 7, "rows": 8, "wire_dtype": 9},
-        "ShardResponse": {"loss": 1, "grads": 2, "outputs": 3, "examples": 4, "seconds": 5},
-        "GradientsResponse": {"loss": 1, "grads": 2, "examples": 3, "shards": 4, "seconds": 5},
-        "EvaluateResponse": {"outputs": 1, "examples": 2, "shards": 3, "seconds": 4},
+        "ShardResponse": SHARD_RESPONSE,
+        "GradientsResponse": GRADIENTS_RESPONSE,
+        "EvaluateResponse": EVALUATE_RESPONSE,
         "NamedTensor": {"name": 1, "tensor": 2},
         "Tensor": {"dtype": 1, "shape": 2, "data": 3},
         "Frame": {"total_bytes": 1, "data": 2},
