@@ -323,6 +323,7 @@ def test_a_worker_drained_within_its_grace_period_finishes_its_shard() -> None:
         assert exact(result, graph, params, batch)
         assert all(s.attempts == 1 for s in result.shards), "a shard was moved although the grace period sufficed"
         assert any(leaving.address in s.worker for s in result.shards)
+        assert leaving.popen.returncode == 0  # a clean exit, after its shard
         assert leaving.address not in [w.address for w in running.status().workers]  # it left the pool
 
 

@@ -69,6 +69,8 @@ from gradpool.worker.streams import PROTOBUF_LIMIT_BYTES, from_frames, to_frames
 
 log = logging.getLogger("gradpool.worker")
 
+LINGER_SECONDS = 0.5
+
 # ---------------------------------------------------------------- the worker service
 
 class WorkerServicer(pb_grpc.WorkerServicer):
@@ -79,6 +81,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.graphs: LruCache[Program] = LruCache(max_graphs, what="graph")
         self.datasets = DatasetStore(dataset_cache_bytes)
         self._lock = threading.Lock()
+        self._running = 0  # shards being computed now
         self.graphs_loaded = 0
         self.shards_served = 0
         self.examples_served = 0
@@ -118,8 +121,14 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     def _traced_shard(self, request: wire.ShardRequestView, context: grpc.ServicerContext) -> wire.Parts:
         """The shard, its log lines carrying the client's request id (sent along by the coordinator)."""
         request_id = dict(context.invocation_metadata() or ()).get(REQUEST_ID_HEADER, "")
-        with call_context(request_id, request.graph_id, self.worker_id):
-            response = self._run_shard(request, context)
+        with self._lock:
+            self._running += 1
+        try:
+            with call_context(request_id, request.graph_id, self.worker_id):
+                response = self._run_shard(request, context)
+        finally:
+            with self._lock:
+                self._running -= 1
         BYTES_OUT.labels("worker").inc(response.size)
         return response
 
@@ -183,6 +192,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                  dataset.nbytes / 2**20)
         self._cache_gauges()
         return dataset.info()
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return self._running
 
     def _cache_gauges(self) -> None:
         datasets, dataset_bytes = self.datasets.stats()
@@ -425,7 +438,13 @@ class RunningWorker:
         self.health.enter_graceful_shutdown()  # type: ignore[attr-defined]
         if self.link is not None:
             self.link.stop(deregister=True)
+        busy = self.servicer.in_flight()
         self.server.stop(grace).wait()
+        if busy:
+            # The last answers are written but may still be in flight: exiting at
+            # once can reset the connection under them (seen in CI), and the
+            # coordinator would redo a shard that was done.
+            time.sleep(LINGER_SECONDS)
 
 
 def start(config: WorkerConfig) -> RunningWorker:
