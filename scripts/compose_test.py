@@ -105,12 +105,16 @@ class Cluster:
         self.address = f"localhost:{port}"
         self.token = ""
         self.worker_token = ""
+        self.certs = ""  # a folder of `gradpool certs`: then TLS (docker-compose.tls.yml) on every port
 
     def env(self) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GRADPOOL_") and k != "COMPOSE_FILE"}
         env.update(GRADPOOL_PUBLISH_PORT=str(self.port), GRADPOOL_TOKEN=self.token,
                    GRADPOOL_WORKER_TOKEN=self.worker_token, COMPOSE_PROJECT_NAME=PROJECT,
                    COMPOSE_FILE="docker-compose.yml")  # not a .env's TLS override
+        if self.certs:
+            env.update(COMPOSE_FILE=os.pathsep.join(["docker-compose.yml", "docker-compose.tls.yml"]),
+                       GRADPOOL_CERTS_DIR=self.certs)
         return env
 
     def __call__(self, *args: str, timeout: float, check: bool = True) -> subprocess.CompletedProcess:
@@ -545,6 +549,41 @@ class Checks:
             note.append(f"status and gradients refused without/with a wrong token (UNAUTHENTICATED); "
                         f"with it: {accuracy_line}")
 
+    def tls(self) -> None:
+        with self.check("TLS (mTLS) and tokens: no client certificate or plaintext refused, with them it trains") \
+                as note:
+            self.cluster.certs = tempfile.mkdtemp(prefix="gradpool-certs-")
+            gp.make_dev_certs(self.cluster.certs, key_mode=0o644)  # the containers' user (uid 10001) reads them
+            self.cluster("up", "-d", "--scale", "worker=3", timeout=240)  # recreated with TLS on every port
+            wait_healthy(self.cluster, 3, timeout=120)  # the healthchecks speak TLS too
+            files = {name: os.path.join(self.cluster.certs, f"{name}.pem")
+                     for name in ("ca", "client", "client-key")}
+            trusted = gp.TlsConfig(ca=files["ca"], cert=files["client"], key=files["client-key"])
+            graph = build_mlp(64, 64, 10)
+            params = graph.init_params(0)
+            train, _ = digits()
+            batch = {"x": train["x"][:64], "y": train["y"][:64]}
+            for label, tls in (("plaintext", None), ("TLS without a client certificate",
+                                                     gp.TlsConfig(ca=files["ca"]))):
+                with gp.Client(self.cluster.address, token=self.cluster.token, tls=tls, timeout=20,
+                               retry=gp.RetryPolicy(attempts=1)) as client:
+                    try:
+                        client.gradients(graph, params, batch)
+                    except gp.ServiceError:
+                        continue
+                    raise CheckFailed(f"{label}: the coordinator computed gradients")
+            with gp.Client(self.cluster.address, token=self.cluster.token, tls=trusted, timeout=60,
+                           retry=PATIENT) as client:
+                wait_live(client, 3, timeout=60)
+                result = client.gradients(graph, params, batch)
+                want_loss, _ = gp.local_gradients(graph, params, batch, shards=len(result.shards))
+                if not np.isclose(result.loss, want_loss, rtol=1e-6):
+                    raise CheckFailed(f"over TLS the loss is {result.loss}, in-process {want_loss}")
+                for _ in range(20):
+                    client.gradients(graph, params, batch)
+            note.append(f"plaintext and a client without a certificate refused; with the client certificate "
+                        f"and the token, 21 steps over {len(result.shards)} workers, the loss as in-process")
+
     def down(self) -> None:
         with self.check("down -v leaves no container, network or volume", logs_of=()) as note:
             t = time.monotonic()
@@ -597,6 +636,7 @@ def main() -> int:
         checks.restart_coordinator()
         checks.scale_up()
         checks.token()
+        checks.tls()
         if not args.keep:
             checks.down()
             cleaned = True
