@@ -553,7 +553,8 @@ class Checks:
         with self.check("TLS (mTLS) and tokens: no client certificate or plaintext refused, with them it trains") \
                 as note:
             self.cluster.certs = tempfile.mkdtemp(prefix="gradpool-certs-")
-            gp.make_dev_certs(self.cluster.certs, key_mode=0o644)  # the containers' user (uid 10001) reads them
+            os.chmod(self.cluster.certs, 0o755)  # the containers' user (uid 10001) reads the files in it
+            gp.make_dev_certs(self.cluster.certs, key_mode=0o644)
             self.cluster("up", "-d", "--scale", "worker=3", timeout=240)  # recreated with TLS on every port
             wait_healthy(self.cluster, 3, timeout=120)  # the healthchecks speak TLS too
             files = {name: os.path.join(self.cluster.certs, f"{name}.pem")

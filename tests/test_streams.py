@@ -75,18 +75,33 @@ def test_a_message_written_in_parts_is_what_protobuf_writes() -> None:
 @pytest.fixture(scope="module")
 def cluster():
     with gp.LocalCluster(workers=2, max_message_mb=MESSAGE_MB,
-                         coordinator_args=["--stream-threshold-mb", "1"]) as running:
+                         coordinator_args=["--stream-threshold-mb", "1", "--max-shard-mb", "1"]) as running:
         yield running
 
 
+def over_bounds(graph: gp.Graph, params: dict, batch: dict, result: gp.GradientsResult) -> tuple[float, dict]:
+    """In-process, the service's arithmetic over the result's own shard bounds."""
+    bounds = [(s.start, s.start + s.examples) for s in result.shards]
+    program, total = graph.program(), gp.worker.engine.OrderedSum(len(bounds))
+    for index, (start, stop) in enumerate(bounds):
+        part = program.run(params, {k: v[start:stop] for k, v in batch.items()}, global_batch=len(batch["y"]),
+                           include_batch_independent=index == 0)
+        total.add(index, part.loss, part.grads)
+    return total.loss, total.grads
+
+
 def test_messages_past_the_limit_travel_as_streams_and_stay_exact(cluster) -> None:
+    """Streamed requests and shards, pipelined shards (--max-shard-mb 1: each
+    worker's 1.2 MB share of the batch as two shards) and a resident dataset
+    named by a streamed request: bitwise the in-process sums over the same bounds."""
     graph = wide_model()
     params = graph.init_params(0)
     rng = np.random.default_rng(0)
     batch = {"x": rng.normal(size=(600, 1024)).astype(np.float32), "y": rng.integers(0, 2048, 600)}
     with gp.Client(cluster.address, timeout=120, max_message_mb=MESSAGE_MB, stream_threshold_mb=1) as service:
         result = service.gradients(graph, params, batch)
-        loss, grads = gp.local_gradients(graph, params, batch, shards=2)
+        assert len(result.shards) == 4 and len({s.worker for s in result.shards}) == 2  # pipelined
+        loss, grads = over_bounds(graph, params, batch, result)
         assert result.loss == loss and np.array_equal(result.grads["W"], grads["W"])
         logits = service.forward(graph, params, {"x": batch["x"]}, "logits")["logits"]
         np.testing.assert_array_equal(logits, gp.local_forward(graph, params, {"x": batch["x"]}, ["logits"])["logits"])
