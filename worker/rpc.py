@@ -135,7 +135,6 @@ METHOD_ROLES = _method_roles()
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 # Reflection lists the (public) proto's services: any valid credential may ask.
 ANY_ROLE_PREFIXES = ("/grpc.reflection.",)
-UNAUTHENTICATED_PREFIXES = OPEN_PREFIXES  # the old name
 
 
 class RoleInterceptor(grpc.ServerInterceptor):
