@@ -20,7 +20,7 @@ import numpy as np
 from gradpool.protos import gradpool_pb2 as pb
 
 from .errors import Cancelled, GradpoolError, GraphError, InputError, ShardingError, quoted
-from .ops import BATCH, FLOATS, Attrs, Call, fmt, get_op, is_per_example
+from .ops import BATCH, FLOATS, Attrs, Call, Op, fmt, get_op, is_per_example
 from .sharding import BATCH_INDEPENDENT, PER_EXAMPLE, SOURCES, classify
 from .signature import IndexLimit, Signature, TensorSpec
 from .tensors import PROTO_TO_DTYPE, from_tensor
@@ -71,6 +71,23 @@ class NodeInfo:
     def where(self) -> str:
         built = f", built at {self.origin}" if self.origin else ""
         return f"node {quoted(self.name)} ({self.op}{built})"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One node's share of a run, worked out once per plan (not per run)."""
+    node: NodeInfo
+    op: Optional[Op]  # None for sources
+    cut_args: frozenset[int]  # argument positions fed zeros (cut edges)
+    free: tuple[int, ...]  # values nothing later reads: dropped after this step
+    grad_inputs: tuple[tuple[int, int], ...]  # (position, input) that take an adjoint from this node
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A run's nodes in order, forward and (the gradient path) backward."""
+    forward: tuple[Step, ...]
+    backward: tuple[Step, ...]
 
 
 @dataclass
@@ -136,6 +153,7 @@ class Program:
                                  f"and the loss")
         self.signature = self._signature()
         self._live_cache: dict[tuple, tuple[int, ...]] = {}
+        self._plans: dict[tuple, Plan] = {}
 
     def _signature(self) -> Signature:
         spec = lambda n: TensorSpec(n.name, n.op, n.shape, n.dtype)  # noqa: E731
@@ -305,33 +323,27 @@ class Program:
         cut = frozenset() if include_batch_independent else self.cuts
         skip_loss = not include_batch_independent and self.nodes[self.loss].kind == BATCH_INDEPENDENT
         backward = gradients and not skip_loss
-        live = self._live(output_ids + ((self.loss,) if backward else ()), cut)
-        values = self._forward(live, cut, params, inputs, global_batch, keep=set(output_ids) | {self.loss},
-                               backward=backward, stop=stop)
+        plan = self._plan(output_ids, cut, backward)
+        values = self._forward(plan, params, inputs, global_batch, stop)
         result_outputs = {name: np.array(values[self.index[name]]) for name in outputs} if not gradients else {}
         loss = float(values[self.loss]) if backward else 0.0
         grads: dict[str, np.ndarray] = {}
         if gradients:
             if backward:
-                grads = self._backward(live, cut, values, global_batch, stop)
+                grads = self._backward(plan, values, global_batch, stop)
             for name, value in params.items():
                 if name not in grads:
                     grads[name] = np.zeros_like(value)
         return RunResult(loss, grads, result_outputs, examples)
 
-    def _args(self, node: NodeInfo, values: list, cut: frozenset) -> list[np.ndarray]:
-        return [np.zeros(self.nodes[i].shape, self.nodes[i].dtype) if (node.index, k) in cut else values[i]
-                for k, i in enumerate(node.inputs)]
-
-    @staticmethod
-    def _call(node: NodeInfo, global_batch: int) -> Call:
-        assert node.call is not None
-        return replace(node.call, batch=global_batch) if get_op(node.op).needs_batch else node.call
-
-    def _forward(self, live: tuple[int, ...], cut: frozenset, params: Mapping[str, np.ndarray],
-                 inputs: Mapping[str, np.ndarray], global_batch: int, keep: set[int], backward: bool,
-                 stop: Optional[threading.Event] = None) -> list:
-        keep = set(keep)
+    def _plan(self, output_ids: tuple[int, ...], cut: frozenset, backward: bool) -> Plan:
+        """The bookkeeping of a run (which nodes, which values to keep or drop
+        when, which edges take adjoints), done once per kind of run."""
+        key = (output_ids, cut, backward)
+        if key in self._plans:
+            return self._plans[key]
+        live = self._live(output_ids + ((self.loss,) if backward else ()), cut)
+        keep = set(output_ids) | {self.loss}
         if backward:  # values the backward pass will read: its nodes and their inputs
             for j in live:
                 if j in self._grad_set and self.nodes[j].op not in SOURCES:
@@ -342,31 +354,53 @@ class Program:
             for k, i in enumerate(self.nodes[j].inputs):
                 if (j, k) not in cut:
                     last_use[i] = j
-        values: list = [None] * len(self.nodes)
+        steps = {}
         for j in live:
             node = self.nodes[j]
-            if node.op == "input":
-                values[j] = inputs[node.name]
-            elif node.op == "param":
-                values[j] = params[node.name]
-            elif node.op == "const":
-                values[j] = node.value
-            else:
-                if stop is not None and stop.is_set():
-                    raise Cancelled(f"stopped before {node.where()}: the caller gave up")
-                try:
-                    out = get_op(node.op).forward(self._call(node, global_batch), *self._args(node, values, cut))
-                except GradpoolError as err:
-                    raise type(err)(f"{node.where()}: {err}") from None
-                values[j] = np.asarray(out, dtype=node.dtype)
-                for i in node.inputs:
-                    if last_use.get(i) == j and i not in keep:
-                        values[i] = None
+            steps[j] = Step(node, None if node.op in SOURCES else get_op(node.op),
+                            frozenset(k for k in range(len(node.inputs)) if (j, k) in cut),
+                            tuple(i for i in dict.fromkeys(node.inputs) if last_use.get(i) == j and i not in keep),
+                            tuple((k, i) for k, i in enumerate(node.inputs)
+                                  if i in self._grad_set and (j, k) not in cut))
+        path = tuple(steps[j] for j in reversed(live) if j in self._grad_set) if backward else ()
+        plan = self._plans[key] = Plan(tuple(steps[j] for j in live), path)
+        return plan
+
+    def _args(self, step: Step, values: list) -> list[np.ndarray]:
+        inputs = step.node.inputs
+        if not step.cut_args:
+            return [values[i] for i in inputs]
+        return [np.zeros(self.nodes[i].shape, self.nodes[i].dtype) if k in step.cut_args else values[i]
+                for k, i in enumerate(inputs)]
+
+    @staticmethod
+    def _call(step: Step, global_batch: int) -> Call:
+        call = step.node.call
+        assert call is not None and step.op is not None
+        return replace(call, batch=global_batch) if step.op.needs_batch else call
+
+    def _forward(self, plan: Plan, params: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarray],
+                 global_batch: int, stop: Optional[threading.Event] = None) -> list:
+        values: list = [None] * len(self.nodes)
+        for step in plan.forward:
+            node = step.node
+            if step.op is None:
+                values[node.index] = (inputs[node.name] if node.op == "input" else
+                                      params[node.name] if node.op == "param" else node.value)
+                continue
+            if stop is not None and stop.is_set():
+                raise Cancelled(f"stopped before {node.where()}: the caller gave up")
+            try:
+                out = step.op.forward(self._call(step, global_batch), *self._args(step, values))
+            except GradpoolError as err:
+                raise type(err)(f"{node.where()}: {err}") from None
+            values[node.index] = np.asarray(out, dtype=node.dtype)
+            for i in step.free:
+                values[i] = None
         return values
 
-    def _backward(self, live: tuple[int, ...], cut: frozenset, values: list, global_batch: int,
+    def _backward(self, plan: Plan, values: list, global_batch: int,
                   stop: Optional[threading.Event] = None) -> dict[str, np.ndarray]:
-        grad_set = self._grad_set
         adjoints: dict[int, np.ndarray] = {self.loss: np.ones((), self.nodes[self.loss].dtype)}
         grads: dict[str, np.ndarray] = {}
         # Adjoints whose buffer this pass allocated itself (the sum of two
@@ -375,23 +409,25 @@ class Program:
         # it may be `g` itself (add returns it for both inputs), a view of it,
         # a broadcast view, or a value another node still reads.
         owned: set[int] = set()
-        for j in reversed(live):
+        for step in plan.backward:
+            node = step.node
+            j = node.index
             g = adjoints.pop(j, None)
-            node = self.nodes[j]
-            if g is None or j not in grad_set:
+            if g is None:
                 continue
-            if node.op == "param":
+            if step.op is None:  # a param: its gradient
                 grads[node.name] = g if g.shape == values[j].shape else np.broadcast_to(g, values[j].shape).copy()
                 continue
             if stop is not None and stop.is_set():
                 raise Cancelled(f"stopped at the gradient of {node.where()}: the caller gave up")
-            args = self._args(node, values, cut)
-            input_grads = get_op(node.op).vjp(self._call(node, global_batch), g, values[j], *args)
+            args = self._args(step, values)
+            input_grads = step.op.vjp(self._call(step, global_batch), g, values[j], *args)
             if len(input_grads) != len(node.inputs):
                 raise GraphError(f"{node.where()}: gradient rule returned {len(input_grads)} values for "
                                  f"{len(node.inputs)} inputs")
-            for k, (i, grad) in enumerate(zip(node.inputs, input_grads)):
-                if grad is None or i not in grad_set or (j, k) in cut:
+            for k, i in step.grad_inputs:
+                grad = input_grads[k]
+                if grad is None:
                     continue
                 grad = unbroadcast(np.asarray(grad, dtype=args[k].dtype), args[k].shape, node)
                 if i not in adjoints:
