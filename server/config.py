@@ -8,13 +8,13 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from gradpool.worker.datasets import DEFAULT_DATASET_CACHE_BYTES
-from gradpool.worker.rpc import (DEFAULT_MAX_MESSAGE_MB, TlsConfig, add_observability_flags, add_server_tls_arguments,
-                                 env_default, message_limit_bytes, server_tls)
+from gradpool.worker.rpc import (DEFAULT_MAX_MESSAGE_MB, ServerTls, TlsConfig, add_observability_flags,
+                                 add_server_tls_arguments, env_default, message_limit_bytes, server_tls)
 from gradpool.worker.streams import STREAM_THRESHOLD_BYTES
 
 
 @dataclass
-class CoordinatorConfig:
+class CoordinatorConfig(ServerTls):
     host: str = "0.0.0.0"
     port: int = 50051
     workers: list[str] = field(default_factory=list)
@@ -44,18 +44,9 @@ class CoordinatorConfig:
     metrics_port: int = 0
 
     @property
-    def tls(self) -> Optional[TlsConfig]:
-        """The server's TLS (None: plaintext); its channels to workers use the same files."""
-        if not self.tls_cert:
-            return None
-        return TlsConfig(ca=self.tls_ca, cert=self.tls_cert, key=self.tls_key, require_client_cert=self.mtls)
-
-    @property
     def worker_tls(self) -> Optional[TlsConfig]:
-        """TLS of the channels to workers: the CA verifies them, our certificate is our client certificate."""
-        if not self.tls_cert:
-            return None
-        return TlsConfig(ca=self.tls_ca, cert=self.tls_cert, key=self.tls_key, server_name=self.tls_worker_name)
+        """TLS of the channels to workers, whose certificates must name `tls_worker_name`."""
+        return self.peer_tls(self.tls_worker_name)
 
     @property
     def to_workers_token(self) -> Optional[str]:

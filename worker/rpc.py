@@ -272,6 +272,28 @@ class TlsConfig:
                                             certificate_chain=self._read(self.cert, "certificate"))
 
 
+class ServerTls:
+    """TLS from a server config's `tls_cert`, `tls_key`, `tls_ca` and `mtls`
+    fields (the coordinator's and the workers' alike)."""
+    tls_cert: Optional[str]
+    tls_key: Optional[str]
+    tls_ca: Optional[str]
+    mtls: bool
+
+    @property
+    def tls(self) -> Optional[TlsConfig]:
+        """The server's TLS (None: plaintext)."""
+        if not self.tls_cert:
+            return None
+        return TlsConfig(ca=self.tls_ca, cert=self.tls_cert, key=self.tls_key, require_client_cert=self.mtls)
+
+    def peer_tls(self, server_name: Optional[str] = None) -> Optional[TlsConfig]:
+        """TLS of the channels to peers: the CA verifies them, our certificate is our client certificate."""
+        if not self.tls_cert:
+            return None
+        return TlsConfig(ca=self.tls_ca, cert=self.tls_cert, key=self.tls_key, server_name=server_name)
+
+
 def open_channel(address: str, tls: Optional[TlsConfig], options: Iterable[tuple[str, Any]] = ()) -> grpc.Channel:
     """A channel to `address`: TLS with `tls`, plaintext without."""
     options = list(options)

@@ -43,6 +43,7 @@ from gradpool.worker.rpc import (
     MISSING_GRAPH,
     LruCache,
     RpcFailure,
+    ServerTls,
     TlsConfig,
     add_server_tls_arguments,
     add_health_and_reflection,
@@ -320,7 +321,7 @@ class CoordinatorLink:
 # ---------------------------------------------------------------- configuration and main
 
 @dataclass
-class WorkerConfig:
+class WorkerConfig(ServerTls):
     coordinator: Optional[str] = None
     host: str = "0.0.0.0"
     port: int = 50052
@@ -345,18 +346,9 @@ class WorkerConfig:
     metrics_port: int = 0
 
     @property
-    def tls(self) -> Optional[TlsConfig]:
-        """The server's TLS (None: plaintext)."""
-        if not self.tls_cert:
-            return None
-        return TlsConfig(ca=self.tls_ca, cert=self.tls_cert, key=self.tls_key, require_client_cert=self.mtls)
-
-    @property
     def coordinator_tls(self) -> Optional[TlsConfig]:
-        """TLS of the channel to the coordinator: the CA verifies it, our certificate is our client certificate."""
-        if not self.tls_cert:
-            return None
-        return TlsConfig(ca=self.tls_ca, cert=self.tls_cert, key=self.tls_key)
+        """TLS of the channel to the coordinator."""
+        return self.peer_tls()
 
     @property
     def callers_token(self) -> Optional[str]:
