@@ -10,16 +10,20 @@ same split, and different splits agree to rounding.
 
 from __future__ import annotations
 
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
 import gradpool as gp
 from gradpool.protos import gradpool_pb2 as pb
+from gradpool.protos import gradpool_pb2_grpc as pb_grpc
 from gradpool.training import LocalBackend, Trainer, step_seed
 from gradpool.worker import wire
 from gradpool.worker.engine.ops import Call, dropout_keep
+from gradpool.worker.rpc import add_servicer
 
 from models import batch_for, dropout_mlp, params_for
 from test_training import assert_same_state, sgd_momentum, teacher_data
@@ -322,3 +326,45 @@ def test_remote_dropout_training_equals_local_training_with_as_many_shards(servi
     remote = dropout_trainer(backend=service)  # uploads the data: steps send dataset rows
     remote.fit(data, epochs=2)
     assert_same_state(local, remote)
+
+
+class RefusingWorker(pb_grpc.WorkerServicer):
+    """Records what each shard carries, then refuses it as a busy worker would."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int, int]] = []
+
+    def LoadGraph(self, request, context):  # type: ignore[no-untyped-def]
+        return pb.LoadGraphResponse()
+
+    def RunShard(self, request, context):  # type: ignore[no-untyped-def]
+        shard = wire.read_shard_request(request)
+        self.seen.append((shard.seed, shard.example_offset, shard.inputs[0][1].shape[0]))
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy")
+
+
+def test_a_shard_retried_on_another_worker_keeps_its_offset_and_seed() -> None:
+    refuser = RefusingWorker()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    add_servicer(server, refuser, "Worker", raw=("RunShard", "RunShardStream"))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    graph = integer_graph()
+    params, batch = integer_data()
+    try:
+        with gp.LocalCluster(workers=1) as running, running.client(timeout=60) as service, \
+                grpc.insecure_channel(running.address) as channel:
+            coordinator = pb_grpc.CoordinatorStub(channel)
+            joined = coordinator.RegisterWorker(pb.RegisterWorkerRequest(
+                address=f"127.0.0.1:{port}", capacity=1.0, worker_id="refuser"), timeout=10)
+            coordinator.Heartbeat(pb.HeartbeatRequest(worker_id="refuser", lease_secret=joined.lease_secret),
+                                  timeout=5)
+            result = service.gradients(graph, params, batch, seed=SEED)
+    finally:
+        server.stop(None)
+    assert len(result.shards) == 2 and any(s.attempts > 1 for s in result.shards)
+    assert all(f"127.0.0.1:{port}" not in s.worker for s in result.shards)
+    starts = {s.start: s.examples for s in result.shards}
+    assert refuser.seen and all(seed == SEED and starts.get(offset) == rows for seed, offset, rows in refuser.seen)
+    loss, grads = gp.local_gradients(graph, params, batch, seed=SEED)
+    assert result.loss == loss and np.array_equal(result.grads["w"], grads["w"])
