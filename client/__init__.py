@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS: dict[str, str] = {}
 for _module, _names in {
     "gradpool.worker.engine.errors": "GradpoolError GraphError InputError ShardingError",
-    "gradpool.functional": "abs binary_cross_entropy concat embedding exp leaky_relu log log_softmax matmul max "
+    "gradpool.functional": "abs binary_cross_entropy concat dropout embedding exp leaky_relu log log_softmax matmul max "
                            "maximum mean minimum power relu reshape sigmoid slice softmax softmax_cross_entropy "
                            "softplus sqrt square sum tanh transpose",
     "gradpool.graph": "Expr Graph",
@@ -62,7 +62,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, eagerly
     from gradpool.certs import make_dev_certs
     from gradpool.checkpoint import Checkpoint, CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
     from gradpool.cluster import ClusterError, LocalCluster, gradient_service
-    from gradpool.functional import (abs, binary_cross_entropy, concat, embedding, exp, leaky_relu, log,
+    from gradpool.functional import (abs, binary_cross_entropy, concat, dropout, embedding, exp, leaky_relu, log,
                                      log_softmax, matmul, max, maximum, mean, minimum, power, relu, reshape,
                                      sigmoid, slice, softmax, softmax_cross_entropy, softplus, sqrt, square, sum,
                                      tanh, transpose)

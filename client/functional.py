@@ -136,3 +136,14 @@ def slice(x: Expr, axis: int, start: int = 0, stop: Optional[int] = None, step: 
 def embedding(table: Expr, indices: Expr) -> Expr:
     """Rows of `table` (a param) picked by integer `indices` (an input)."""
     return _expr(table).graph._add("embedding", (table, indices))
+
+
+def dropout(x: Expr, rate: float) -> Expr:
+    """Inverted dropout, as torch's: while computing gradients each element is
+    zeroed with probability `rate` (in [0, 1)) and the others scaled by
+    1 / (1 - rate); forward-only evaluation passes `x` through. The mask is
+    keyed by the request's seed, this node's name and each example's index in
+    the whole batch, so gradients need a seed (`seed=` on local_gradients and
+    Client.gradients; the Trainer derives one per step) and every sharding
+    gives the same bits."""
+    return _unary("dropout", x, rate=float(rate))

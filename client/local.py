@@ -78,23 +78,27 @@ def checked_arrays(graph: Graph, params: Mapping[str, object], batch: "Mapping[s
 
 
 def local_gradients(graph: Graph, params: Arrays, batch: "Arrays | DatasetRows",
-                    shards: int = 1) -> tuple[float, dict[str, np.ndarray]]:
+                    shards: int = 1, *, seed: Optional[int] = None) -> tuple[float, dict[str, np.ndarray]]:
     """Loss and parameter gradients of the whole batch, computed as the workers do.
 
     With `shards` > 1 the batch is cut into that many contiguous pieces (empty
-    ones skipped), each run with the global batch size and the
-    batch-independent terms on the first piece only, and the results summed
-    in shard order: the same arithmetic as the service.
+    ones skipped), each run with the global batch size, its first example's
+    global index and the batch-independent terms on the first piece only,
+    and the results summed in shard order: the same arithmetic as the
+    service. `seed` (an int in [0, 2^64)) keys random ops such as dropout;
+    a graph with one needs it.
     """
     if not isinstance(shards, int) or shards < 1:
         raise InputError(f"shards must be a positive integer, got {shards!r}")
     program: Program = graph.program()
+    seed = program.check_seed(seed)
     params, batch, examples = checked_arrays(graph, params, batch)
     bounds = shard_bounds(examples, [1.0] * shards) or [(0, examples)]
     total = OrderedSum(len(bounds))
     for shard, (start, stop) in enumerate(bounds):
         piece = {name: value[start:stop] for name, value in batch.items()}
-        result = program.run(params, piece, global_batch=examples, include_batch_independent=shard == 0)
+        result = program.run(params, piece, global_batch=examples, include_batch_independent=shard == 0,
+                             seed=seed, example_offset=start)
         total.add(shard, result.loss, result.grads)
     assert total.grads is not None
     return total.loss, total.grads
@@ -102,7 +106,8 @@ def local_gradients(graph: Graph, params: Arrays, batch: "Arrays | DatasetRows",
 
 def local_forward(graph: Graph, params: Arrays, batch: "Arrays | DatasetRows",
                   outputs: Sequence[str]) -> dict[str, np.ndarray]:
-    """Values of per-example nodes (predictions) for a batch, forward only."""
+    """Values of per-example nodes (predictions) for a batch, forward only
+    (dropout passes its input through)."""
     outputs = [outputs] if isinstance(outputs, str) else list(outputs)
     params, batch, _ = checked_arrays(graph, params, batch, outputs)
     return graph.program().run(params, batch, gradients=False, outputs=outputs).outputs

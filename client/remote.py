@@ -474,8 +474,8 @@ class Client:
         raise AssertionError("unreachable")
 
     def _request_body(self, graph: Graph, params: Mapping[str, Any], batch: "Mapping[str, Any] | DatasetRows",
-                      outputs: Optional[Sequence[str]] = None,
-                      wire_dtype: int = EXACT) -> tuple[wire.Parts, Optional[DatasetRows]]:
+                      outputs: Optional[Sequence[str]] = None, wire_dtype: int = EXACT,
+                      seed: Optional[int] = None) -> tuple[wire.Parts, Optional[DatasetRows]]:
         """Params and batch checked as every backend checks them, written once as
         the request's body (views of the arrays, not copies; float params
         encoded in `wire_dtype` when that is not EXACT): all but the graph id."""
@@ -494,20 +494,24 @@ class Client:
         else:
             rows = None
             params, arrays, _ = checked_arrays(graph, params, batch, outputs)
-        _, body = wire.request_parts("", params, arrays, uuid.uuid4().hex, rows_message, outputs, wire_dtype)
+        _, body = wire.request_parts("", params, arrays, uuid.uuid4().hex, rows_message, outputs, wire_dtype, seed)
         return body, rows
 
     # ------------------------------------------------------------ computing
 
     def gradients(self, graph: Graph, params: Mapping[str, Any], batch: "Mapping[str, Any] | DatasetRows", *,
-                  timeout: Optional[float] = None, wire_dtype: Optional[str] = CLIENT_DEFAULT) -> GradientsResult:
+                  timeout: Optional[float] = None, wire_dtype: Optional[str] = CLIENT_DEFAULT,
+                  seed: Optional[int] = None) -> GradientsResult:
         """Loss and parameter gradients of the whole batch, as `local_gradients`
         computes them (`loss, grads = ...` unpacks it), with where each shard ran.
         `batch` is arrays, or rows of an uploaded dataset (`ref.take(indices)`).
-        `wire_dtype` overrides the client's for this call (None: exact; see `Client`)."""
+        `wire_dtype` overrides the client's for this call (None: exact; see `Client`).
+        `seed` keys random ops (dropout), as in `local_gradients`: a graph with
+        one needs it, and the same seed gives the same masks on any pool."""
         timeout = self._timeout(timeout)
         encoding = self._wire_dtype if wire_dtype is CLIENT_DEFAULT else parse_wire_dtype(wire_dtype)
-        body, rows = self._request_body(graph, params, batch, wire_dtype=encoding)
+        seed = graph.program().check_seed(seed)  # refused here, before anything is sent
+        body, rows = self._request_body(graph, params, batch, wire_dtype=encoding, seed=seed)
         response = self._with_resources(
             graph, rows, lambda key: self._rpc.compute_gradients(wire.with_graph_id(key, body), timeout=timeout),
             timeout)

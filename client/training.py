@@ -16,6 +16,7 @@ an uninterrupted one bit for bit.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -46,7 +47,12 @@ class TrainingError(GradpoolError):
 
 @runtime_checkable
 class GradientSource(Protocol):
-    """Whatever computes loss, gradients and forward values: a remote Client or LocalBackend."""
+    """Whatever computes loss, gradients and forward values: a remote Client or LocalBackend.
+
+    For a graph with random ops (dropout) the Trainer calls
+    `gradients(graph, params, batch, seed=N)`, with one seed per step; for
+    other graphs it passes no seed, so sources written without one still work.
+    """
 
     def gradients(self, graph: Graph, params: Arrays, batch: Arrays) -> tuple[float, dict[str, np.ndarray]]: ...
 
@@ -64,8 +70,9 @@ class LocalBackend:
     def __init__(self, shards: int = 1):
         self.shards = shards
 
-    def gradients(self, graph: Graph, params: Arrays, batch: Arrays) -> tuple[float, dict[str, np.ndarray]]:
-        return local_gradients(graph, params, batch, shards=self.shards)
+    def gradients(self, graph: Graph, params: Arrays, batch: Arrays, *,
+                  seed: Optional[int] = None) -> tuple[float, dict[str, np.ndarray]]:
+        return local_gradients(graph, params, batch, shards=self.shards, seed=seed)
 
     def forward(self, graph: Graph, params: Arrays, batch: Arrays, outputs: list[str]) -> dict[str, np.ndarray]:
         return local_forward(graph, params, batch, outputs)
@@ -169,6 +176,15 @@ def _short_metrics(metrics: Mapping[str, float]) -> dict[str, str]:
 
 
 _OPTIMIZERS = {"SGD": optim.SGD, "Adam": optim.Adam, "AdamW": optim.AdamW}
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of training step `step` (1-based) of a trainer seeded with `seed`:
+    a hash of both, so each step draws fresh dropout masks, and a run resumed
+    from a checkpoint (which holds the step) draws the same ones as an
+    uninterrupted run."""
+    digest = hashlib.blake2b(f"gradpool-step-seed:{int(seed)}:{int(step)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 def _optimizer_from_state(params: dict[str, np.ndarray], state: Optional[Mapping[str, Any]]) -> optim.Optimizer:
@@ -395,7 +411,8 @@ class Trainer:
         rows = order[self._position:stop]
         batch = (source.take(rows) if isinstance(source, DatasetRef)
                  else {name: array[rows] for name, array in source.items()})
-        loss, grads = self.backend.gradients(self.graph, self.params, batch)
+        random = {"seed": step_seed(self.seed, self.step + 1)} if self.graph.program().random_nodes else {}
+        loss, grads = self.backend.gradients(self.graph, self.params, batch, **random)
         loss = float(loss)
         if not math.isfinite(loss):
             raise TrainingError(f"the loss is {loss} at step {self.step + 1}; lower the learning rate "
@@ -547,7 +564,7 @@ class Trainer:
                 old.unlink(missing_ok=True)
 
     def load_checkpoint(self, path: PathLike) -> "Trainer":
-        """Continue from a checkpoint of this graph: params (in place), optimizer, position, RNG, history.
+        """Continue from a checkpoint of this graph: params (in place), optimizer, position, RNG, seed, history.
 
         Everything is checked before anything changes: a checkpoint of another
         graph, or one that does not fit, raises CheckpointError and leaves the
@@ -563,6 +580,7 @@ class Trainer:
             rng = np.random.default_rng()
             rng.bit_generator.state = saved["rng"]
             step, epoch, position = int(saved["step"]), int(saved["epoch"]), int(saved["position"])
+            seed = int(saved.get("seed", self.seed))  # keys the per-step seeds (dropout) from here on
             totals = {key: saved["epoch_totals"][key] for key in self._epoch_totals}
             history = History.from_dict(checkpoint.state.get("history", {}))
         except (KeyError, TypeError, ValueError) as err:
@@ -586,6 +604,7 @@ class Trainer:
         for name, value in checkpoint.params.items():
             np.copyto(self.params[name], value, casting="same_kind")  # in place: the optimizer holds them
         self.step, self.epoch, self._position = step, epoch, position
+        self.seed = seed
         self._order = None if order is None else order.astype(np.int64)
         self._rng = rng
         self._epoch_totals = totals

@@ -122,20 +122,22 @@ class RegisterGraphResponse(_message.Message):
     def __init__(self, graph_id: _Optional[str] = ...) -> None: ...
 
 class GradientsRequest(_message.Message):
-    __slots__ = ("graph_id", "params", "inputs", "request_id", "rows", "wire_dtype")
+    __slots__ = ("graph_id", "params", "inputs", "request_id", "rows", "wire_dtype", "seed")
     GRAPH_ID_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
     graph_id: str
     params: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     inputs: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     request_id: str
     rows: DatasetRows
     wire_dtype: DType
-    def __init__(self, graph_id: _Optional[str] = ..., params: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., request_id: _Optional[str] = ..., rows: _Optional[_Union[DatasetRows, _Mapping]] = ..., wire_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    seed: int
+    def __init__(self, graph_id: _Optional[str] = ..., params: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., request_id: _Optional[str] = ..., rows: _Optional[_Union[DatasetRows, _Mapping]] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class ArraySpec(_message.Message):
     __slots__ = ("name", "dtype", "shape")
@@ -358,7 +360,7 @@ class LoadGraphResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ShardRequest(_message.Message):
-    __slots__ = ("graph_id", "params", "inputs", "global_batch", "include_batch_independent", "mode", "outputs", "rows", "wire_dtype")
+    __slots__ = ("graph_id", "params", "inputs", "global_batch", "include_batch_independent", "mode", "outputs", "rows", "wire_dtype", "seed", "example_offset")
     class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         GRADIENTS: _ClassVar[ShardRequest.Mode]
@@ -374,6 +376,8 @@ class ShardRequest(_message.Message):
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLE_OFFSET_FIELD_NUMBER: _ClassVar[int]
     graph_id: str
     params: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     inputs: _containers.RepeatedCompositeFieldContainer[NamedTensor]
@@ -383,7 +387,9 @@ class ShardRequest(_message.Message):
     outputs: _containers.RepeatedScalarFieldContainer[str]
     rows: DatasetRows
     wire_dtype: DType
-    def __init__(self, graph_id: _Optional[str] = ..., params: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., global_batch: _Optional[int] = ..., include_batch_independent: _Optional[bool] = ..., mode: _Optional[_Union[ShardRequest.Mode, str]] = ..., outputs: _Optional[_Iterable[str]] = ..., rows: _Optional[_Union[DatasetRows, _Mapping]] = ..., wire_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    seed: int
+    example_offset: int
+    def __init__(self, graph_id: _Optional[str] = ..., params: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., global_batch: _Optional[int] = ..., include_batch_independent: _Optional[bool] = ..., mode: _Optional[_Union[ShardRequest.Mode, str]] = ..., outputs: _Optional[_Iterable[str]] = ..., rows: _Optional[_Union[DatasetRows, _Mapping]] = ..., wire_dtype: _Optional[_Union[DType, str]] = ..., seed: _Optional[int] = ..., example_offset: _Optional[int] = ...) -> None: ...
 
 class ShardResponse(_message.Message):
     __slots__ = ("loss", "grads", "outputs", "examples", "seconds")

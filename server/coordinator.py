@@ -169,8 +169,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             record = self._graph(request.graph_id)
             program = record.program
             program.signature.check_wire_params(request.params)  # float params may come compact
+            seed = program.check_seed(request.seed)  # a graph with dropout needs one
             batch = self._batch(program, request)
-            shards = self._shards(record, request.param_fields, batch, wire_dtype=wire_dtype)
+            shards = self._shards(record, request.param_fields, batch, wire_dtype=wire_dtype, seed=seed)
             total = OrderedSum(len(shards))
             with self._fan_out(shards, record, batch.dataset, context, request_id,
                                gradient_problem(program, wire_dtype)) as results:
@@ -313,7 +314,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     def _shards(self, record: GraphRecord, params: Sequence[memoryview], batch: Batch,
                 mode: int = pb.ShardRequest.GRADIENTS, outputs: Sequence[str] = (),
-                wire_dtype: int = EXACT) -> list[Shard]:
+                wire_dtype: int = EXACT, seed: Optional[int] = None) -> list[Shard]:
         pool = self.registry.pool()
         if not pool:
             raise RpcFailure(grpc.StatusCode.UNAVAILABLE,
@@ -321,7 +322,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         row_bytes = sum(item.row_bytes for item in batch.inputs)  # inline batches only: rows travel
         assignment = plan(pool, batch.examples, row_bytes, int(self.config.max_shard_mb * 2**20))
         requests = shard_requests(record.graph_id, params, batch, [(a, b) for _, a, b in assignment], mode, outputs,
-                                  wire_dtype)
+                                  wire_dtype, seed)
         return [Shard(i, start, stop, request, worker)
                 for i, ((worker, start, stop), request) in enumerate(zip(assignment, requests))]
 

@@ -165,17 +165,22 @@ def plan(pool: Sequence[WorkerEntry], examples: int, row_bytes: int = 0,
 
 def shard_requests(graph_id: str, param_fields: Sequence[memoryview], batch: Batch,
                    bounds: Sequence[tuple[int, int]], mode: int = pb.ShardRequest.GRADIENTS,
-                   outputs: Sequence[str] = (), wire_dtype: int = pb.DTYPE_UNSPECIFIED) -> list[Parts]:
+                   outputs: Sequence[str] = (), wire_dtype: int = pb.DTYPE_UNSPECIFIED,
+                   seed: Optional[int] = None) -> list[Parts]:
     """One ShardRequest per (start, stop), none of them copying a tensor yet:
     inline inputs are cut by row stride from the client's bytes, params are the
     client's own fields (compact or not, as they came), and a resident
     dataset's shard is its slice of the indices. The bytes are joined once,
-    when a shard is sent. `wire_dtype`: the encoding the gradients come back in."""
+    when a shard is sent. `wire_dtype`: the encoding the gradients come back in.
+    Every shard carries the request's `seed` and its `start` as its example
+    offset, so a retried or pipelined shard draws its own examples' masks."""
     requests = []
     for index, (start, stop) in enumerate(bounds):
         header = pb.ShardRequest(graph_id=graph_id, global_batch=batch.examples,
                                  include_batch_independent=index == 0, mode=mode, outputs=outputs,
-                                 wire_dtype=wire_dtype)
+                                 wire_dtype=wire_dtype, example_offset=start)
+        if seed is not None:
+            header.seed = seed
         if batch.dataset is not None:
             assert batch.indices is not None
             header.rows.dataset_id = batch.dataset.dataset_id

@@ -75,3 +75,20 @@ def params_for(graph: gp.Graph, seed: int = 0) -> dict[str, np.ndarray]:
     """Like init_params, but with no zero biases, so every gradient term shows."""
     rng = np.random.default_rng(seed + 1000)
     return {name: rng.normal(scale=0.5, size=shape).astype(dtype) for name, (shape, dtype) in graph.params.items()}
+
+
+def dropout_mlp(d: int = 8, h: int = 16, classes: int = 5, rate: float = 0.3, dtype: str = "float64",
+                l2: float = 1e-2) -> gp.Graph:
+    """softmax_mlp with dropout on its hidden layer: gradients need a seed."""
+    g = gp.Graph("dropout_mlp")
+    x = g.input("x", (d,), dtype=dtype)
+    y = g.input("y", (), dtype="int64")
+    W1 = g.param("W1", (d, h), dtype=dtype)
+    b1 = g.param("b1", (h,), dtype=dtype, init="normal")
+    W2 = g.param("W2", (h, classes), dtype=dtype)
+    b2 = g.param("b2", (classes,), dtype=dtype, init="normal")
+    hidden = gp.dropout(gp.tanh(x @ W1 + b1), rate).named("dropped")
+    logits = (hidden @ W2 + b2).named("logits")
+    data_loss = gp.softmax_cross_entropy(logits, y).mean()
+    g.set_loss(data_loss + l2 * ((W1 ** 2).sum() + (W2 ** 2).sum()))
+    return g

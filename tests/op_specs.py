@@ -71,6 +71,8 @@ SPECS: dict[str, list[Case]] = {
     "concat": [case((2, 3), (2, 1), (2, 2), axis=1), case((1, 3), (2, 3), axis=0), case((4,))],
     "slice": [case((4, 6), axis=1, start=1, stop=5, step=2), case((5, 3), axis=0, start=2), case((2, 7), axis=-1, stop=3)],
     "embedding": [case((6, 3), Arg((4,), "indices", 6)), case((5, 2), Arg((2, 3), "indices", 5))],
+    # checked with the harness's fixed seed (the mask is then a constant): some elements kept, some dropped
+    "dropout": [case((4, 5), rate=0.5), case((2, 3, 4), rate=0.2), case((6,), rate=0.0)],
 }
 
 

@@ -149,13 +149,15 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         global_batch = request.global_batch or None
         if request.mode == pb.ShardRequest.GRADIENTS:
             result = program.run(params, inputs, global_batch=global_batch,
-                                 include_batch_independent=request.include_batch_independent, stop=stop)
+                                 include_batch_independent=request.include_batch_independent, stop=stop,
+                                 seed=request.seed, example_offset=request.example_offset)
         elif request.mode == pb.ShardRequest.FORWARD:
             if not request.outputs:
                 raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, "FORWARD mode needs at least one output name")
             result = program.run(params, inputs, global_batch=global_batch,
                                  include_batch_independent=request.include_batch_independent,
-                                 gradients=False, outputs=request.outputs, stop=stop)
+                                 gradients=False, outputs=request.outputs, stop=stop,
+                                 example_offset=request.example_offset)
         else:
             raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"unknown shard mode {request.mode}")
         with self._lock:

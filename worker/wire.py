@@ -326,10 +326,11 @@ class RequestView:
     request_id: str = ""
     rows: Optional[pb.DatasetRows] = None
     wire_dtype: int = EXACT  # GradientsRequest only: the gradients' encoding (unchecked: see tensors.wire_dtype_field)
+    seed: Optional[int] = None  # GradientsRequest only: None when absent (presence, not 0, says "no seed")
 
 
 # Field numbers (gradpool.proto): both requests share 1-3; then they differ.
-GRADIENTS_REQUEST = {"request_id": 4, "rows": 5, "wire_dtype": 6}
+GRADIENTS_REQUEST = {"request_id": 4, "rows": 5, "wire_dtype": 6, "seed": 7}
 EVALUATE_REQUEST = {"outputs": 4, "request_id": 5, "rows": 6}
 
 
@@ -343,6 +344,8 @@ def read_request(buf: Buffer, evaluate: bool = False) -> RequestView:
     for number, wire_type, value, whole in walk(buf):
         if wire_type == VARINT and number == numbers.get("wire_dtype"):
             request.wire_dtype = int(value)  # type: ignore[arg-type]
+        if wire_type == VARINT and number == numbers.get("seed"):
+            request.seed = int(value)  # type: ignore[arg-type]
         if wire_type != LEN:
             continue
         if number == 1:
@@ -363,13 +366,17 @@ def read_request(buf: Buffer, evaluate: bool = False) -> RequestView:
 
 def request_parts(graph_id: str, params: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarray],
                   request_id: str, rows: Optional[pb.DatasetRows] = None,
-                  outputs: Optional[Sequence[str]] = None, wire_dtype: int = EXACT) -> tuple[Parts, Parts]:
+                  outputs: Optional[Sequence[str]] = None, wire_dtype: int = EXACT,
+                  seed: Optional[int] = None) -> tuple[Parts, Parts]:
     """A GradientsRequest (or, with `outputs`, an EvaluateRequest) as (header,
     body): the header holds the graph id, so a retry rebuilds only it. With
     `wire_dtype` (GradientsRequest only) float params are written in that
-    encoding and the gradients asked for in it; inputs always as they are."""
+    encoding and the gradients asked for in it; inputs always as they are.
+    `seed` (GradientsRequest only) is written whenever given, 0 included."""
     if outputs is not None and wire_dtype != EXACT:
         raise ValueError("an EvaluateRequest has no wire_dtype")
+    if outputs is not None and seed is not None:
+        raise ValueError("an EvaluateRequest has no seed (forward-only runs turn dropout off)")
     numbers = EVALUATE_REQUEST if outputs is not None else GRADIENTS_REQUEST
     body = Parts()
     named_arrays(body, 2, params, wire_dtype)
@@ -380,6 +387,8 @@ def request_parts(graph_id: str, params: Mapping[str, np.ndarray], inputs: Mappi
     if rows is not None:
         body.bytes_field(numbers["rows"], rows.SerializeToString())
     body.varint_field(GRADIENTS_REQUEST["wire_dtype"], wire_dtype)  # nothing when EXACT
+    if seed is not None:  # an optional field: present even when 0
+        body.raw(key(GRADIENTS_REQUEST["seed"], VARINT) + varint(seed))
     return Parts().bytes_field(1, graph_id.encode()), body
 
 
@@ -414,6 +423,8 @@ class ShardRequestView:
     outputs: list[str] = field(default_factory=list)
     rows: Optional[pb.DatasetRows] = None
     wire_dtype: int = EXACT  # unchecked: see tensors.wire_dtype_field
+    seed: Optional[int] = None  # None when absent
+    example_offset: int = 0
 
 
 def read_shard_request(buf: Buffer) -> ShardRequestView:
@@ -439,6 +450,10 @@ def read_shard_request(buf: Buffer) -> ShardRequestView:
                 request.mode = int(value)  # type: ignore[arg-type]
             elif number == 9:
                 request.wire_dtype = int(value)  # type: ignore[arg-type]
+            elif number == 10:
+                request.seed = int(value)  # type: ignore[arg-type]
+            elif number == 11:
+                request.example_offset = signed(int(value))  # type: ignore[arg-type]
     return request
 
 
@@ -549,10 +564,12 @@ def read_evaluate_response(buf: Buffer) -> ResultView:
 def _check_field_numbers() -> None:
     """The numbers above are gradpool.proto's; a proto change that moves one must fail loudly, at import."""
     expected = {
-        "GradientsRequest": {"graph_id": 1, "params": 2, "inputs": 3, "request_id": 4, "rows": 5, "wire_dtype": 6},
+        "GradientsRequest": {"graph_id": 1, "params": 2, "inputs": 3, "request_id": 4, "rows": 5, "wire_dtype": 6,
+                             "seed": 7},
         "EvaluateRequest": {"graph_id": 1, "params": 2, "inputs": 3, "outputs": 4, "request_id": 5, "rows": 6},
         "ShardRequest": {"graph_id": 1, "params": 2, "inputs": 3, "global_batch": 4,
-                         "include_batch_independent": 5, "mode": 6, "outputs": 7, "rows": 8, "wire_dtype": 9},
+                         "include_batch_independent": 5, "mode": 6, "outputs": 7, "rows": 8, "wire_dtype": 9,
+                         "seed": 10, "example_offset": 11},
         "ShardResponse": SHARD_RESPONSE,
         "GradientsResponse": GRADIENTS_RESPONSE,
         "EvaluateResponse": EVALUATE_RESPONSE,
@@ -564,6 +581,10 @@ def _check_field_numbers() -> None:
         actual = {f.name: f.number for f in getattr(pb, message).DESCRIPTOR.fields}
         if actual != numbers:
             raise ImportError(f"gradpool.proto's {message} fields are {actual}; worker/wire.py reads {numbers}")
+    for message in ("GradientsRequest", "ShardRequest"):  # "no seed" is absence, which only an optional field keeps
+        if not getattr(pb, message).DESCRIPTOR.fields_by_name["seed"].has_presence:
+            raise ImportError(f"gradpool.proto's {message}.seed must be `optional`: worker/wire.py reads absence "
+                              "as 'no seed' and 0 as a seed")
     compact_enums = {"FLOAT16": pb.FLOAT16, "BFLOAT16": pb.BFLOAT16}  # the wire's, like field numbers
     if compact_enums != {"FLOAT16": 6, "BFLOAT16": 7}:
         raise ImportError(f"gradpool.proto's compact DType values are {compact_enums}; the wire carries 6 and 7")

@@ -16,11 +16,13 @@ An entry says everything the engine and the SDK need to know:
   argument with the others fixed: mul, matmul), "first" (div) or "none".
 
 `at` is a `Call`: the node's attributes, read as `at.axis`, plus the
-declared context of the call (`at.per_example`, `at.wants`, `at.batch`).
+declared context of the call (`at.per_example`, `at.wants`, `at.batch`, and
+for random ops `at.node`, `at.seed`, `at.offset`, `at.training`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -56,12 +58,21 @@ class Call:
                        for it and return None);
     * `batch`       -- the global batch size (set per run for `needs_batch`
                        ops), so `mean` over the batch divides by the whole
-                       batch, not by a shard's share of it.
+                       batch, not by a shard's share of it;
+    * `node`        -- the node's name (keys a random op's stream);
+    * `seed`, `offset`, `training` -- set per run for `needs_seed` ops: the
+                       request's seed (None: none given), the global index
+                       of this shard's first example, and whether the run
+                       takes gradients (forward-only runs turn dropout off).
     """
     attrs: Attrs
     per_example: bool = False
     wants: tuple[bool, ...] = ()
     batch: int = 0
+    node: str = ""
+    seed: Optional[int] = None
+    offset: int = 0
+    training: bool = False
 
     def __getattr__(self, name: str) -> Any:  # only reached for names that are not fields
         try:
@@ -70,7 +81,7 @@ class Call:
             raise AttributeError(name) from None
 
 
-CONTEXT_NAMES = frozenset(("attrs", "per_example", "wants", "batch"))
+CONTEXT_NAMES = frozenset(("attrs", "per_example", "wants", "batch", "node", "seed", "offset", "training"))
 
 
 @dataclass(frozen=True)
@@ -88,6 +99,9 @@ class Op:
     doc: str = ""
     # True when forward/vjp read `at.batch` (the global batch size).
     needs_batch: bool = False
+    # True when forward/vjp read `at.seed`, `at.offset`, `at.training` (random
+    # ops: a gradient run of a graph with one needs a seed).
+    needs_seed: bool = False
     # (index input, indexed input, axis): input k holds integers that index
     # that axis of another input (labels into logits, rows of a table). The
     # SDK and the trainer check such inputs' ranges before sending them.
@@ -672,3 +686,108 @@ def _embedding_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, table: np.ndarray,
 register(Op("embedding", 2, _embedding_shape, _embedding_forward, _embedding_vjp, dtype=_embedding_dtype,
             indexes=(1, 0, 0),
             linear_in="first", doc="rows of a table gathered by integer indices"))
+
+
+# ---------------------------------------------------------------- randomness
+
+# Dropout's mask is a pure function of (request seed, node name, global
+# example index, element index within the example): a counter-based hash,
+# not a generator with state. So a shard computes exactly its examples' rows
+# of the mask the whole batch would get, whatever the split, the worker, the
+# retry or the order, and backward recomputes the mask instead of keeping it.
+_U64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15  # splitmix64's increment: 2^64 / golden ratio, odd
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # splitmix64's finalizer multipliers
+# A value without the batch axis (a param, a batch-reduced value) is one
+# "example" with this index, so every shard draws the same mask for it.
+NOT_PER_EXAMPLE = _U64
+
+
+def _mix_int(z: int) -> int:
+    """splitmix64's finalizer on one Python int: a bijection of 64-bit values
+    whose every output bit depends on every input bit."""
+    z = ((z ^ (z >> 30)) * _MIX1) & _U64
+    z = ((z ^ (z >> 27)) * _MIX2) & _U64
+    return z ^ (z >> 31)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """The same finalizer on a uint64 array, in place (uint64 arrays wrap silently)."""
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(_MIX1)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(_MIX2)
+    z ^= z >> np.uint64(31)
+    return z
+
+
+def node_key(name: str) -> int:
+    """A node's 64-bit stream key: stable across processes (Python's hash() is not)."""
+    return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def uniform_bits(seed: int, node: str, examples: np.ndarray, per_example: int) -> np.ndarray:
+    """(len(examples), per_example) uint64 hashes, uniform over 64 bits: element
+    j of example e is splitmix64's output j of the stream keyed by
+    mix(key(seed, node) + (e + 1) * golden). Vectorized: no loop over examples
+    or elements."""
+    base = _mix_int((seed ^ _mix_int(node_key(node))) & _U64)
+    stream = (examples.astype(np.uint64) + np.uint64(1)) * np.uint64(_GOLDEN)
+    stream += np.uint64(base)
+    _mix(stream)
+    counters = np.arange(1, per_example + 1, dtype=np.uint64)
+    counters *= np.uint64(_GOLDEN)
+    bits = np.add.outer(stream, counters)
+    return _mix(bits)
+
+
+def dropout_keep(at: "Call", shape: tuple[int, ...]) -> np.ndarray:
+    """The keep mask (bool, `shape`) for this node, seed and shard: an element
+    is kept when the top 53 bits of its hash, read as a fraction, are >= rate,
+    so each is kept with probability 1 - rate."""
+    if at.seed is None:
+        raise InputError("dropout needs a seed when it runs for gradients: pass seed=... "
+                         "(the Trainer derives one per step)")
+    if at.per_example and len(shape) > 0:
+        examples = np.arange(at.offset, at.offset + shape[0], dtype=np.uint64)
+        per = math.prod(shape[1:])
+    else:
+        examples = np.array([NOT_PER_EXAMPLE], dtype=np.uint64)
+        per = math.prod(shape)
+    bits = uniform_bits(at.seed, at.node, examples, per)
+    bits >>= np.uint64(11)
+    return (bits >= np.uint64(math.ceil(at.rate * 2.0**53))).reshape(shape)
+
+
+def _dropout_factor(at: "Call", x: np.ndarray) -> np.ndarray:
+    """mask / (1 - rate) in x's dtype: 0 where dropped, the scale where kept (torch's noise tensor)."""
+    scale = x.dtype.type(1) / x.dtype.type(1.0 - at.rate)
+    return np.multiply(dropout_keep(at, x.shape), scale, dtype=x.dtype)
+
+
+def _dropout_shape(at: Attrs, x: Shape) -> Shape:
+    if not 0.0 <= at.rate < 1.0:
+        raise GraphError(f"dropout rate must be in [0, 1), got {at.rate}")
+    return x
+
+
+def _dropout_forward(at: "Call", x: np.ndarray) -> np.ndarray:
+    if not at.training or at.rate == 0.0:
+        return x
+    return np.multiply(x, _dropout_factor(at, x), dtype=x.dtype)
+
+
+def _dropout_vjp(at: "Call", g: np.ndarray, out: np.ndarray, x: np.ndarray) -> tuple:
+    """g * mask / (1 - rate), the mask recomputed from the seed: reading it off
+    the output (out != 0) would be wrong wherever x itself is 0."""
+    if not at.training or at.rate == 0.0:
+        return (g,)
+    return (_scaled(g, _dropout_factor(at, x)),)
+
+
+register(Op("dropout", 1, _dropout_shape, _dropout_forward, _dropout_vjp, linear_in="all", needs_seed=True,
+            attrs={"rate": (float, REQUIRED)},
+            doc="inverted dropout, as torch: in gradient runs each element is zeroed with probability `rate` "
+                "and the kept ones scaled by 1 / (1 - rate); forward-only runs pass x through. The mask is a "
+                "hash of (seed, node name, global example index, element index), so every split of the batch "
+                "draws the same mask"))

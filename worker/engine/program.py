@@ -90,6 +90,27 @@ class Plan:
     backward: tuple[Step, ...]
 
 
+@dataclass(frozen=True)
+class RunContext:
+    """What a run tells the ops that read it (`needs_batch`, `needs_seed`)."""
+    batch: int
+    seed: Optional[int] = None
+    offset: int = 0
+    training: bool = False
+
+
+MAX_SEED = 2**64 - 1
+
+
+def check_seed(seed: object) -> Optional[int]:
+    """A request's seed as an int in [0, 2^64), or None; anything else is an InputError."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) <= MAX_SEED:
+        raise InputError(f"seed must be an integer in [0, 2^64), got {quoted(seed)}")
+    return int(seed)
+
+
 @dataclass
 class RunResult:
     loss: float
@@ -145,7 +166,7 @@ class Program:
         for node in self.nodes:
             if node.op not in SOURCES:
                 node.call = Call(node.attrs, per_example=node.call.per_example,  # type: ignore[union-attr]
-                                 wants=tuple(i in self._grad_set for i in node.inputs))
+                                 wants=tuple(i in self._grad_set for i in node.inputs), node=node.name)
         for j in self._grad_set:
             node = self.nodes[j]
             if node.op not in SOURCES and get_op(node.op).vjp is None:
@@ -154,6 +175,9 @@ class Program:
         self.signature = self._signature()
         self._live_cache: dict[tuple, tuple[int, ...]] = {}
         self._plans: dict[tuple, Plan] = {}
+        # Random nodes (dropout) the loss depends on: a gradient run needs a seed for them.
+        self.random_nodes = tuple(self.nodes[i] for i in self._live((self.loss,), frozenset())
+                                  if self.nodes[i].op not in SOURCES and get_op(self.nodes[i].op).needs_seed)
 
     def _signature(self) -> Signature:
         spec = lambda n: TensorSpec(n.name, n.op, n.shape, n.dtype)  # noqa: E731
@@ -300,13 +324,29 @@ class Program:
                 raise InputError(f"output {quoted(name)} is {node.kind}; only per-example nodes can be evaluated "
                                  "(their rows concatenate across shards)")
 
+    def check_seed(self, seed: object) -> Optional[int]:
+        """The seed of a gradient run, checked: a graph with random nodes
+        (dropout) on the loss's path needs one, so that every shard and every
+        rerun draws the same masks; refused, naming the node, without."""
+        seed = check_seed(seed)
+        if seed is None and self.random_nodes:
+            raise InputError(f"{self.random_nodes[0].where()} is random: computing gradients needs a seed "
+                             "(gradients(..., seed=N); the Trainer passes one per step), so that every shard "
+                             "and every rerun draws the same mask")
+        return seed
+
     def run(self, params: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarray], *,
             global_batch: Optional[int] = None, include_batch_independent: bool = True,
-            gradients: bool = True, outputs: Sequence[str] = (), stop: Optional[threading.Event] = None) -> RunResult:
+            gradients: bool = True, outputs: Sequence[str] = (), stop: Optional[threading.Event] = None,
+            seed: Optional[int] = None, example_offset: int = 0) -> RunResult:
         """Forward (and backward) on one shard. `global_batch` is the size of the
         whole minibatch the shard belongs to; it defaults to this shard's size.
         With `gradients=False`, only the per-example `outputs` are computed.
-        `stop`, once set, ends the run between two nodes with `Cancelled`."""
+        `stop`, once set, ends the run between two nodes with `Cancelled`.
+        `seed` keys random ops (required for gradients when the graph has
+        one; forward-only runs turn dropout off) and `example_offset` is the
+        global index of this shard's first example, which keys their masks."""
+        seed = self.check_seed(seed) if gradients else check_seed(seed)
         if gradients:
             needed_inputs, needed_params = set(self.inputs), set(self.params)
         else:
@@ -319,18 +359,23 @@ class Program:
         global_batch = examples if global_batch is None else int(global_batch)
         if global_batch < examples or (self.inputs and global_batch < 1):
             raise InputError(f"global batch size {global_batch} is smaller than this shard ({examples} examples)")
+        if isinstance(example_offset, bool) or not isinstance(example_offset, (int, np.integer)) \
+                or not 0 <= example_offset <= global_batch - examples:
+            raise InputError(f"example offset {quoted(example_offset)} does not place this shard's {examples} "
+                             f"examples inside the global batch of {global_batch}")
+        context = RunContext(global_batch, seed, int(example_offset), gradients)
         output_ids = tuple(self.node(name).index for name in outputs) if not gradients else ()
         cut = frozenset() if include_batch_independent else self.cuts
         skip_loss = not include_batch_independent and self.nodes[self.loss].kind == BATCH_INDEPENDENT
         backward = gradients and not skip_loss
         plan = self._plan(output_ids, cut, backward)
-        values = self._forward(plan, params, inputs, global_batch, stop)
+        values = self._forward(plan, params, inputs, context, stop)
         result_outputs = {name: np.array(values[self.index[name]]) for name in outputs} if not gradients else {}
         loss = float(values[self.loss]) if backward else 0.0
         grads: dict[str, np.ndarray] = {}
         if gradients:
             if backward:
-                grads = self._backward(plan, values, global_batch, stop)
+                grads = self._backward(plan, values, context, stop)
             for name, value in params.items():
                 if name not in grads:
                     grads[name] = np.zeros_like(value)
@@ -374,13 +419,17 @@ class Program:
                 for k, i in enumerate(inputs)]
 
     @staticmethod
-    def _call(step: Step, global_batch: int) -> Call:
+    def _call(step: Step, context: RunContext) -> Call:
         call = step.node.call
         assert call is not None and step.op is not None
-        return replace(call, batch=global_batch) if step.op.needs_batch else call
+        if step.op.needs_batch:
+            call = replace(call, batch=context.batch)
+        if step.op.needs_seed:
+            call = replace(call, seed=context.seed, offset=context.offset, training=context.training)
+        return call
 
     def _forward(self, plan: Plan, params: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarray],
-                 global_batch: int, stop: Optional[threading.Event] = None) -> list:
+                 context: RunContext, stop: Optional[threading.Event] = None) -> list:
         values: list = [None] * len(self.nodes)
         for step in plan.forward:
             node = step.node
@@ -391,7 +440,7 @@ class Program:
             if stop is not None and stop.is_set():
                 raise Cancelled(f"stopped before {node.where()}: the caller gave up")
             try:
-                out = step.op.forward(self._call(step, global_batch), *self._args(step, values))
+                out = step.op.forward(self._call(step, context), *self._args(step, values))
             except GradpoolError as err:
                 raise type(err)(f"{node.where()}: {err}") from None
             values[node.index] = np.asarray(out, dtype=node.dtype)
@@ -399,7 +448,7 @@ class Program:
                 values[i] = None
         return values
 
-    def _backward(self, plan: Plan, values: list, global_batch: int,
+    def _backward(self, plan: Plan, values: list, context: RunContext,
                   stop: Optional[threading.Event] = None) -> dict[str, np.ndarray]:
         adjoints: dict[int, np.ndarray] = {self.loss: np.ones((), self.nodes[self.loss].dtype)}
         grads: dict[str, np.ndarray] = {}
@@ -421,7 +470,7 @@ class Program:
             if stop is not None and stop.is_set():
                 raise Cancelled(f"stopped at the gradient of {node.where()}: the caller gave up")
             args = self._args(step, values)
-            input_grads = step.op.vjp(self._call(step, global_batch), g, values[j], *args)
+            input_grads = step.op.vjp(self._call(step, context), g, values[j], *args)
             if len(input_grads) != len(node.inputs):
                 raise GraphError(f"{node.where()}: gradient rule returned {len(input_grads)} values for "
                                  f"{len(node.inputs)} inputs")
