@@ -106,6 +106,7 @@ class _Monitor(Callback):
             self._seen = True
             return float(record[self.monitor])
         if evaluated:
+            self._seen = True  # this error says it: no warning at the end as well
             known = sorted(k for k in record if isinstance(record[k], (int, float)))
             raise InputError(f"{type(self).__name__} monitors {self.monitor!r}, which the epoch records do not "
                              f"have; they have {known}")
