@@ -34,6 +34,7 @@ for _module, _names in {
     "gradpool.remote": "Client ClusterStatus ForwardResult GradientsResult RemoteGraphError RemoteInputError "
                        "RemoteShardingError RetryPolicy ServiceError ServiceUnavailable ShardStat WorkerStatus",
     "gradpool.training": "GradientSource History LocalBackend Trainer TrainingError fit",
+    "gradpool.callbacks": "BestCheckpoint CSVLogger Callback EarlyStopping TensorBoardLogger",
     "gradpool.worker.rpc": "TlsConfig",
     "gradpool.certs": "make_dev_certs",
 }.items():
@@ -74,5 +75,6 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, eagerly
                                  RemoteInputError, RemoteShardingError, RetryPolicy, ServiceError,
                                  ServiceUnavailable, ShardStat, WorkerStatus)
     from gradpool.training import GradientSource, History, LocalBackend, Trainer, TrainingError, fit
+    from gradpool.callbacks import BestCheckpoint, CSVLogger, Callback, EarlyStopping, TensorBoardLogger
     from gradpool.worker.engine.errors import GradpoolError, GraphError, InputError, ShardingError
     from gradpool.worker.rpc import TlsConfig

@@ -19,6 +19,16 @@ Conventions:
   model as in PyTorch.
 * A learning rate is a :class:`Schedule`; the rate used by a step is
   ``schedule(t)`` where ``t`` is the number of steps already taken.
+* Parameter groups (``groups=[{"params": ["b1", "b2"], "weight_decay": 0.0}]``)
+  give some parameters their own hyperparameters and learning rate, as
+  PyTorch's param groups do; parameters in no group use the constructor's.
+  A group's float ``lr`` follows the optimizer's schedule, scaled by
+  ``lr / schedule.base_lr``; a group may also have a Schedule of its own.
+* ``clip_grad_norm=c`` rescales all gradients together by
+  ``c / (norm + 1e-6)`` when their global L2 norm exceeds ``c``, as
+  ``torch.nn.utils.clip_grad_norm_`` does; ``last_grad_norm`` is the norm
+  before clipping.  Clipping lives on the optimizer so that its setting is
+  part of the state dict (and of checkpoints), like the groups.
 
 Wrong kinds of objects raise ``TypeError``; bad values (hyperparameters,
 gradient names or shapes, foreign state dicts) raise ``ValueError`` with a
@@ -44,6 +54,7 @@ __all__ = [
     "SGD",
     "Adam",
     "AdamW",
+    "global_norm",
 ]
 
 
@@ -264,6 +275,26 @@ def _names(names: Any) -> str:
     return ", ".join(repr(n) for n in sorted(names, key=str))
 
 
+def global_norm(grads: Mapping[str, np.ndarray]) -> float:
+    """The L2 norm of all gradients taken as one vector, accumulated in float64.
+
+    One dot product per array, in the mapping's order: the same gradients
+    give the same bits, which a resumed run relies on.
+    """
+    total = 0.0
+    for g in grads.values():
+        flat = np.asarray(g, dtype=np.float64).reshape(-1)
+        total += float(np.dot(flat, flat))
+    return math.sqrt(total)
+
+
+_CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s guard against dividing by a zero norm
+
+
+def _clip_setting(value: Any) -> float | None:
+    return None if value is None else _real("clip_grad_norm", value, low=0.0, low_open=True)
+
+
 class Optimizer:
     """Base class: validation, step counting, schedules and state dicts.
 
@@ -275,17 +306,109 @@ class Optimizer:
 
     _hp: dict[str, Any]
 
-    def __init__(self, params: Mapping[str, np.ndarray], lr: float | Schedule) -> None:
+    def __init__(
+        self,
+        params: Mapping[str, np.ndarray],
+        lr: float | Schedule,
+        *,
+        groups: Any = None,
+        clip_grad_norm: float | None = None,
+    ) -> None:
         if not hasattr(self, "_hp"):
             self._hp = {}
         self._params = _check_params(params)
         self._schedule = _as_schedule(lr)
+        self._groups = self._check_groups(groups if groups is not None else [], self._hp, self._schedule)
+        self._clip = _clip_setting(clip_grad_norm)
         self._check_hp_for_params(self._hp)
+        for group in self._groups:
+            self._check_hp_for_params(group["hp"], group["params"])
         self._step_count = 0
+        self.last_grad_norm: float | None = None
         self._slots: dict[str, dict[str, np.ndarray]] = {
-            name: {slot: np.zeros_like(p) for slot in self._slot_names(self._hp)}
+            name: {slot: np.zeros_like(p) for slot in self._slot_names(self._hp_of(name))}
             for name, p in self._params.items()
         }
+
+    # -- parameter groups -------------------------------------------------
+
+    def _check_groups(self, groups: Any, defaults: dict[str, Any], schedule: Schedule) -> list[dict[str, Any]]:
+        """Normalise groups to ``{"params", "lr", "overrides", "hp"}``; ValueError/TypeError if bad.
+
+        ``hp`` is the group's full hyperparameters (the defaults with the
+        group's settings over them), validated as the constructor's are.
+        """
+        if isinstance(groups, (Mapping, str, bytes)) or not hasattr(groups, "__iter__"):
+            raise TypeError(f"groups must be a list of dicts like {{'params': [names], 'lr': ...}}, got {groups!r}")
+        checked: list[dict[str, Any]] = []
+        owner: dict[str, int] = {}
+        for i, group in enumerate(groups):
+            where = f"groups[{i}]"
+            if not isinstance(group, Mapping):
+                raise TypeError(f"{where} must be a dict with a 'params' list, got {type(group).__name__}")
+            names = group.get("params")
+            if isinstance(names, (str, bytes)) or not hasattr(names, "__iter__"):
+                raise TypeError(f"{where}['params'] must be a list of parameter names, got {names!r}")
+            names = list(names)
+            if not names:
+                raise ValueError(f"{where} has no params")
+            for name in names:
+                if not isinstance(name, str):
+                    raise TypeError(f"{where}['params'] must hold parameter names (str), got {name!r}")
+                if name not in self._params:
+                    raise ValueError(f"{where} names {name!r}, which is not a parameter of this optimizer")
+                if name in owner:
+                    raise ValueError(f"parameter {name!r} is in groups[{owner[name]}] and {where}")
+                owner[name] = i
+            lr = group.get("lr")
+            if lr is not None and not isinstance(lr, Schedule):
+                lr = _real(f"{where}['lr']", lr, low=0.0, low_open=True)
+                if not isinstance(getattr(schedule, "base_lr", None), numbers.Real) or schedule.base_lr <= 0:
+                    raise ValueError(
+                        f"{where} has lr={lr:g}, scaled with the schedule {schedule!r}, which has no base_lr; "
+                        f"give the group a Schedule of its own"
+                    )
+            overrides = {k: v for k, v in group.items() if k not in ("params", "lr")}
+            unknown = overrides.keys() - defaults.keys()
+            if unknown:
+                raise TypeError(
+                    f"{where} has unknown setting(s) {_names(unknown)}; a group sets 'params', 'lr' "
+                    f"and any of {_names(defaults) or 'nothing else'}"
+                )
+            try:
+                hp = self._validate_hyperparams(**{**defaults, **overrides})
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{where}: {e}") from None
+            checked.append({"params": names, "lr": lr, "overrides": {k: hp[k] for k in overrides}, "hp": hp})
+        return checked
+
+    def _group_index(self, groups: list[dict[str, Any]]) -> dict[str, int]:
+        return {name: i for i, group in enumerate(groups) for name in group["params"]}
+
+    def _hp_of(
+        self, name: str, groups: list[dict[str, Any]] | None = None, defaults: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Hyperparameters that apply to parameter ``name`` (its group's, or the defaults)."""
+        for group in self._groups if groups is None else groups:
+            if name in group["params"]:
+                return group["hp"]
+        return self._hp if defaults is None else defaults
+
+    @staticmethod
+    def _checked_lr(lr: Any, schedule: Any, step: int) -> float:
+        # Custom schedules are user code: a negative or NaN rate must not reach the parameters.
+        ok = isinstance(lr, numbers.Real) and not isinstance(lr, (bool, np.bool_))
+        if not ok or not (0.0 <= float(lr) < math.inf):
+            raise ValueError(f"schedule {schedule!r} gave invalid lr {lr!r} at step {step}")
+        return float(lr)
+
+    def _group_lr(self, group: dict[str, Any], base: float) -> float:
+        lr = group["lr"]
+        if lr is None:
+            return base
+        if isinstance(lr, Schedule):
+            return self._checked_lr(lr(self._step_count), lr, self._step_count)
+        return base * (lr / self._schedule.base_lr)  # type: ignore[attr-defined]
 
     # -- subclass hooks ---------------------------------------------------
 
@@ -296,15 +419,17 @@ class Optimizer:
             raise TypeError(f"unexpected hyperparameters {_names(hp)}")
         return {}
 
-    def _check_hp_for_params(self, hp: dict[str, Any]) -> None:
-        """Checks that need both hyperparameters and parameter dtypes."""
+    def _check_hp_for_params(self, hp: dict[str, Any], names: Any = None) -> None:
+        """Checks that need both hyperparameters and parameter dtypes (of ``names``, default all)."""
 
     @classmethod
     def _slot_names(cls, hp: dict[str, Any]) -> tuple[str, ...]:
         return ()
 
-    def _update(self, p: np.ndarray, g: np.ndarray, slots: dict[str, np.ndarray], lr: float, t: int) -> None:
-        """Apply one update to ``p`` in place; ``t`` is the 1-based number of this step."""
+    def _update(
+        self, p: np.ndarray, g: np.ndarray, slots: dict[str, np.ndarray], lr: float, t: int, hp: dict[str, Any]
+    ) -> None:
+        """Apply one update to ``p`` in place; ``t`` is the 1-based number of this step, ``hp`` its group's."""
         raise NotImplementedError(f"{type(self).__name__} does not implement _update")
 
     # -- public API -------------------------------------------------------
@@ -316,13 +441,25 @@ class Optimizer:
 
     @property
     def lr(self) -> float:
-        """Learning rate the next :meth:`step` will use: ``schedule(step_count)``."""
-        lr = self._schedule(self._step_count)
-        # Custom schedules are user code: a negative or NaN rate must not reach the parameters.
-        ok = isinstance(lr, numbers.Real) and not isinstance(lr, (bool, np.bool_))
-        if not ok or not (0.0 <= float(lr) < math.inf):
-            raise ValueError(f"schedule {self._schedule!r} gave invalid lr {lr!r} at step {self._step_count}")
-        return float(lr)
+        """Learning rate the next :meth:`step` will use for parameters in no group: ``schedule(step_count)``."""
+        return self._checked_lr(self._schedule(self._step_count), self._schedule, self._step_count)
+
+    @property
+    def group_lrs(self) -> list[float]:
+        """Learning rates the next step uses for each of ``groups``, in order."""
+        base = self.lr
+        return [self._group_lr(group, base) for group in self._groups]
+
+    @property
+    def groups(self) -> list[dict[str, Any]]:
+        """The parameter groups as given (normalised): ``params``, ``lr`` and the group's settings."""
+        return [{"params": list(g["params"]), **({"lr": g["lr"]} if g["lr"] is not None else {}), **g["overrides"]}
+                for g in self._groups]
+
+    @property
+    def clip_grad_norm(self) -> float | None:
+        """The global gradient norm steps clip to, or None."""
+        return self._clip
 
     @property
     def schedule(self) -> Schedule:
@@ -342,14 +479,31 @@ class Optimizer:
         """Update every parameter in place from ``grads`` (same names and shapes).
 
         All gradients are checked before any parameter changes, so a bad
-        ``grads`` leaves the parameters and optimizer state untouched.
+        ``grads`` (or, with clipping, a non-finite gradient norm) leaves the
+        parameters and optimizer state untouched.  ``last_grad_norm`` is
+        set to the global norm before clipping.
         """
         checked = self._check_grads(grads)
+        norm = global_norm(checked)
+        if self._clip is not None:
+            if not math.isfinite(norm):
+                raise ValueError(f"the gradient norm is {norm} at step {self._step_count + 1}; cannot clip it")
+            scale = self._clip / (norm + _CLIP_EPS)
+            if scale < 1.0:
+                # New arrays: `checked` may hold the caller's gradients, which are never written to.
+                checked = {name: np.multiply(g, scale, out=np.empty_like(g)) for name, g in checked.items()}
         lr = self.lr
+        group_lrs = self.group_lrs
+        owner = self._group_index(self._groups)
         t = self._step_count + 1
         for name, p in self._params.items():
-            self._update(p, checked[name], self._slots[name], lr, t)
+            i = owner.get(name)
+            if i is None:
+                self._update(p, checked[name], self._slots[name], lr, t, self._hp)
+            else:
+                self._update(p, checked[name], self._slots[name], group_lrs[i], t, self._groups[i]["hp"])
         self._step_count = t
+        self.last_grad_norm = norm
 
     def _check_grads(self, grads: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not isinstance(grads, Mapping):
@@ -383,24 +537,36 @@ class Optimizer:
             "schedule": self._schedule.config(),
             "param_shapes": {name: tuple(p.shape) for name, p in self._params.items()},
             "slots": {name: {k: a.copy() for k, a in slots.items()} for name, slots in self._slots.items()},
+            "groups": [self._group_state(g) for g in self._groups],
+            "clip_grad_norm": self._clip,
         }
+
+    @staticmethod
+    def _group_state(group: dict[str, Any]) -> dict[str, Any]:
+        lr = group["lr"]
+        return {"params": list(group["params"]), "lr": lr.config() if isinstance(lr, Schedule) else lr,
+                **group["overrides"]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore step count, hyperparameters, schedule and slots from :meth:`state_dict`.
 
-        The state dict is authoritative (as in PyTorch): its hyperparameters and
-        schedule replace the ones given to the constructor.  Everything is
-        checked before anything changes; a state dict from another kind of
-        optimizer or for other parameter names/shapes raises ``ValueError``.
-        Slot arrays are copied and cast to each parameter's dtype.
+        The state dict is authoritative (as in PyTorch): its hyperparameters,
+        schedule, groups and clipping replace the ones given to the
+        constructor (a state dict from before groups and clipping existed
+        keeps the constructor's).  Everything is checked before anything
+        changes; a state dict from another kind of optimizer or for other
+        parameter names/shapes raises ``ValueError``.  Slot arrays are copied
+        and cast to each parameter's dtype.
         """
         kind = type(self).__name__
         if not isinstance(state, Mapping):
             raise ValueError(f"state dict must be a mapping, got {type(state).__name__}")
         expected_keys = {"optimizer", "step_count", "hyperparams", "schedule", "param_shapes", "slots"}
-        if set(state.keys()) != expected_keys:
+        optional_keys = {"groups", "clip_grad_norm"}  # absent from state dicts older than them
+        if not expected_keys <= set(state.keys()) <= expected_keys | optional_keys:
             raise ValueError(
-                f"not a {kind} state dict: keys are {_names(state.keys())}, expected {_names(expected_keys)}"
+                f"not a {kind} state dict: keys are {_names(state.keys())}, expected {_names(expected_keys)} "
+                f"and optionally {_names(optional_keys)}"
             )
         if state["optimizer"] != kind:
             raise ValueError(f"state dict is from a {state['optimizer']!r} optimizer, cannot load it into {kind}")
@@ -414,6 +580,23 @@ class Optimizer:
             raise ValueError(f"bad {kind} state dict: {e}") from None
         schedule = Schedule.from_config(state["schedule"])
         self._check_hp_for_params(hp)
+        try:
+            clip = _clip_setting(state["clip_grad_norm"]) if "clip_grad_norm" in state else self._clip
+            if "groups" in state:
+                groups_in = state["groups"]
+                if isinstance(groups_in, (str, bytes)) or not hasattr(groups_in, "__iter__"):
+                    raise TypeError(f"groups must be a list, got {type(groups_in).__name__}")
+                groups_in = [
+                    {**g, "lr": Schedule.from_config(g["lr"])} if isinstance(g, Mapping) and isinstance(g.get("lr"), Mapping)
+                    else g for g in groups_in
+                ]
+            else:
+                groups_in = [self._group_state(g) for g in self._groups]
+            groups = self._check_groups(groups_in, hp, schedule)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"bad {kind} state dict: {e}") from None
+        for group in groups:
+            self._check_hp_for_params(group["hp"], group["params"])
 
         shapes = state["param_shapes"]
         slots_in = state["slots"]
@@ -426,9 +609,9 @@ class Optimizer:
                 parts = [f"no entry for parameter(s) {_names(missing)}"] if missing else []
                 parts += [f"unknown parameter(s) {_names(extra)}"] if extra else []
                 raise ValueError(f"state dict {what} do not match this optimizer: {'; '.join(parts)}")
-        slot_names = set(self._slot_names(hp))
         new_slots: dict[str, dict[str, np.ndarray]] = {}
         for name, p in self._params.items():
+            slot_names = set(self._slot_names(self._hp_of(name, groups, hp)))
             try:
                 saved_shape = tuple(shapes[name])
             except TypeError:
@@ -449,12 +632,16 @@ class Optimizer:
 
         self._hp = hp
         self._schedule = schedule
+        self._groups = groups
+        self._clip = clip
         self._step_count = step_count
         self._slots = new_slots
 
     def __repr__(self) -> str:
         hp = ", ".join(f"{k}={v!r}" for k, v in self._hp.items())
-        return f"{type(self).__name__}({len(self._params)} params, lr={self._schedule!r}{', ' if hp else ''}{hp})"
+        extra = f", {len(self._groups)} groups" if self._groups else ""
+        extra += f", clip_grad_norm={self._clip!r}" if self._clip is not None else ""
+        return f"{type(self).__name__}({len(self._params)} params, lr={self._schedule!r}{', ' if hp else ''}{hp}{extra})"
 
 
 class SGD(Optimizer):
@@ -473,9 +660,12 @@ class SGD(Optimizer):
         momentum: float = 0.0,
         nesterov: bool = False,
         weight_decay: float = 0.0,
+        *,
+        groups: Any = None,
+        clip_grad_norm: float | None = None,
     ) -> None:
         self._hp = self._validate_hyperparams(momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
-        super().__init__(params, lr)
+        super().__init__(params, lr, groups=groups, clip_grad_norm=clip_grad_norm)
 
     @classmethod
     def _validate_hyperparams(cls, *, momentum: Any, nesterov: Any, weight_decay: Any) -> dict[str, Any]:
@@ -492,8 +682,10 @@ class SGD(Optimizer):
     def _slot_names(cls, hp: dict[str, Any]) -> tuple[str, ...]:
         return ("momentum_buffer",) if hp["momentum"] else ()
 
-    def _update(self, p: np.ndarray, g: np.ndarray, slots: dict[str, np.ndarray], lr: float, t: int) -> None:
-        momentum, wd = self._hp["momentum"], self._hp["weight_decay"]
+    def _update(
+        self, p: np.ndarray, g: np.ndarray, slots: dict[str, np.ndarray], lr: float, t: int, hp: dict[str, Any]
+    ) -> None:
+        momentum, wd = hp["momentum"], hp["weight_decay"]
         # One scratch array per step; `out=` keeps it (and the maths) in p's dtype and
         # works for 0-d parameters, where numpy would otherwise return scalars.
         tmp = np.empty_like(p)
@@ -509,7 +701,7 @@ class SGD(Optimizer):
             else:
                 buf *= momentum
                 buf += d
-            if self._hp["nesterov"]:
+            if hp["nesterov"]:
                 if d is tmp:
                     tmp += momentum * buf
                 else:
@@ -542,11 +734,14 @@ class Adam(Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         decoupled_weight_decay: bool = False,
+        *,
+        groups: Any = None,
+        clip_grad_norm: float | None = None,
     ) -> None:
         self._hp = self._validate_hyperparams(
             betas=betas, eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay
         )
-        super().__init__(params, lr)
+        super().__init__(params, lr, groups=groups, clip_grad_norm=clip_grad_norm)
 
     @classmethod
     def _validate_hyperparams(
@@ -563,9 +758,11 @@ class Adam(Optimizer):
             "decoupled_weight_decay": _bool("decoupled_weight_decay", decoupled_weight_decay),
         }
 
-    def _check_hp_for_params(self, hp: dict[str, Any]) -> None:
+    def _check_hp_for_params(self, hp: dict[str, Any], names: Any = None) -> None:
         # An eps that rounds to 0 (1e-8 in float16) turns zero gradients into 0/0 = NaN.
         for name, p in self._params.items():
+            if names is not None and name not in names:
+                continue
             if p.dtype.type(hp["eps"]) == 0:
                 raise ValueError(f"eps={hp['eps']:g} rounds to 0 in {p.dtype} for parameter {name!r}; use a larger eps")
 
@@ -573,9 +770,11 @@ class Adam(Optimizer):
     def _slot_names(cls, hp: dict[str, Any]) -> tuple[str, ...]:
         return ("exp_avg", "exp_avg_sq")
 
-    def _update(self, p: np.ndarray, g: np.ndarray, slots: dict[str, np.ndarray], lr: float, t: int) -> None:
-        (b1, b2), eps = self._hp["betas"], self._hp["eps"]
-        wd, decoupled = self._hp["weight_decay"], self._hp["decoupled_weight_decay"]
+    def _update(
+        self, p: np.ndarray, g: np.ndarray, slots: dict[str, np.ndarray], lr: float, t: int, hp: dict[str, Any]
+    ) -> None:
+        (b1, b2), eps = hp["betas"], hp["eps"]
+        wd, decoupled = hp["weight_decay"], hp["decoupled_weight_decay"]
         m, v = slots["exp_avg"], slots["exp_avg_sq"]
         if wd and decoupled:
             p *= 1.0 - lr * wd
@@ -616,8 +815,14 @@ class AdamW(Adam):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.01,
+        *,
+        groups: Any = None,
+        clip_grad_norm: float | None = None,
     ) -> None:
-        super().__init__(params, lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled_weight_decay=True)
+        super().__init__(
+            params, lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled_weight_decay=True,
+            groups=groups, clip_grad_norm=clip_grad_norm,
+        )
 
     @classmethod
     def _validate_hyperparams(cls, **hp: Any) -> dict[str, Any]:

@@ -5,6 +5,7 @@
                          batch_size=64, checkpoint_dir="ckpt", checkpoint_every=100)
     trainer.fit({"x": X, "y": Y}, epochs=10, eval_data={"x": Xt, "y": Yt})
     trainer.evaluate({"x": Xt, "y": Yt})      # {"accuracy": ..., ...}
+    trainer.fit(batches, epochs=3)            # or any iterable of batches (a DataLoader, a generator)
 
 The loop is the same whichever "gradient source" computes the gradients: a
 remote `Client` and the in-process `LocalBackend` both offer
@@ -21,7 +22,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Protocol, Sequence, Union, runtime_checkable
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Protocol, Sequence, Union, runtime_checkable
 
 import numpy as np
 
@@ -29,15 +30,19 @@ from gradpool.worker.engine.errors import GradpoolError, InputError
 from gradpool.worker.engine.signature import IndexLimit, check_index_range
 
 from . import optim
+from .callbacks import Callback
 from .checkpoint import (Checkpoint, CheckpointError, PathLike, load_checkpoint, save_checkpoint,
                          step_checkpoint_path, step_checkpoints)
-from .data import DatasetRef
+from .data import DatasetRef, DatasetRows
 from .graph import Graph
 from .local import local_forward, local_gradients, prepare_arrays
 
 __all__ = ["GradientSource", "LocalBackend", "TrainingError", "History", "Trainer", "fit"]
 
 Arrays = Mapping[str, np.ndarray]
+# A batch from an iterable: input name -> array, or one array per graph input in declaration order;
+# arrays may be anything with `.numpy()` or `__array__` (torch tensors, lists).
+Batches = Iterable[Any]
 OptimizerSpec = Union[optim.Optimizer, Callable[[dict[str, np.ndarray]], optim.Optimizer], None]
 
 
@@ -85,9 +90,10 @@ class LocalBackend:
 class History:
     """Metrics as training goes: one record per step and one per epoch.
 
-    Step records: step, epoch, loss, lr, examples, seconds. Epoch records:
-    epoch, steps, loss (batch losses averaged with batch-size weights),
-    examples, seconds, examples_per_s, plus the evaluation's metrics.
+    Step records: step, epoch, loss, lr, grad_norm (before clipping),
+    examples, seconds, examples_per_s. Epoch records: epoch, steps, loss
+    (batch losses averaged with batch-size weights), examples, seconds,
+    examples_per_s, plus the evaluation's metrics.
     """
 
     steps: list[dict[str, Any]] = field(default_factory=list)
@@ -175,6 +181,31 @@ def _short_metrics(metrics: Mapping[str, float]) -> dict[str, str]:
     return out
 
 
+def _check_callbacks(callbacks: Optional[Sequence[Callback]]) -> list[Callback]:
+    if callbacks is None:
+        return []
+    if isinstance(callbacks, Callback) or not isinstance(callbacks, (list, tuple)):
+        raise InputError(f"callbacks must be a list of gp.Callback, got {type(callbacks).__name__}")
+    for callback in callbacks:
+        if not isinstance(callback, Callback):
+            raise InputError(f"callbacks must be gp.Callback instances, got {type(callback).__name__}")
+    return list(callbacks)
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    """An array from whatever a data pipeline yields, torch tensors included, without importing torch."""
+    if isinstance(value, np.ndarray):
+        return value
+    to_numpy = getattr(value, "numpy", None)
+    if callable(to_numpy) and not isinstance(value, np.generic):
+        for move in ("detach", "cpu"):  # a torch tensor that requires grad, or sits on a GPU, needs these first
+            method = getattr(value, move, None)
+            if callable(method):
+                value = method()
+        return np.asarray(value.numpy())
+    return np.asarray(value)
+
+
 _OPTIMIZERS = {"SGD": optim.SGD, "Adam": optim.Adam, "AdamW": optim.AdamW}
 
 
@@ -201,6 +232,145 @@ def _optimizer_from_state(params: dict[str, np.ndarray], state: Optional[Mapping
     return optimizer
 
 
+# ------------------------------------------------------------------ where batches come from
+
+
+def _rows_of(batch: "Arrays | DatasetRows") -> int:
+    if isinstance(batch, DatasetRows):
+        return len(batch)
+    return len(next(iter(batch.values())))
+
+
+class _Feed:
+    """The batches of one `fit` call. `next_batch()` gives the next one, or
+    None when an iterable ends (which ends the epoch); `epoch_done()`, asked
+    after each step, says whether that step ended the epoch."""
+
+    steps_per_epoch: Optional[int] = None  # for the progress bar; None when unknown
+    exhausted = False  # a one-shot iterator ran dry: nothing more will come
+
+    def next_batch(self) -> "Optional[Arrays | DatasetRows]":
+        raise NotImplementedError
+
+    def advance(self) -> None:
+        """The batch from next_batch made a step: move past it (a failed step leaves the position)."""
+
+    def epoch_done(self) -> bool:
+        raise NotImplementedError
+
+
+class _ArrayFeed(_Feed):
+    """In-memory arrays: shuffled with the trainer's RNG, cut into batch_size
+    batches; on a Client, uploaded once and named by rows."""
+
+    def __init__(self, trainer: "Trainer", data: Arrays):
+        arrays, examples = prepare_data(trainer.graph, data, "training data")
+        if trainer.batch_size > examples:
+            raise InputError(f"batch_size {trainer.batch_size} is larger than the training data "
+                             f"({examples} examples)")
+        if trainer._order is not None and len(trainer._order) != examples:
+            raise InputError(f"training stopped mid-epoch over {len(trainer._order)} examples, but this training "
+                             f"data has {examples}; resume with the same data")
+        if trainer._order is None and trainer._epoch_totals["steps"]:
+            raise InputError(f"training stopped mid-epoch over an iterable of batches "
+                             f"({trainer._epoch_totals['steps']} batches in); resume with the same data")
+        self.trainer, self.examples = trainer, examples
+        self.source = trainer._resident(arrays)
+        self.steps_per_epoch = trainer.steps_per_epoch(examples)
+
+    def next_batch(self) -> "Arrays | DatasetRows":
+        trainer, examples = self.trainer, self.examples
+        if trainer._order is None:  # a new epoch; kept at once, since drawing it advanced the RNG
+            trainer._order = trainer._rng.permutation(examples) if trainer.shuffle else np.arange(examples)
+            trainer._position = 0
+        stop = min(trainer._position + trainer.batch_size, examples)
+        rows = trainer._order[trainer._position:stop]
+        self._next_position = stop
+        source = self.source
+        return source.take(rows) if isinstance(source, DatasetRef) else {k: a[rows] for k, a in source.items()}
+
+    def advance(self) -> None:
+        self.trainer._position = self._next_position
+
+    def epoch_done(self) -> bool:
+        remaining = self.examples - self.trainer._position
+        return remaining == 0 or (self.trainer.drop_last and remaining < self.trainer.batch_size)
+
+
+class _IterableFeed(_Feed):
+    """Batches from an iterable, converted to the graph's arrays and checked one by one."""
+
+    def __init__(self, trainer: "Trainer", data: Batches, steps_per_epoch: Optional[int], epochs: int):
+        if trainer._order is not None:
+            raise InputError(f"training stopped mid-epoch over {len(trainer._order)} in-memory examples; "
+                             f"resume with the same data")
+        self.trainer, self.data, self.per_epoch = trainer, data, steps_per_epoch
+        self.one_shot = iter(data) is data  # an iterator (a generator) is read once; a list or DataLoader restarts
+        if self.one_shot and steps_per_epoch is None and epochs - trainer.epoch > 1:
+            raise InputError(f"a one-shot iterator ({type(data).__name__}) is one epoch, but {epochs - trainer.epoch} "
+                             f"more epochs are asked for; pass steps_per_epoch=N to cut it into epochs, "
+                             f"or a re-iterable (a list of batches, a DataLoader)")
+        try:
+            length = None if self.one_shot else len(data)  # type: ignore[arg-type]
+        except TypeError:
+            length = None
+        if length == 0:
+            raise InputError("the training data has no batches")
+        self.steps_per_epoch = steps_per_epoch or length
+        self.iterator: Optional[Iterator[Any]] = iter(data) if self.one_shot else None
+        self.names = list(trainer.graph.inputs)
+        self.count = 0  # batches read in this fit, for messages
+
+    def next_batch(self) -> "Optional[Arrays]":
+        trainer = self.trainer
+        done = trainer._epoch_totals["steps"]
+        if self.iterator is None:  # a re-iterable starts over; skip what the (resumed) epoch has used
+            self.iterator = iter(self.data)
+            for skipped in range(done):
+                if next(self.iterator, _END) is _END:
+                    raise InputError(f"the training data has {skipped} batches, but the epoch being resumed "
+                                     f"already used {done}; resume with the same data")
+        item = next(self.iterator, _END)
+        if item is _END:
+            if self.one_shot:
+                self.exhausted = True  # and the epoch, if it has begun, ends short
+            else:
+                self.iterator = None  # the next epoch starts over
+            if done == 0 and not (self.one_shot and self.count):
+                raise InputError("the training data yielded no batches")
+            return None
+        self.count += 1
+        return self._arrays(item, self.count)
+
+    def epoch_done(self) -> bool:
+        return self.per_epoch is not None and self.trainer._epoch_totals["steps"] >= self.per_epoch
+
+    def _arrays(self, item: Any, n: int) -> dict[str, np.ndarray]:
+        what = f"training batch {n}"
+        if isinstance(item, Mapping):
+            pairs = list(item.items())
+        elif isinstance(item, (tuple, list)):
+            if len(item) != len(self.names):
+                raise InputError(f"{what} has {len(item)} arrays, but the graph has {len(self.names)} inputs "
+                                 f"{self.names}; yield one array per input in that order, or a dict")
+            pairs = list(zip(self.names, item))
+        else:
+            raise InputError(f"{what} must be a non-empty dict of input name -> array, or a tuple of arrays in "
+                             f"the graph's input order {self.names}, got {type(item).__name__}")
+        arrays: dict[str, np.ndarray] = {}
+        for name, value in pairs:
+            try:
+                arrays[name] = _as_numpy(value)
+            except Exception as err:  # whatever the pipeline's tensor type raises
+                raise InputError(f"{what}: input {name!r} ({type(value).__name__}) cannot be turned into a "
+                                 f"numpy array: {err}") from None
+        prepared, _ = prepare_data(self.trainer.graph, arrays, what)
+        return prepared
+
+
+_END = object()
+
+
 # ------------------------------------------------------------------ trainer
 
 
@@ -219,7 +389,8 @@ class Trainer:
     `checkpoint_dir`, a checkpoint (`step-NNNNNNNN.npz`) is written every
     `checkpoint_every` steps and/or `checkpoint_every_epochs` epochs, at the
     end of `fit`, and when a step fails with a GradpoolError; the newest
-    `keep_checkpoints` are kept.
+    `keep_checkpoints` are kept. `callbacks` (gp.Callback) run in every
+    `fit`, before the ones given to that fit.
     """
 
     def __init__(self, graph: Graph, optimizer: OptimizerSpec = None, *,
@@ -227,7 +398,8 @@ class Trainer:
                  batch_size: int = 32, shuffle: bool = True, drop_last: bool = False, seed: int = 0,
                  progress: bool = True, checkpoint_dir: Optional[PathLike] = None,
                  checkpoint_every: Optional[int] = None, checkpoint_every_epochs: Optional[int] = None,
-                 keep_checkpoints: Optional[int] = 3, eval_batch_size: int = 1024):
+                 keep_checkpoints: Optional[int] = 3, eval_batch_size: int = 1024,
+                 callbacks: Optional[Sequence[Callback]] = None):
         if not isinstance(graph, Graph):
             raise InputError(f"Trainer needs a gp.Graph, got {type(graph).__name__}")
         if graph.loss is None:
@@ -257,6 +429,9 @@ class Trainer:
         self._session = {"steps": 0, "examples": 0, "seconds": 0.0}
         self._saved_step: Optional[int] = None
         self.last_checkpoint: Optional[Path] = None
+        self.callbacks = _check_callbacks(callbacks)
+        self._active: list[Callback] = []  # the callbacks of the fit in progress
+        self.stop_reason: Optional[str] = None  # why the last fit stopped early (request_stop), if it did
 
     # -------------------------------------------------------------- construction
 
@@ -337,43 +512,80 @@ class Trainer:
                 "examples_per_s": examples / seconds if seconds else 0.0,
                 "seconds_per_step": seconds / steps if steps else 0.0}
 
-    def fit(self, data: Arrays, epochs: int = 1, *, max_steps: Optional[int] = None,
+    def fit(self, data: Union[Arrays, Batches], epochs: int = 1, *, max_steps: Optional[int] = None,
             eval_data: Optional[Arrays] = None, eval_every: int = 1,
-            eval_fn: Optional[Callable[["Trainer"], Mapping[str, float]]] = None) -> History:
+            eval_fn: Optional[Callable[["Trainer"], Mapping[str, float]]] = None,
+            steps_per_epoch: Optional[int] = None, callbacks: Optional[Sequence[Callback]] = None) -> History:
         """Train until `epochs` epochs (counted since the start, resumed runs included) are done.
+
+        `data` is a dict of arrays (one row per example: shuffled with the
+        trainer's seed and cut into `batch_size` batches, all checked before
+        the first step), or any iterable of batches, each a dict input name ->
+        array or a tuple with one array per graph input in declaration order
+        (torch tensors and anything with `__array__` are converted; each batch
+        is checked before its step; batch_size, shuffle and drop_last are the
+        iterable's business). An epoch of an iterable is one pass over it,
+        restarted every epoch (a list, a DataLoader), or `steps_per_epoch`
+        batches. A one-shot iterator (a generator) is read once: without
+        `steps_per_epoch` it is one epoch; with it, epochs take that many
+        batches each from the same stream, and the stream running dry ends
+        the epoch and the fit. A resumed run skips the batches its
+        interrupted epoch already used when the iterable restarts, and
+        continues a one-shot iterator where the caller left it.
 
         `max_steps` stops earlier, after that many steps in total, possibly
         mid-epoch; a later `fit` (or a resumed trainer) continues from there.
         Every `eval_every` epochs and at the end, `eval_fn(trainer)` (or, with
-        `eval_data`, `trainer.evaluate(eval_data)`) adds metrics to the epoch
-        record. All data is checked before the first step.
+        `eval_data`, `trainer.evaluate(eval_data)` and the loss on it,
+        `val_loss`) adds metrics to the epoch record. `callbacks` join the
+        trainer's for this call; one may end it early with `request_stop`.
         """
         epochs = _positive_int("epochs", epochs)
         max_steps = _positive_int("max_steps", max_steps, allow_none=True)
         eval_every = _positive_int("eval_every", eval_every)
-        arrays, examples = prepare_data(self.graph, data, "training data")
-        if self.batch_size > examples:
-            raise InputError(f"batch_size {self.batch_size} is larger than the training data "
-                             f"({examples} examples)")
-        if self._order is not None and len(self._order) != examples:
-            raise InputError(f"training stopped mid-epoch over {len(self._order)} examples, but this training "
-                             f"data has {examples}; resume with the same data")
+        steps_per_epoch = _positive_int("steps_per_epoch", steps_per_epoch, allow_none=True)
+        active = self.callbacks + _check_callbacks(callbacks)
+        if isinstance(data, Mapping):
+            if steps_per_epoch is not None:
+                raise InputError("steps_per_epoch is for iterables of batches; an epoch of in-memory arrays "
+                                 "is all their examples (use max_steps to stop earlier)")
+            feed: "_Feed" = _ArrayFeed(self, data)
+        elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, np.ndarray)):
+            feed = _IterableFeed(self, data, steps_per_epoch, epochs)
+        else:
+            raise InputError(f"training data must be a non-empty dict of input name -> numpy array or an "
+                             f"iterable of batches, got {type(data).__name__}")
         evaluate = self._evaluator(eval_data, eval_fn)
-        source = self._resident(arrays)
-        per_epoch = self.steps_per_epoch(examples)
-        total = epochs * per_epoch if max_steps is None else min(epochs * per_epoch, max_steps)
+        per_epoch = feed.steps_per_epoch
+        total: Optional[int] = None
+        if per_epoch is not None:
+            total = epochs * per_epoch if max_steps is None else min(epochs * per_epoch, max_steps)
+        elif max_steps is not None:
+            total = max_steps
         shown: dict[str, str] = {}  # the last evaluation, on the progress bar
-        bar = _progress_bar(self.progress and self.step < total, total, min(self.step, total), "training")
+        bar = _progress_bar(self.progress and (total is None or self.step < total), total,
+                            self.step if total is None else min(self.step, total), "training")
+        self.stop_reason = None
+        self._active = active
         try:
-            while self.epoch < epochs and (max_steps is None or self.step < max_steps):
-                loss, size = self._train_step(source, examples)
-                epoch = self.epoch + 1
-                remaining = examples - self._position
-                if remaining == 0 or (self.drop_last and remaining < self.batch_size):
+            self._dispatch("on_fit_start")
+            while (self.epoch < epochs and (max_steps is None or self.step < max_steps)
+                   and self.stop_reason is None):
+                batch = feed.next_batch()
+                if batch is None:  # an iterable ran out: the epoch ends here (a one-shot one, maybe at a boundary)
+                    if self._epoch_totals["steps"]:
+                        due = self.epoch + 1 == epochs or (self.epoch + 1) % eval_every == 0
+                        shown.update(_short_metrics(self._end_epoch(evaluate if due else None)))
+                    if feed.exhausted and self.stop_reason is None and self.epoch < epochs:
+                        self.request_stop("the training data is exhausted")
+                    continue
+                record = self._train_step(batch)
+                feed.advance()
+                self._dispatch("on_step", record)
+                loss, epoch = record["loss"], record["epoch"]
+                if feed.epoch_done():
                     due = self.epoch + 1 == epochs or (self.epoch + 1) % eval_every == 0
-                    shown.update(_short_metrics(self._finish_epoch(evaluate if due else None)))
-                    if self.checkpoint_every_epochs and self.epoch % self.checkpoint_every_epochs == 0:
-                        self._autosave()
+                    shown.update(_short_metrics(self._end_epoch(evaluate if due else None)))
                 if self.checkpoint_every and self.step % self.checkpoint_every == 0:
                     self._autosave()
                 if bar is not None:
@@ -392,7 +604,19 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            try:
+                self._dispatch("on_fit_end")
+            finally:
+                self._active = []
         return self.history
+
+    def request_stop(self, reason: str = "stop requested") -> None:
+        """End the running `fit` after the current step, cleanly (checkpoint, on_fit_end); for callbacks."""
+        self.stop_reason = str(reason)
+
+    def _dispatch(self, hook: str, *args: Any) -> None:
+        for callback in self._active:
+            getattr(callback, hook)(self, *args)
 
     def _resident(self, arrays: dict[str, np.ndarray]) -> "dict[str, np.ndarray] | DatasetRef":
         """On a backend that keeps datasets (a Client), upload the data once;
@@ -400,17 +624,10 @@ class Trainer:
         upload = getattr(self.backend, "upload", None)
         return upload(arrays) if callable(upload) else arrays
 
-    def _train_step(self, source: "dict[str, np.ndarray] | DatasetRef", examples: int) -> tuple[float, int]:
-        """One optimizer step on the next batch; the state changes only if it succeeds."""
+    def _train_step(self, batch: "Arrays | DatasetRows") -> dict[str, Any]:
+        """One optimizer step on `batch`; the state changes only if it succeeds."""
         started = time.perf_counter()
-        if self._order is None:  # a new epoch; kept at once, since drawing it advanced the RNG
-            self._order = self._rng.permutation(examples) if self.shuffle else np.arange(examples)
-            self._position = 0
-        order = self._order
-        stop = min(self._position + self.batch_size, examples)
-        rows = order[self._position:stop]
-        batch = (source.take(rows) if isinstance(source, DatasetRef)
-                 else {name: array[rows] for name, array in source.items()})
+        size = _rows_of(batch)
         random = {"seed": step_seed(self.seed, self.step + 1)} if self.graph.program().random_nodes else {}
         loss, grads = self.backend.gradients(self.graph, self.params, batch, **random)
         loss = float(loss)
@@ -418,13 +635,17 @@ class Trainer:
             raise TrainingError(f"the loss is {loss} at step {self.step + 1}; lower the learning rate "
                                 f"(the params are left at step {self.step})")
         lr = self.optimizer.lr
-        self.optimizer.step(grads)
+        try:
+            self.optimizer.step(grads)
+        except ValueError as err:  # a non-finite gradient norm with clipping, or gradients that do not fit
+            raise TrainingError(f"step {self.step + 1}: {err} (the params are left at step {self.step})") from None
         seconds = time.perf_counter() - started
-        size = len(rows)
-        self._position = stop
         self.step += 1
-        self.history.steps.append({"step": self.step, "epoch": self.epoch + 1, "loss": loss, "lr": lr,
-                                   "examples": size, "seconds": seconds})
+        norm = self.optimizer.last_grad_norm
+        record = {"step": self.step, "epoch": self.epoch + 1, "loss": loss, "lr": lr,
+                  "grad_norm": norm, "examples": size, "seconds": seconds,
+                  "examples_per_s": size / seconds if seconds else 0.0}
+        self.history.steps.append(record)
         totals = self._epoch_totals
         totals["loss_sum"] += loss * size
         totals["examples"] += size
@@ -433,7 +654,13 @@ class Trainer:
         self._session["steps"] += 1
         self._session["examples"] += size
         self._session["seconds"] += seconds
-        return loss, size
+        return record
+
+    def _end_epoch(self, evaluate: Optional[Callable[[], Mapping[str, float]]]) -> dict[str, float]:
+        metrics = self._finish_epoch(evaluate)
+        if self.checkpoint_every_epochs and self.epoch % self.checkpoint_every_epochs == 0:
+            self._autosave()
+        return metrics
 
     def _finish_epoch(self, evaluate: Optional[Callable[[], Mapping[str, float]]]) -> dict[str, float]:
         totals = self._epoch_totals
@@ -446,8 +673,11 @@ class Trainer:
             "examples_per_s": totals["examples"] / totals["seconds"] if totals["seconds"] else 0.0}
         self._epoch_totals = {"loss_sum": 0.0, "examples": 0, "seconds": 0.0, "steps": 0}
         metrics = {k: float(v) for k, v in (evaluate() if evaluate else {}).items()}
+        if evaluate is not None:
+            self._dispatch("on_eval", metrics)
         record.update(metrics)
         self.history.epochs.append(record)
+        self._dispatch("on_epoch", record)
         return metrics
 
     def _evaluator(self, eval_data: Optional[Arrays],
@@ -467,8 +697,36 @@ class Trainer:
 
         def held_out() -> dict[str, float]:
             result = self.evaluate(prepared, labels=labels)
-            return {"val_accuracy": result["accuracy"], "val_cross_entropy": result["cross_entropy"]}
+            metrics = {"val_accuracy": result["accuracy"], "val_cross_entropy": result["cross_entropy"]}
+            if not self.graph.program().random_nodes:  # with dropout the loss itself is random: no val_loss
+                metrics["val_loss"] = self.loss_on(prepared)
+            return metrics
         return held_out
+
+    def loss_on(self, data: Arrays, *, batch_size: Optional[int] = None) -> float:
+        """The graph's loss on `data` with the current params, in batches of `eval_batch_size`
+        averaged with batch-size weights (as an epoch's training loss is).
+
+        Computed by the backend's `gradients` (the service has no loss-only
+        call), so it costs a backward pass per batch. A graph with dropout is
+        refused: its loss is random (and dropout is on in a gradients run), so
+        held-out metrics come from `evaluate`, which runs forward only.
+        """
+        random = self.graph.program().random_nodes
+        if random:
+            raise InputError(f"the loss of a graph with dropout ({random[0].where()}) is random; "
+                             "use evaluate()'s cross_entropy for held-out data")
+        size = _positive_int("batch_size", batch_size or self.eval_batch_size)
+        arrays, examples = prepare_data(self.graph, data, "evaluation data")
+        source = self._resident(arrays) if examples > size else arrays
+        total = 0.0
+        for start in range(0, examples, size):
+            rows = np.arange(start, min(start + size, examples))
+            chunk = (source.take(rows) if isinstance(source, DatasetRef)
+                     else {key: array[start:start + size] for key, array in source.items()})
+            loss, _ = self.backend.gradients(self.graph, self.params, chunk)
+            total += float(loss) * len(rows)
+        return total / examples
 
     # -------------------------------------------------------------- forward only
 
@@ -633,12 +891,17 @@ class Trainer:
         return trainer
 
 
-def fit(graph: Graph, data: Arrays, *, epochs: int = 1, batch_size: int = 32, optimizer: OptimizerSpec = None,
-        params: Optional[Arrays] = None, backend: Union[GradientSource, str, None] = None, seed: int = 0,
-        eval_data: Optional[Arrays] = None, max_steps: Optional[int] = None, progress: bool = True,
+def fit(graph: Graph, data: Union[Arrays, Batches], *, epochs: int = 1, batch_size: int = 32,
+        optimizer: OptimizerSpec = None, params: Optional[Arrays] = None,
+        backend: Union[GradientSource, str, None] = None, seed: int = 0, eval_data: Optional[Arrays] = None,
+        max_steps: Optional[int] = None, steps_per_epoch: Optional[int] = None, progress: bool = True,
         **trainer_options: Any) -> Trainer:
-    """Train in one call; returns the Trainer (params, history, evaluate, predict)."""
+    """Train in one call; returns the Trainer (params, history, evaluate, predict).
+
+    `data` is arrays or an iterable of batches, as for `Trainer.fit`;
+    `callbacks=[...]` and the other options go to the Trainer.
+    """
     trainer = Trainer(graph, optimizer, params=params, backend=backend, batch_size=batch_size, seed=seed,
                       progress=progress, **trainer_options)
-    trainer.fit(data, epochs=epochs, eval_data=eval_data, max_steps=max_steps)
+    trainer.fit(data, epochs=epochs, eval_data=eval_data, max_steps=max_steps, steps_per_epoch=steps_per_epoch)
     return trainer

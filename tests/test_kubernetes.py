@@ -467,7 +467,8 @@ def test_image_pins_and_labels() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # noqa: E731
     pins = {norm(n): v for n, v in re.findall(r"^([\w.-]+)==(\S+)$", (ROOT / "constraints.txt").read_text(), re.M)}
-    for line in project["dependencies"] + project["optional-dependencies"]["demo"]:
+    extras = project["optional-dependencies"]
+    for line in project["dependencies"] + extras["demo"] + extras["tensorboard"]:
         requirement = Requirement(line)
         assert norm(requirement.name) in pins, f"constraints.txt does not pin {requirement.name}"
         assert requirement.specifier.contains(pins[norm(requirement.name)]), f"{line} vs {pins[norm(requirement.name)]}"

@@ -663,3 +663,174 @@ def test_reduces_quadratic_loss(make):
 def test_base_optimizer_is_abstract():
     with pytest.raises(NotImplementedError):
         Optimizer(make_params(), lr=0.1).step(make_grads_seq(1)[0])
+
+
+# --------------------------------------------------------------------------
+# Gradient clipping by global norm
+
+
+def test_clipping_rescales_by_the_global_norm_as_torch_does():
+    grads = {"w": np.full((3, 2), 3.0), "b": np.array([4.0, 0.0]), "s": np.asarray(-2.0)}
+    norm = math.sqrt(6 * 9.0 + 16.0 + 4.0)
+    params = make_params()
+    before = {k: v.copy() for k, v in params.items()}
+    opt = SGD(params, lr=0.5, clip_grad_norm=2.0)
+    opt.step(grads)
+    assert opt.last_grad_norm == pytest.approx(norm, rel=1e-15)
+    scale = 2.0 / (norm + 1e-6)  # torch.nn.utils.clip_grad_norm_
+    for k in params:
+        np.testing.assert_allclose(params[k], before[k] - 0.5 * scale * grads[k], rtol=1e-14, atol=1e-15)
+    assert grads["w"][0, 0] == 3.0  # the caller's gradients are not scaled in place
+    clipped = {k: (before[k] - params[k]) / 0.5 for k in params}
+    assert optim_global_norm(clipped) == pytest.approx(2.0, rel=1e-6)
+
+
+def optim_global_norm(grads):
+    from gradpool.optim import global_norm
+
+    return global_norm(grads)
+
+
+def test_clipping_below_the_threshold_changes_nothing_bitwise():
+    grads_seq = make_grads_seq(5)
+    plain, clipped = make_params(), make_params()
+    opt_plain = Adam(plain, lr=0.01)
+    opt_clipped = Adam(clipped, lr=0.01, clip_grad_norm=1e6)
+    for g in grads_seq:
+        opt_plain.step(g)
+        opt_clipped.step(g)
+        assert opt_plain.last_grad_norm == opt_clipped.last_grad_norm == optim_global_norm(g)
+    for k in plain:
+        assert plain[k].tobytes() == clipped[k].tobytes()
+
+
+def test_clipping_keeps_float32_and_refuses_a_non_finite_norm():
+    params = make_params(np.float32)
+    opt = Adam(params, lr=0.01, clip_grad_norm=0.1)
+    opt.step(make_grads_seq(1, dtype=np.float32)[0])
+    assert all(p.dtype == np.float32 for p in params.values())
+    before = pickle.dumps((opt.state_dict(), params))
+    bad = make_grads_seq(1)[0]
+    bad["w"][0, 0] = np.inf
+    with pytest.raises(ValueError, match="gradient norm is inf at step 2"):
+        opt.step(bad)
+    assert pickle.dumps((opt.state_dict(), params)) == before
+    with pytest.raises(ValueError, match="clip_grad_norm must be > 0"):
+        SGD(make_params(), lr=0.1, clip_grad_norm=0.0)
+
+
+# --------------------------------------------------------------------------
+# Parameter groups
+
+
+def sub(d, names):
+    return {k: d[k] for k in names}
+
+
+def test_groups_equal_separate_optimizers_per_group():
+    """No decay on 'b' and 's' and other momentum for 's': as three optimizers over the pieces."""
+    grads_seq = make_grads_seq(6)
+    grouped = make_params()
+    opt = SGD(grouped, lr=StepLR(0.1, 2, gamma=0.5), momentum=0.9, weight_decay=0.01,
+              groups=[{"params": ["b"], "weight_decay": 0.0}, {"params": ["s"], "weight_decay": 0.0, "momentum": 0.5}])
+    apart = make_params()
+    pieces = [SGD(sub(apart, ["w"]), lr=StepLR(0.1, 2, gamma=0.5), momentum=0.9, weight_decay=0.01),
+              SGD(sub(apart, ["b"]), lr=StepLR(0.1, 2, gamma=0.5), momentum=0.9),
+              SGD(sub(apart, ["s"]), lr=StepLR(0.1, 2, gamma=0.5), momentum=0.5)]
+    for grads in grads_seq:
+        opt.step(grads)
+        for piece in pieces:
+            piece.step(sub(grads, piece.params))
+    for k in grouped:
+        assert grouped[k].tobytes() == apart[k].tobytes(), k
+    assert opt.groups == [{"params": ["b"], "weight_decay": 0.0},
+                          {"params": ["s"], "weight_decay": 0.0, "momentum": 0.5}]
+
+
+def test_a_group_lr_follows_the_schedule_scaled_or_its_own():
+    schedule = CosineLR(0.5, total_steps=6, warmup_steps=2)
+    opt = Adam(make_params(), lr=schedule,
+               groups=[{"params": ["w"], "lr": 0.05}, {"params": ["b"], "lr": StepLR(0.2, 1, gamma=0.5)}])
+    for t in range(6):
+        assert opt.lr == schedule(t)
+        w_lr, b_lr = opt.group_lrs
+        assert w_lr == pytest.approx(0.1 * schedule(t), rel=1e-15)
+        assert b_lr == 0.2 * 0.5 ** t
+        opt.step(make_grads_seq(1, seed=t)[0])
+    reference = ref_adam(sub(make_params(), ["w"]), [sub(g, ["w"]) for g in make_grads_seq(1)], [0.05 / 2])
+    fresh = make_params()
+    Adam(fresh, lr=schedule, groups=[{"params": ["w"], "lr": 0.05}]).step(make_grads_seq(1)[0])
+    np.testing.assert_allclose(fresh["w"], reference[0]["w"], rtol=1e-14)
+
+
+@pytest.mark.parametrize("groups, error, match", [
+    ({"params": ["w"]}, TypeError, "groups must be a list"),
+    ([{"params": "w"}], TypeError, r"groups\[0\]\['params'\] must be a list"),
+    ([{"params": []}], ValueError, r"groups\[0\] has no params"),
+    ([{"params": ["nope"]}], ValueError, "'nope', which is not a parameter"),
+    ([{"params": ["w"]}, {"params": ["b", "w"]}], ValueError, r"'w' is in groups\[0\] and groups\[1\]"),
+    ([{"params": ["w"], "momentun": 0.9}], TypeError, "unknown setting.*'momentun'"),
+    ([{"params": ["w"], "momentum": 1.5}], ValueError, r"groups\[0\]: momentum must be in"),
+    ([{"params": ["w"], "lr": -1.0}], ValueError, r"groups\[0\]\['lr'\] must be > 0"),
+])
+def test_bad_groups_are_refused(groups, error, match):
+    with pytest.raises(error, match=match):
+        SGD(make_params(), lr=0.1, momentum=0.9, groups=groups)
+
+
+def test_a_float_group_lr_needs_a_schedule_with_a_base_lr():
+    class Halving(Schedule):
+        def __call__(self, step):
+            return 0.5 ** step
+
+        def config(self):
+            return {"type": "Halving"}
+
+    with pytest.raises(ValueError, match="has no base_lr"):
+        SGD(make_params(), lr=Halving(), groups=[{"params": ["w"], "lr": 0.1}])
+
+
+@pytest.mark.parametrize("cls", [SGD, Adam, AdamW])
+def test_state_dict_round_trip_with_groups_and_clipping_is_bitwise(cls):
+    kwargs = {"momentum": 0.9} if cls is SGD else {}
+    settings = dict(lr=CosineLR(0.05, total_steps=10, warmup_steps=2), clip_grad_norm=0.5,
+                    groups=[{"params": ["b", "s"], "weight_decay": 0.0, "lr": 0.01},
+                            {"params": ["w"], "lr": StepLR(0.02, 3)}], **kwargs)
+    full = make_params()
+    opt_full = cls(full, **settings)
+    run_steps(opt_full, full, lsq_grad, 8)
+
+    part = make_params()
+    opt_part = cls(part, **settings)
+    run_steps(opt_part, part, lsq_grad, 3)
+    saved = pickle.loads(pickle.dumps(opt_part.state_dict()))
+    assert saved["clip_grad_norm"] == 0.5 and saved["groups"][1]["lr"]["type"] == "StepLR"
+    resumed = {k: v.copy() for k, v in part.items()}
+    opt_resumed = cls(resumed, lr=1.0, **kwargs)  # no groups, no clipping: the state dict brings them
+    opt_resumed.load_state_dict(saved)
+    assert opt_resumed.clip_grad_norm == 0.5 and opt_resumed.groups == opt_full.groups
+    run_steps(opt_resumed, resumed, lsq_grad, 5)
+    for k in full:
+        assert resumed[k].tobytes() == full[k].tobytes(), k
+
+
+def test_a_state_dict_from_before_groups_still_loads_and_keeps_the_constructors():
+    params = make_params()
+    opt = SGD(params, lr=0.1, momentum=0.9)
+    opt.step(make_grads_seq(1)[0])
+    old = opt.state_dict()
+    del old["groups"], old["clip_grad_norm"]
+    target = SGD({k: v.copy() for k, v in params.items()}, lr=0.1, momentum=0.9, clip_grad_norm=1.0,
+                 groups=[{"params": ["b"], "weight_decay": 0.5}])
+    target.load_state_dict(old)
+    assert target.step_count == 1 and target.clip_grad_norm == 1.0
+    assert target.groups == [{"params": ["b"], "weight_decay": 0.5}]
+
+
+def test_a_group_without_momentum_has_no_slot_and_bad_group_state_is_refused():
+    opt = SGD(make_params(), lr=0.1, momentum=0.9, groups=[{"params": ["s"], "momentum": 0.0}])
+    state = opt.state_dict()
+    assert state["slots"]["s"] == {} and set(state["slots"]["w"]) == {"momentum_buffer"}
+    state["groups"] = [{"params": ["s", "zz"]}]
+    with pytest.raises(ValueError, match="bad SGD state dict.*'zz'"):
+        opt.load_state_dict(state)

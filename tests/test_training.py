@@ -1,4 +1,4 @@
-"""The training loop and its checkpoints, in-process (LocalBackend).
+"""The training loop, its checkpoints, callbacks and logs, in-process (LocalBackend).
 
 The claims: training lowers the loss; a run stopped anywhere (mid-epoch, or
 by a failing backend) and resumed from its checkpoint ends bit for bit where
@@ -419,3 +419,322 @@ def test_an_unreachable_coordinator_is_one_clear_error_and_keeps_checkpoints(tmp
     assert "cannot reach the gradpool coordinator at 127.0.0.1:1" in str(caught.value)
     assert "\n" not in str(caught.value)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == saved
+
+
+# ------------------------------------------------------------------ clipping and parameter groups
+
+
+def grouped_clipped(params: dict[str, np.ndarray]) -> SGD:
+    """Nesterov SGD, no decay and a tenth of the rate on biases, global-norm clipping that bites."""
+    return SGD(params, lr=CosineLR(0.2, total_steps=40, warmup_steps=3), momentum=0.9, nesterov=True,
+               weight_decay=1e-3, clip_grad_norm=0.3,
+               groups=[{"params": ["b1", "b2"], "weight_decay": 0.0, "lr": 0.02}])
+
+
+@pytest.mark.parametrize("stop_at", [6, 13])
+def test_resuming_with_clipping_and_groups_is_bitwise_identical(tmp_path: Path, stop_at: int) -> None:
+    data = teacher_data(60)
+    uninterrupted = make_trainer(optimizer=grouped_clipped)
+    uninterrupted.fit(data, epochs=5)
+    norms = [r["grad_norm"] for r in uninterrupted.history.steps]
+    assert max(norms) > 0.3 and all(np.isfinite(norms))  # clipping did happen
+
+    first = make_trainer(optimizer=grouped_clipped)
+    first.fit(data, epochs=5, max_steps=stop_at)
+    path = first.save_checkpoint(tmp_path / "run.npz")
+    resumed = make_trainer(seed=7)  # plain SGD: groups and clipping come from the checkpoint
+    resumed.load_checkpoint(path)
+    assert resumed.optimizer.clip_grad_norm == 0.3 and resumed.optimizer.groups[0]["params"] == ["b1", "b2"]
+    resumed.fit(data, epochs=5)
+    assert_same_state(uninterrupted, resumed)
+    rebuilt = Trainer.from_checkpoint(path, progress=False)
+    rebuilt.fit(data, epochs=5)
+    assert_same_state(uninterrupted, rebuilt)
+
+
+def test_a_non_finite_gradient_with_clipping_stops_with_the_last_good_params(tmp_path: Path) -> None:
+    class InfGradAtThree(LocalBackend):
+        calls = 0
+
+        def gradients(self, graph, params, batch):
+            self.calls += 1
+            loss, grads = super().gradients(graph, params, batch)
+            if self.calls == 3:
+                grads = dict(grads, W1=np.full_like(grads["W1"], np.inf))
+            return loss, grads
+
+    trainer = make_trainer(backend=InfGradAtThree(), checkpoint_dir=tmp_path, optimizer=grouped_clipped)
+    with pytest.raises(TrainingError, match="step 3: the gradient norm is inf"):
+        trainer.fit(teacher_data(64), epochs=1)
+    assert trainer.step == trainer.optimizer.step_count == 2 and all(np.isfinite(trainer.params["W1"]).flat)
+    assert latest_checkpoint(tmp_path).name == "step-00000002.npz"
+
+
+# ------------------------------------------------------------------ iterables of batches
+
+
+def batches_of(data: dict[str, np.ndarray], size: int) -> list[dict[str, np.ndarray]]:
+    n = len(data["y"])
+    return [{k: v[i:i + size] for k, v in data.items()} for i in range(0, n, size)]
+
+
+class FakeTensor:
+    """What a DataLoader yields, duck-typed: `.detach()`, `.cpu()`, `.numpy()`, no `__array__`."""
+
+    def __init__(self, array: np.ndarray, dtype=None):
+        self._array = np.asarray(array, dtype=dtype)
+
+    def detach(self) -> "FakeTensor":
+        return self
+
+    def cpu(self) -> "FakeTensor":
+        return self
+
+    def numpy(self) -> np.ndarray:
+        return self._array
+
+
+def test_a_list_of_batches_trains_as_the_same_arrays_unshuffled() -> None:
+    data = teacher_data(60)
+    arrays = make_trainer(shuffle=False)
+    arrays.fit(data, epochs=3)
+    listed = make_trainer()
+    listed.fit(batches_of(data, 16), epochs=3)
+    assert_same_state(arrays, listed)
+    as_tuples = make_trainer()  # (x, y) in the graph's input order, float32 "tensors" cast to float64
+    as_tuples.fit([(FakeTensor(b["x"]), FakeTensor(b["y"])) for b in batches_of(data, 16)], epochs=3)
+    as_lists = make_trainer()
+    as_lists.fit([[b["x"].tolist(), b["y"]] for b in batches_of(data, 16)], epochs=3)  # anything np.asarray takes
+    assert_same_state(arrays, as_tuples)
+    assert_same_state(arrays, as_lists)
+    assert [e["examples"] for e in listed.history.epochs] == [60, 60, 60]
+
+
+@pytest.mark.parametrize("stop_at", [2, 4, 6])  # mid-epoch, at an epoch's end (found on the next read), later
+def test_resuming_over_a_list_of_batches_is_bitwise_identical(tmp_path: Path, stop_at: int) -> None:
+    batches = batches_of(teacher_data(60), 16)
+    uninterrupted = make_trainer()
+    uninterrupted.fit(batches, epochs=3)
+    first = make_trainer()
+    first.fit(batches, epochs=3, max_steps=stop_at)
+    path = first.save_checkpoint(tmp_path / "run.npz")
+    resumed = make_trainer(seed=5).load_checkpoint(path)
+    resumed.fit(batches, epochs=3)
+    assert_same_state(uninterrupted, resumed)
+    # Every stop is mid-epoch for the trainer (an iterable's end shows only on the next read): arrays are refused.
+    with pytest.raises(gp.InputError, match="mid-epoch over an iterable of batches"):
+        make_trainer().load_checkpoint(path).fit(teacher_data(60), epochs=3)
+
+
+def test_a_generator_is_one_epoch_or_cut_by_steps_per_epoch() -> None:
+    data = teacher_data(80)
+
+    def stream(n_batches: int):
+        for batch in batches_of(data, 16)[:n_batches]:
+            yield batch
+
+    one = make_trainer()
+    one.fit(stream(5))
+    assert (one.step, one.epoch, one.stop_reason) == (5, 1, None)
+    with pytest.raises(gp.InputError, match="one-shot iterator .* steps_per_epoch"):
+        make_trainer().fit(stream(5), epochs=2)
+
+    cut = make_trainer()
+    cut.fit(stream(5), epochs=3, steps_per_epoch=2)  # 2 + 2 + 1: the stream runs dry in epoch 3
+    assert cut.step == 5 and [e["steps"] for e in cut.history.epochs] == [2, 2, 1]
+    exact = make_trainer()
+    exact.fit(stream(4), epochs=3, steps_per_epoch=2)  # dry at an epoch's boundary: stops, no empty epoch
+    assert exact.epoch == 2 and exact.stop_reason == "the training data is exhausted"
+    with pytest.raises(gp.InputError, match="yielded no batches"):
+        make_trainer().fit(stream(0))
+
+
+@pytest.mark.parametrize("batches, fragment", [
+    ([{"x": np.zeros((4, 8))}], "training batch 1: missing input(s) ['y']"),
+    ([(np.zeros((4, 8)),)], "training batch 1 has 1 arrays, but the graph has 2 inputs ['x', 'y']"),
+    ([{"x": np.zeros((4, 8)), "y": np.zeros(4, np.int64)}, 7], "training batch 2 must be a non-empty dict"),
+    ([], "the training data has no batches"),
+])
+def test_bad_batches_are_one_clear_error(batches, fragment: str) -> None:
+    trainer = make_trainer()
+    with pytest.raises(gp.InputError) as caught:
+        trainer.fit(batches)
+    assert fragment in str(caught.value) and "\n" not in str(caught.value)
+    with pytest.raises(gp.InputError, match="steps_per_epoch is for iterables"):
+        trainer.fit(teacher_data(40), steps_per_epoch=2)
+
+
+# ------------------------------------------------------------------ callbacks
+
+
+class Recorder(gp.Callback):
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def on_fit_start(self, trainer) -> None:
+        self.events.append("start")
+
+    def on_step(self, trainer, record) -> None:
+        self.events.append(f"step{record['step']}")
+
+    def on_eval(self, trainer, metrics) -> None:
+        self.events.append("eval:" + ",".join(sorted(metrics)))
+
+    def on_epoch(self, trainer, record) -> None:
+        self.events.append(f"epoch{record['epoch']}")
+
+    def on_fit_end(self, trainer) -> None:
+        self.events.append("end")
+
+
+def test_callbacks_see_steps_evaluations_and_epochs_in_order() -> None:
+    data, held_out = teacher_data(40), teacher_data(20, sample=1)
+    recorder = Recorder()
+    trainer = make_trainer(callbacks=[recorder])
+    trainer.fit(data, epochs=2, eval_data=held_out, eval_every=2)
+    metrics = "eval:val_accuracy,val_cross_entropy,val_loss"
+    assert recorder.events == ["start", "step1", "step2", "step3", "epoch1", "step4", "step5", "step6",
+                               metrics, "epoch2", "end"]
+    step = trainer.history.steps[0]
+    assert step["examples_per_s"] > 0 and step["grad_norm"] > 0 and step["lr"] == trainer.history.steps[0]["lr"]
+    loss, _ = gp.local_gradients(trainer.graph, trainer.params, held_out)
+    assert trainer.history.epochs[-1]["val_loss"] == pytest.approx(loss, rel=1e-12)
+    with pytest.raises(gp.InputError, match="callbacks must be"):
+        make_trainer(callbacks=[print])
+
+
+def scripted(values):
+    """An eval_fn giving the next of `values` as val_loss each epoch it runs."""
+    it = iter(values)
+    return lambda trainer: {"val_loss": next(it)}
+
+
+def test_early_stopping_stops_cleanly_and_a_resumed_run_stops_at_the_same_epoch(tmp_path: Path) -> None:
+    losses = [1.0, 0.8, 0.85, 0.81, 0.9, 0.7, 0.6]  # best at epoch 2, then three epochs without improving
+    stopper = gp.EarlyStopping(monitor="val_loss", patience=2, min_delta=0.01)
+    trainer = make_trainer(checkpoint_dir=tmp_path / "a")
+    trainer.fit(teacher_data(40), epochs=7, eval_fn=scripted(losses), callbacks=[stopper])
+    assert trainer.epoch == 5 and stopper.stopped_epoch == 5 and stopper.best_epoch == 2
+    assert "early stopping: val_loss has not improved for 3 epochs" in trainer.stop_reason
+    assert latest_checkpoint(tmp_path / "a").name == f"step-{trainer.step:08d}.npz"
+
+    first = make_trainer()
+    first.fit(teacher_data(40), epochs=7, max_steps=9, eval_fn=scripted(losses))  # 3 epochs, no callback
+    path = first.save_checkpoint(tmp_path / "at3.npz")
+    resumed = make_trainer().load_checkpoint(path)
+    resumed.fit(teacher_data(40), epochs=7, eval_fn=scripted(losses[3:]),
+                callbacks=[gp.EarlyStopping(patience=2, min_delta=0.01)])
+    assert resumed.epoch == 5  # the callback's count came back from the checkpointed history
+
+
+def test_early_stopping_names_a_metric_the_records_lack() -> None:
+    with pytest.raises(gp.InputError, match="monitors 'val_los'.*'val_accuracy'"):
+        make_trainer().fit(teacher_data(40), epochs=2, eval_data=teacher_data(20, sample=1),
+                           callbacks=[gp.EarlyStopping(monitor="val_los")])
+    with pytest.warns(UserWarning, match="never saw 'val_loss'"):
+        make_trainer().fit(teacher_data(40), epochs=1, callbacks=[gp.EarlyStopping()])
+    with pytest.raises(gp.InputError, match="mode must be"):
+        gp.EarlyStopping(mode="lowest")
+
+
+def test_best_checkpoint_keeps_the_best_epoch(tmp_path: Path) -> None:
+    best = tmp_path / "best.npz"
+    keeper = gp.BestCheckpoint(best, monitor="val_accuracy", mode="max")
+    trainer = make_trainer()
+    snapshots = {}
+
+    class Snapshot(gp.Callback):
+        def on_epoch(self, trainer, record) -> None:
+            snapshots[record["epoch"]] = {k: v.copy() for k, v in trainer.params.items()}
+
+    accuracies = iter([0.5, 0.7, 0.6, 0.7, 0.65])
+    trainer.fit(teacher_data(40), epochs=5, eval_fn=lambda t: {"val_accuracy": next(accuracies)},
+                callbacks=[keeper, Snapshot()])
+    assert keeper.saved_epoch == 2 and keeper.best == 0.7  # a tie is no improvement
+    saved = load_checkpoint(best)
+    assert saved.state["trainer"]["epoch"] == 2
+    assert all(np.array_equal(saved.params[k], snapshots[2][k]) for k in snapshots[2])
+    assert os.listdir(tmp_path) == ["best.npz"]  # atomic writes leave no temp file
+
+
+# ------------------------------------------------------------------ logs
+
+
+def test_csv_logger_writes_steps_and_epochs_and_a_resumed_run_continues_it(tmp_path: Path) -> None:
+    import csv
+
+    log = tmp_path / "train.csv"
+    data, held_out = teacher_data(40), teacher_data(20, sample=1)
+    trainer = make_trainer(callbacks=[gp.CSVLogger(log)])
+    trainer.fit(data, epochs=2, eval_data=held_out)
+    rows = list(csv.DictReader(log.open()))
+    assert [r["kind"] for r in rows] == ["step"] * 3 + ["epoch"] + ["step"] * 3 + ["epoch"]
+    assert {"loss", "lr", "grad_norm", "examples_per_s", "val_loss", "val_accuracy"} <= set(rows[0])
+    assert float(rows[1]["loss"]) == trainer.history.steps[1]["loss"]  # repr round-trips floats exactly
+    assert float(rows[-1]["val_accuracy"]) == trainer.history.epochs[-1]["val_accuracy"]
+
+    first = make_trainer(callbacks=[gp.CSVLogger(tmp_path / "resumed.csv")])
+    first.fit(data, epochs=2, eval_data=held_out, max_steps=4)
+    path = first.save_checkpoint(tmp_path / "at4.npz")
+    first.fit(data, epochs=2, eval_data=held_out, max_steps=5)  # a step the resumed run redoes
+    resumed = make_trainer(callbacks=[gp.CSVLogger(tmp_path / "resumed.csv")]).load_checkpoint(path)
+    resumed.fit(data, epochs=2, eval_data=held_out)
+    again = list(csv.DictReader((tmp_path / "resumed.csv").open()))
+    assert [(r["kind"], r["step"], r["loss"]) for r in again] == [(r["kind"], r["step"], r["loss"]) for r in rows]
+
+
+def read_scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Parse TensorBoard event files: TFRecord framing (length, masked CRC32C of it, data, masked
+    CRC32C of the data) around Event protos, read with tensorboardX's bundled protos."""
+    import struct
+
+    from tensorboardX.crc32c import crc32c
+    from tensorboardX.proto import event_pb2
+
+    def masked(data: bytes) -> int:
+        crc = crc32c(data)
+        return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        raw, at = path.read_bytes(), 0
+        while at < len(raw):
+            header = raw[at:at + 8]
+            (length,) = struct.unpack("<Q", header)
+            assert struct.unpack("<I", raw[at + 8:at + 12])[0] == masked(header)
+            data = raw[at + 12:at + 12 + length]
+            assert struct.unpack("<I", raw[at + 12 + length:at + 16 + length])[0] == masked(data)
+            at += 16 + length
+            event = event_pb2.Event.FromString(data)
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_tensorboard_logger_writes_scalars_tensorboard_reads(tmp_path: Path) -> None:
+    trainer = make_trainer(callbacks=[gp.TensorBoardLogger(tmp_path / "run")])
+    trainer.fit(teacher_data(40), epochs=2, eval_data=teacher_data(20, sample=1))
+    scalars = read_scalars(tmp_path / "run")
+    losses = [r["loss"] for r in trainer.history.steps]
+    assert [step for step, _ in scalars["train/loss"]] == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([v for _, v in scalars["train/loss"]], losses, rtol=1e-6)  # stored as float32
+    assert {"train/lr", "train/grad_norm", "train/examples_per_s", "epoch/loss", "epoch/val_loss",
+            "epoch/val_accuracy"} <= set(scalars)
+    assert [step for step, _ in scalars["epoch/val_accuracy"]] == [3, 6]
+    assert scalars["epoch/val_accuracy"][-1][1] == pytest.approx(trainer.history.epochs[-1]["val_accuracy"])
+
+
+def test_remote_training_on_an_iterable_sends_batches_inline_and_equals_local(cluster) -> None:
+    from gradpool.remote import Client
+
+    batches = batches_of(teacher_data(60), 16)
+    with Client(cluster.address) as service:
+        uploads = []
+        service.upload = lambda *a, **k: uploads.append(a)  # noqa: E731  (would be the resident path)
+        remote = make_trainer(backend=service)
+        remote.fit(iter(batches), epochs=2, steps_per_epoch=2)  # a one-shot stream, cut into epochs
+        assert uploads == []
+    local_cut = make_trainer(backend=LocalBackend(shards=2))
+    local_cut.fit(iter(batches), epochs=2, steps_per_epoch=2)
+    assert_same_state(local_cut, remote)
+    assert remote.step == 4 and remote.epoch == 2
