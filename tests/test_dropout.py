@@ -260,6 +260,19 @@ def test_each_step_draws_its_own_seed() -> None:
     assert seen == [step_seed(9, step) for step in (1, 2, 3)] and len(set(seen)) == 3
 
 
+def test_held_out_metrics_of_a_dropout_graph_come_from_forward_only_runs() -> None:
+    """Dropout makes the loss random (and is on in gradients runs), so no
+    val_loss: the held-out figures are forward-only, with dropout off."""
+    data = teacher_data(40)
+    trainer = dropout_trainer()
+    trainer.fit(data, epochs=1, eval_data=data)
+    record = trainer.history.epochs[-1]
+    assert "val_loss" not in record and 0 <= record["val_accuracy"] <= 1
+    assert record["val_cross_entropy"] == pytest.approx(trainer.evaluate(data)["cross_entropy"])
+    with pytest.raises(gp.InputError, match="dropout.*random.*evaluate"):
+        trainer.loss_on(data)
+
+
 # ------------------------------------------------------------------ the service
 
 
