@@ -356,6 +356,7 @@ class Program:
             raise InputError("outputs are computed by forward-only runs (gradients=False)")
         examples = self.signature.check_arrays(inputs, "input", needed_inputs)
         self.signature.check_arrays(params, "param", needed_params)
+        inputs, params = aligned(inputs), aligned(params)
         global_batch = examples if global_batch is None else int(global_batch)
         if global_batch < examples or (self.inputs and global_batch < 1):
             raise InputError(f"global batch size {global_batch} is smaller than this shard ({examples} examples)")
@@ -488,6 +489,21 @@ class Program:
                     owned.add(i)
             values[j] = None
         return grads
+
+
+def aligned(arrays: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+    """The arrays, each copied only if its data is not aligned to its dtype.
+
+    Tensors read in place from a request (`frombuffer` on the wire bytes) sit
+    wherever the encoding put them, and for misaligned data numpy and BLAS
+    take other loops whose results differ in the last bit (the product of a
+    strided float64 view at a 4-byte offset does in most trials): the worker would
+    then break invariant 1's bitwise match with one process, so such arrays get
+    an aligned copy here, for every caller alike.
+    """
+    if all(a.flags.aligned for a in arrays.values()):
+        return arrays
+    return {name: a if a.flags.aligned else np.require(a, requirements="A") for name, a in arrays.items()}
 
 
 def unbroadcast(grad: np.ndarray, shape: tuple[int, ...], node: NodeInfo) -> np.ndarray:
