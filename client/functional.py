@@ -177,7 +177,7 @@ def _reduce_axes(x: Expr, axis: Union[None, int, Sequence[int]]) -> tuple[int, .
 def stack(xs: Sequence[Expr], axis: int) -> Expr:
     """Join equal shapes along a new axis; for per-example values axis >= 1 (axis 0 is the batch axis)."""
     if not xs:
-        raise GraphError("stack needs at least one expression")
+        raise _refused("stack([])", "stack needs at least one expression")
     return _expr(*xs).graph._add("stack", tuple(xs), axis=int(axis))
 
 
@@ -243,7 +243,7 @@ def einsum(subscripts: str, *operands: Expr) -> Expr:
     A per-example operand's first letter is its batch axis: it stays first in
     the output, or is summed over; summing it over several per-example
     operands keeps it in the einsum and sums the result over the batch."""
-    from gradpool.worker.engine.ops import einsum_batch_letter, parse_einsum
+    from gradpool.worker.engine.ops import BATCH, einsum_batch_letter, parse_einsum
     if not operands:
         raise _refused(f"einsum({subscripts!r})", "einsum needs at least one operand")
     graph = _expr(*operands).graph
@@ -260,7 +260,7 @@ def einsum(subscripts: str, *operands: Expr) -> Expr:
         batch = einsum_batch_letter(ins, shapes) if all(len(t) == len(s) for t, s in zip(ins, shapes)) else ""
     except GraphError:
         batch = ""  # let the op's own rule refuse it, at the user's line
-    per_example = [term for term, shape in zip(ins, shapes) if shape[:1] == (-1,)]
+    per_example = [term for term, shape in zip(ins, shapes) if shape[:1] == (BATCH,)]
     if batch and batch not in out and len(per_example) > 1:
         joint = graph._add("einsum", operands, subscripts=f"{','.join(ins)}->{batch}{out}")
         return joint.sum(axis=0)
