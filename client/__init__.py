@@ -24,7 +24,9 @@ for _module, _names in {
     "gradpool.worker.engine.errors": "GradpoolError GraphError InputError ShardingError",
     "gradpool.functional": "abs binary_cross_entropy concat dropout embedding exp leaky_relu log log_softmax matmul max "
                            "maximum mean minimum power relu reshape sigmoid slice softmax softmax_cross_entropy "
-                           "softplus sqrt square sum tanh transpose",
+                           "softplus sqrt square sum tanh transpose "
+                           "argmax broadcast_to einsum expand_dims flip logsumexp min pad split squeeze stack std "
+                           "tile var",
     "gradpool.graph": "Expr Graph",
     "gradpool.data": "DatasetRef DatasetRows",
     "gradpool.local": "local_forward local_gradients",
@@ -67,6 +69,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, eagerly
                                      log_softmax, matmul, max, maximum, mean, minimum, power, relu, reshape,
                                      sigmoid, slice, softmax, softmax_cross_entropy, softplus, sqrt, square, sum,
                                      tanh, transpose)
+    from gradpool.functional import (argmax, broadcast_to, einsum, expand_dims, flip, logsumexp, min, pad, split,
+                                     squeeze, stack, std, tile, var)
     from gradpool.data import DatasetRef, DatasetRows
     from gradpool.graph import Expr, Graph
     from gradpool.local import local_forward, local_gradients

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
+import numpy as np
+
 from gradpool.worker.engine.errors import GraphError
 
 from .graph import Expr, Operand
@@ -147,3 +149,139 @@ def dropout(x: Expr, rate: float) -> Expr:
     Client.gradients; the Trainer derives one per step) and every sharding
     gives the same bits."""
     return _unary("dropout", x, rate=float(rate))
+# ---------------------------------------------------------------- reductions: min, logsumexp, var, std, argmax
+# Axes index the full array: axis 0 of a per-example value is the batch axis,
+# over which none of these is separable (they are refused there).
+
+def min(x: Expr, axis: Union[None, int, Sequence[int]] = None, keepdims: bool = False) -> Expr:  # noqa: A001
+    return x.min(axis, keepdims)
+
+
+def logsumexp(x: Expr, axis: Union[None, int, Sequence[int]] = None, keepdims: bool = False) -> Expr:
+    """log(sum(exp(x))) computed without overflow; its gradient is softmax(x)."""
+    return _unary("logsumexp", x, axes=_reduce_axes(x, axis), keepdims=keepdims)
+
+
+def var(x: Expr, axis: Union[None, int, Sequence[int]] = None, keepdims: bool = False) -> Expr:
+    return x.var(axis, keepdims)
+
+
+def std(x: Expr, axis: Union[None, int, Sequence[int]] = None, keepdims: bool = False) -> Expr:
+    return x.std(axis, keepdims)
+
+
+def argmax(x: Expr, axis: Optional[int] = None, keepdims: bool = False) -> Expr:
+    return x.argmax(axis, keepdims)
+
+
+def _reduce_axes(x: Expr, axis: Union[None, int, Sequence[int]]) -> tuple[int, ...]:
+    from .graph import _axes
+    return _axes(axis, x.ndim)
+
+
+# ---------------------------------------------------------------- shape ops
+# Axes count the batch axis as axis 0; sizes (reps, target shapes, pad widths)
+# describe one example of a per-example value, the batch axis implicit.
+
+def stack(xs: Sequence[Expr], axis: int) -> Expr:
+    """Join equal shapes along a new axis; for per-example values axis >= 1 (axis 0 is the batch axis)."""
+    if not xs:
+        raise _refused("stack([])", "stack needs at least one expression")
+    return _expr(*xs).graph._add("stack", tuple(xs), axis=int(axis))
+
+
+def expand_dims(x: Expr, axis: Union[int, Sequence[int]]) -> Expr:
+    return _unary("expand_dims", x, axes=_int_tuple(axis))
+
+
+def squeeze(x: Expr, axis: Union[None, int, Sequence[int]] = None) -> Expr:
+    return x.squeeze(axis)
+
+
+def pad(x: Expr, pad_width: Union[int, Sequence[int], Sequence[Sequence[int]]], value: Operand = 0.0) -> Expr:
+    """Constant padding, numpy's pad_width forms (n, (before, after), or one pair per axis) over the axes
+    of one example: the batch axis is never padded. `value` may be a number or a scalar expression."""
+    graph = _expr(x).graph
+    inner = x.ndim - 1 if x.shape[:1] == (None,) else x.ndim
+    try:
+        pairs = np.broadcast_to(np.asarray(pad_width, dtype=np.int64), (inner, 2))
+    except ValueError:
+        raise _refused(f"pad({x!r})", f"pad_width {pad_width!r} does not give a (before, after) pair for each "
+                                      f"of the {inner} axes of one example") from None
+    return graph._add("pad", (x, graph._lift(value, x.dtype)), pad_width=tuple(int(w) for w in pairs.reshape(-1)))
+
+
+def split(x: Expr, indices_or_sections: Union[int, Sequence[int]], axis: int) -> list[Expr]:
+    """numpy's split into a list of slices: a number of equal sections, or the indices to cut at."""
+    if not -x.ndim <= int(axis) < x.ndim:
+        raise _refused(f"split({x!r})", f"axis {axis} is out of range for rank {x.ndim}")
+    size = x.shape[int(axis)]
+    if size is None:
+        raise _refused(f"split({x!r})", f"split along the batch axis (axis {axis}) would mix examples, so it "
+                                        "cannot be split across workers")
+    if np.isscalar(indices_or_sections):
+        sections = int(indices_or_sections)  # type: ignore[arg-type]
+        if sections < 1 or size % sections:
+            raise _refused(f"split({x!r})", f"axis {axis} of size {size} does not divide into {sections} "
+                                            "equal sections")
+        cuts = [size // sections * i for i in range(1, sections)]
+    else:
+        cuts = [int(i) for i in indices_or_sections]  # type: ignore[union-attr]
+    bounds = [0] + cuts + [None]
+    return [slice(x, int(axis), start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
+
+
+def flip(x: Expr, axis: Union[None, int, Sequence[int]] = None) -> Expr:
+    """Reverse along `axis` (None: every axis, which for a per-example value includes the refused batch axis)."""
+    return _unary("flip", x, axes=tuple(range(x.ndim)) if axis is None else _int_tuple(axis))
+
+
+def tile(x: Expr, reps: Union[int, Sequence[int]]) -> Expr:
+    """np.tile of each example: `reps` describe one example."""
+    return _unary("tile", x, reps=_int_tuple(reps))
+
+
+def broadcast_to(x: Expr, shape: Union[int, Sequence[int]]) -> Expr:
+    """numpy broadcasting to `shape`, one example's shape for a per-example value (the batch axis implicit)."""
+    return _unary("broadcast_to", x, shape=_int_tuple(shape))
+
+
+def einsum(subscripts: str, *operands: Expr) -> Expr:
+    """np.einsum over letters ('bi,ij->bj'; implicit output as numpy: the letters used once, sorted).
+
+    A per-example operand's first letter is its batch axis: it stays first in
+    the output, or is summed over; summing it over several per-example
+    operands keeps it in the einsum and sums the result over the batch."""
+    from gradpool.worker.engine.ops import BATCH, einsum_batch_letter, parse_einsum
+    if not operands:
+        raise _refused(f"einsum({subscripts!r})", "einsum needs at least one operand")
+    graph = _expr(*operands).graph
+    text = subscripts.replace(" ", "")
+    if "->" not in text:
+        letters = text.replace(",", "")
+        text += "->" + "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    try:
+        ins, out = parse_einsum(text, len(operands))
+    except GraphError as err:
+        raise _refused(f"einsum({subscripts!r})", str(err)) from None
+    shapes = tuple(graph._own(o)._node.shape for o in operands)
+    try:
+        batch = einsum_batch_letter(ins, shapes) if all(len(t) == len(s) for t, s in zip(ins, shapes)) else ""
+    except GraphError:
+        batch = ""  # let the op's own rule refuse it, at the user's line
+    per_example = [term for term, shape in zip(ins, shapes) if shape[:1] == (BATCH,)]
+    if batch and batch not in out and len(per_example) > 1:
+        joint = graph._add("einsum", operands, subscripts=f"{','.join(ins)}->{batch}{out}")
+        return joint.sum(axis=0)
+    return graph._add("einsum", operands, subscripts=f"{','.join(ins)}->{out}")
+
+
+def _refused(call: str, message: str) -> GraphError:
+    """An error found by the SDK itself, worded and placed (the user's line) as Graph._add words them."""
+    from .graph import _user_origin
+    origin = _user_origin()
+    return GraphError(f"{call}{f' at {origin}' if origin else ''}: {message}")
+
+
+def _int_tuple(value: Union[int, Sequence[int]]) -> tuple[int, ...]:
+    return (int(value),) if np.isscalar(value) else tuple(int(v) for v in value)  # type: ignore[union-attr, arg-type]

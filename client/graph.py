@@ -135,6 +135,43 @@ class Expr:
     def max(self, axis: int = -1, keepdims: bool = False) -> "Expr":
         return self.graph._add("max", (self,), axis=axis, keepdims=keepdims)
 
+    # Reductions that are not sums over examples: over the batch axis (axis 0
+    # of a per-example value) they are refused, so name the other axes.
+    def min(self, axis: Union[None, int, Sequence[int]] = None, keepdims: bool = False) -> "Expr":
+        """Min over `axis` (None: all); ties share the gradient."""
+        return self.graph._add("min", (self,), axes=_axes(axis, self.ndim), keepdims=keepdims)
+
+    def var(self, axis: Union[None, int, Sequence[int]] = None, keepdims: bool = False) -> "Expr":
+        """Population variance (ddof=0, numpy's default)."""
+        return self.graph._add("var", (self,), axes=_axes(axis, self.ndim), keepdims=keepdims)
+
+    def std(self, axis: Union[None, int, Sequence[int]] = None, keepdims: bool = False) -> "Expr":
+        """Population standard deviation; its gradient is 0 where it is 0 (as torch's)."""
+        return self.graph._add("std", (self,), axes=_axes(axis, self.ndim), keepdims=keepdims)
+
+    def argmax(self, axis: Optional[int] = None, keepdims: bool = False) -> "Expr":
+        """int64 index of the max (the first on ties); forward only, as for an accuracy.
+        axis=None (numpy's flattened index) only for values without the batch axis."""
+        if axis is not None:
+            return self.graph._add("argmax", (self,), axis=int(axis), keepdims=keepdims)
+        if self._node.shape[:1] == (BATCH,):
+            raise GraphError(f"argmax over all axes of {self!r} would include the batch axis (axis 0) and mix "
+                             "examples; give axis=")
+        if self.ndim <= 1:
+            return self.graph._add("argmax", (self,), axis=0, keepdims=keepdims)
+        flat = self.reshape(math.prod(self._node.shape))
+        index = flat.graph._add("argmax", (flat,), axis=0, keepdims=False)
+        return index.graph._add("expand_dims", (index,), axes=tuple(range(self.ndim))) if keepdims else index
+
+    def squeeze(self, axis: Union[None, int, Sequence[int]] = None) -> "Expr":
+        """Drop size-1 axes (None: all of them but the batch axis)."""
+        if axis is None:
+            return self.graph._add("squeeze", (self,), axes=())
+        axes = _axes(axis, self.ndim)
+        if not axes:
+            return self  # numpy: squeeze(axis=()) removes nothing (the op reads no axes as all size-1 ones)
+        return self.graph._add("squeeze", (self,), axes=axes)
+
     def reshape(self, *shape: Union[int, Sequence[int]]) -> "Expr":
         """New shape; for per-example values give the shape of one example."""
         dims = tuple(shape[0]) if len(shape) == 1 and not isinstance(shape[0], int) else tuple(shape)

@@ -73,6 +73,27 @@ SPECS: dict[str, list[Case]] = {
     "embedding": [case((6, 3), Arg((4,), "indices", 6)), case((5, 2), Arg((2, 3), "indices", 5))],
     # checked with the harness's fixed seed (the mask is then a constant): some elements kept, some dropped
     "dropout": [case((4, 5), rate=0.5), case((2, 3, 4), rate=0.2), case((6,), rate=0.0)],
+    # reductions that are not sums over examples (issue 13)
+    "min": [case((3, 4), axes=(1,)), case((3, 4), axes=(0,), keepdims=True), case((2, 3, 4)),
+            case((2, 3, 4), axes=(0, 2))],
+    "logsumexp": [case((3, 4), axes=(1,)), case((3, 4), axes=(-1,), keepdims=True), case((2, 3, 4)),
+                  case((2, 3, 4), axes=(0, 2))],
+    "var": [case((3, 4), axes=(1,)), case((3, 4), axes=(0,), keepdims=True), case((2, 3, 4)),
+            case((2, 3, 4), axes=(1, 2))],
+    "std": [case((3, 4), axes=(1,)), case((3, 4), axes=(0,), keepdims=True), case((2, 3, 4)),
+            case((2, 3, 4), axes=(0, 2))],
+    "argmax": [case((3, 4), axis=1), case((2, 3, 4), axis=0, keepdims=True)],  # forward only: no gradient
+    # shape ops (issue 13)
+    "stack": [case((2, 3), (2, 3), (2, 3), axis=1), case((3,), (3,), axis=0), case((2, 3), (2, 3), axis=-1)],
+    "expand_dims": [case((2, 3), axes=(1,)), case((2, 3), axes=(0, -1))],
+    "squeeze": [case((2, 1, 3, 1)), case((2, 1, 3, 1), axes=(1,)), case((1, 3), axes=(0,))],
+    "pad": [case((2, 3), (), pad_width=(1, 2, 0, 1)), case((4,), (), pad_width=(0, 3))],
+    "flip": [case((2, 3, 4), axes=(1,)), case((2, 3), axes=(0, 1))],
+    "tile": [case((2, 3), reps=(2, 1)), case((3,), reps=(2, 2)), case((2, 3), reps=(3,))],
+    "broadcast_to": [case((3, 1), shape=(2, 3, 4)), case((4,), shape=(3, 4)), case((), shape=(2,))],
+    "einsum": [case((3, 4), (4, 5), subscripts="ij,jk->ik"), case((2, 3), (2, 3), subscripts="ij,ij->i"),
+               case((2, 3, 4), (4,), (2,), subscripts="bij,j,b->bi"), case((3, 4), (5,), subscripts="ij,k->k"),
+               case((3, 4), subscripts="ij->ji")],
 }
 
 

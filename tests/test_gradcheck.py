@@ -10,8 +10,12 @@ from gradpool.worker.engine import REGISTRY
 
 from op_specs import SPECS, Case, sample
 
-CASES = [(op, i, c) for op, cases in sorted(SPECS.items()) for i, c in enumerate(cases)]
 SEED = 20240607  # fixes random ops' masks (dropout), so each case is a deterministic function
+# Forward-only ops (argmax) have no gradient to check; their specs are exercised by
+# test_forward_only_ops_are_refused_on_the_gradient_path.
+CASES = [(op, i, c) for op, cases in sorted(SPECS.items()) for i, c in enumerate(cases) if REGISTRY[op].vjp is not None]
+FORWARD_ONLY = [(op, i, c) for op, cases in sorted(SPECS.items()) for i, c in enumerate(cases)
+                if op in REGISTRY and REGISTRY[op].vjp is None]
 
 
 def test_every_registered_op_has_a_gradcheck_spec() -> None:
@@ -79,3 +83,14 @@ def test_sigmoid_and_softplus_do_not_overflow() -> None:
     with np.errstate(over="raise", invalid="raise", divide="raise"):
         loss, grads = gp.local_gradients(graph, {"x": np.array([-1000.0, -30.0, 30.0, 1000.0])}, {})
     assert np.isfinite(loss) and np.all(np.isfinite(grads["x"]))
+
+
+@pytest.mark.parametrize("op,i,spec", FORWARD_ONLY, ids=[f"{op}-{i}" for op, i, _ in FORWARD_ONLY])
+def test_forward_only_ops_are_refused_on_the_gradient_path(op: str, i: int, spec: Case) -> None:
+    """A param -> op -> loss path would need the gradient the op does not have: refused, naming the op."""
+    graph = gp.Graph(op)
+    args = [graph.param(f"a{k}", arg.shape, dtype="float64") for k, arg in enumerate(spec.args)]
+    indices = graph._add(op, args, **spec.attrs)  # integer results (argmax) pick rows of a const table
+    table = graph.const(np.ones((max(max(arg.shape) for arg in spec.args), 2)))
+    with pytest.raises(gp.GraphError, match=f"op {op!r} has no gradient rule"):
+        graph.set_loss(gp.embedding(table, indices).sum())

@@ -791,3 +791,453 @@ register(Op("dropout", 1, _dropout_shape, _dropout_forward, _dropout_vjp, linear
                 "and the kept ones scaled by 1 / (1 - rate); forward-only runs pass x through. The mask is a "
                 "hash of (seed, node name, global example index, element index), so every split of the batch "
                 "draws the same mask"))
+# ---------------------------------------------------------------- reductions: min, logsumexp, var, std, argmax
+#
+# Like sum/mean they take `axes` (empty: all of them) and `keepdims`. Unlike
+# sum/mean none of them is a sum over examples, so over the batch axis of a
+# per-example value they are refused: a shard only sees its own examples.
+
+def _keep_shape(axes: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(1 if a in axes else d for a, d in enumerate(shape))
+
+
+def _kept(at: Attrs, x: np.ndarray, *values: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Reduced values (g, out) reshaped to keep the reduced axes as size 1, so they broadcast against x."""
+    if at.keepdims:
+        return values
+    shape = _keep_shape(_axes(at, x.ndim), x.shape)
+    return tuple(np.reshape(v, shape) for v in values)
+
+
+def _non_batch_reduction(name: str, why: str, nonempty: bool = False) -> Callable[[Attrs, Shape], Shape]:
+    def rule(at: Attrs, x: Shape) -> Shape:
+        axes = _axes(at, len(x))
+        if is_per_example(x) and 0 in axes:
+            raise GraphError(f"{name} over the batch axis (axis 0 of a per-example value) {why}, so it cannot "
+                             "be split across workers; reduce the other axes (axis=1, ...)")
+        if nonempty and any(x[a] == 0 for a in axes):
+            raise GraphError(f"{name} over an axis of size 0 of {fmt(x)} has no value")
+        return _reduce_shape(at, x)
+    return rule
+
+
+_MIXES = "would mix examples"
+
+
+def _min_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray) -> tuple:
+    """Ties share the gradient equally (torch.amin's rule; max does the same)."""
+    g, out = _kept(at, x, g, out)
+    winners = (x == out).astype(x.dtype)
+    winners /= winners.sum(axis=_axes(at, x.ndim), keepdims=True)
+    return (_scaled(g, winners),)
+
+
+register(Op("min", 1, _non_batch_reduction("min", _MIXES, nonempty=True),
+            lambda at, x: np.min(x, axis=_axes(at, x.ndim), keepdims=at.keepdims), _min_vjp,
+            attrs=_REDUCE_ATTRS, doc="min over `axes` (all when empty), not the batch axis; ties share the gradient"))
+
+
+def _logsumexp(at: Attrs, x: np.ndarray) -> np.ndarray:
+    """m + log(sum(exp(x - m))), m the max; an infinite m is not subtracted
+    (torch's rule), so all -inf gives -inf and any +inf gives +inf."""
+    axes = _axes(at, x.ndim)
+    shift = np.max(x, axis=axes, keepdims=True)
+    shift = np.where(np.isfinite(shift), shift, x.dtype.type(0))
+    e = np.subtract(x, shift)
+    np.exp(e, out=e)
+    with np.errstate(divide="ignore"):  # log(0) = -inf: every value -inf
+        result = np.log(np.sum(e, axis=axes, keepdims=True))
+    result += shift
+    return result if at.keepdims else np.reshape(result, _reduce_shape(at, x.shape))
+
+
+def _logsumexp_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray) -> tuple:
+    """g * softmax(x) = g * exp(x - out)."""
+    g, out = _kept(at, x, g, out)
+    t = np.subtract(x, out)
+    np.exp(t, out=t)
+    return (_scaled(g, t),)
+
+
+register(Op("logsumexp", 1, _non_batch_reduction("logsumexp", _MIXES, nonempty=True), _logsumexp, _logsumexp_vjp,
+            attrs=_REDUCE_ATTRS, doc="log(sum(exp(x))) over `axes`, stably (not the batch axis); "
+                                     "gradient softmax(x)"))
+
+
+def _count(at: Attrs, x: np.ndarray) -> int:
+    return math.prod(x.shape[a] for a in _axes(at, x.ndim))
+
+
+def _centered(at: Attrs, x: np.ndarray) -> np.ndarray:
+    """x - mean(x) over the reduced axes, in a fresh array (two passes: no cancellation of E[x^2] - E[x]^2)."""
+    return np.subtract(x, np.mean(x, axis=_axes(at, x.ndim), keepdims=True))
+
+
+def _var(at: Attrs, x: np.ndarray) -> np.ndarray:
+    d = _centered(at, x)
+    np.multiply(d, d, out=d)
+    return np.mean(d, axis=_axes(at, x.ndim), keepdims=at.keepdims)
+
+
+def _var_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray) -> tuple:
+    """2 (x - mean) / n * g (the mean's own gradient sums to zero)."""
+    (g,) = _kept(at, x, g)
+    d = _centered(at, x)
+    d *= x.dtype.type(2.0 / _count(at, x)) if _count(at, x) else x.dtype.type(0)
+    return (_scaled(g, d),)
+
+
+def _std_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray) -> tuple:
+    """(x - mean) / (n std) * g; where std is 0 (all values equal) the
+    gradient is 0, as torch defines it, instead of 0/0."""
+    g, out = _kept(at, x, g, out)
+    scale = np.zeros(np.broadcast_shapes(np.shape(g), np.shape(out)), x.dtype)
+    np.divide(g, out * x.dtype.type(max(_count(at, x), 1)), out=scale, where=out != 0)
+    d = _centered(at, x)
+    d *= scale
+    return (d,)
+
+
+_NOT_SEPARABLE = ("is a statistic of the whole batch (as batch norm's is), not a sum over examples: the variances "
+                  "of the shards do not add up to the batch's")
+register(Op("var", 1, _non_batch_reduction("var", _NOT_SEPARABLE), _var, _var_vjp, attrs=_REDUCE_ATTRS,
+            doc="population variance (ddof=0, numpy's default) over `axes`, not the batch axis"))
+register(Op("std", 1, _non_batch_reduction("std", _NOT_SEPARABLE), lambda at, x: np.sqrt(_var(at, x)), _std_vjp,
+            attrs=_REDUCE_ATTRS, doc="population standard deviation over `axes`, not the batch axis; "
+                                     "gradient 0 where it is 0 (torch's choice)"))
+
+
+def _argmax_shape(at: Attrs, x: Shape) -> Shape:
+    if not x:
+        raise GraphError("argmax needs a value of rank 1 or more")
+    axis = norm_axis(at.axis, len(x), "argmax")
+    refuse_batch_axis(x, axis, "argmax")
+    if x[axis] == 0:
+        raise GraphError(f"argmax over an axis of size 0 of {fmt(x)} has no value")
+    return tuple(1 if i == axis else d for i, d in enumerate(x)) if at.keepdims else x[:axis] + x[axis + 1:]
+
+
+def _argmax_dtype(at: Attrs, x: np.dtype) -> np.dtype:
+    if x not in FLOATS + INTS:
+        raise GraphError(f"argmax needs a float or integer operand, got {x}")
+    return np.dtype(np.int64)
+
+
+register(Op("argmax", 1, _argmax_shape, lambda at, x: np.argmax(x, axis=at.axis, keepdims=at.keepdims), None,
+            dtype=_argmax_dtype, attrs={"axis": (int, -1), "keepdims": (bool, False)},
+            doc="int64 index of the max along one axis (the first on ties, as numpy and torch); "
+                "forward only: no gradient"))
+
+
+# ---------------------------------------------------------------- shape ops
+#
+# Axes count the batch axis of a per-example value as axis 0; sizes the user
+# gives (tile reps, broadcast_to targets, pad widths) describe one example.
+# All are linear ("all"): on batch-reduced values they act on each shard's
+# partial sum, and the partial results add up to the whole batch's.
+
+STATIC_RANK_LIMIT = 8  # program.MAX_RANK (program imports this module)
+STATIC_ELEMENTS_LIMIT = 2 ** 28  # per example: refused before anything is allocated
+
+
+def _sized(shape: Shape, what: str) -> Shape:
+    """Results whose size comes from attributes (tile reps, pad widths, targets) are bounded up front."""
+    if len(shape) > STATIC_RANK_LIMIT:
+        raise GraphError(f"{what} would have rank {len(shape)}; the limit is {STATIC_RANK_LIMIT}")
+    elements = math.prod(d for d in shape if d != BATCH)
+    if elements > STATIC_ELEMENTS_LIMIT:
+        raise GraphError(f"{what} would have {elements} elements per example; the limit is {STATIC_ELEMENTS_LIMIT}")
+    return shape
+
+
+def same_dtype(at: Attrs, *dtypes: np.dtype) -> np.dtype:
+    """Moving values around works for any dtype (stacking argmax indices, say); gradients only reach floats."""
+    if len(set(dtypes)) > 1:
+        raise GraphError(f"operands must share one dtype, got {' and '.join(map(str, dtypes))}")
+    return dtypes[0]
+
+
+def _lead(shape: Shape, per_example: bool) -> tuple[Shape, Shape]:
+    """(batch part, one example's part) of a shape."""
+    return (shape[:1], shape[1:]) if per_example else ((), shape)
+
+
+def _stack_shape(at: Attrs, *shapes: Shape) -> Shape:
+    first = shapes[0]
+    if any(s != first for s in shapes):
+        raise GraphError("stack needs equal shapes, got " + ", ".join(map(fmt, shapes)))
+    axis = norm_axis(at.axis, len(first) + 1, "stack")
+    if axis == 0 and is_per_example(first):
+        raise GraphError(f"stack at axis 0 would put the new axis before the batch axis of {fmt(first)} (axis 0 "
+                         "of a per-example value is the batch axis); stack at axis 1 or later")
+    return _sized(first[:axis] + (len(shapes),) + first[axis:], "stack")
+
+
+register(Op("stack", None, _stack_shape, lambda at, *xs: np.stack(xs, axis=at.axis),
+            lambda at, g, out, *xs: tuple(np.moveaxis(g, at.axis % out.ndim, 0)),
+            dtype=same_dtype, linear_in="all", attrs={"axis": (int, REQUIRED)},
+            doc="join equal shapes along a new axis (not before the batch axis)"))
+
+
+def _expand_axes(at: Attrs, rank: int) -> tuple[int, ...]:
+    out_rank = rank + len(at.axes)
+    axes = tuple(sorted(norm_axis(a, out_rank, "expand_dims") for a in at.axes))
+    if len(set(axes)) != len(axes):
+        raise GraphError(f"expand_dims axes {tuple(at.axes)} name one axis twice")
+    return axes
+
+
+def _expand_dims_shape(at: Attrs, x: Shape) -> Shape:
+    axes = _expand_axes(at, len(x))
+    if 0 in axes and is_per_example(x):
+        raise GraphError(f"expand_dims at axis 0 would put a new axis before the batch axis of {fmt(x)}")
+    dims = iter(x)
+    return _sized(tuple(1 if a in axes else next(dims) for a in range(len(x) + len(axes))), "expand_dims")
+
+
+register(Op("expand_dims", 1, _expand_dims_shape, lambda at, x: np.expand_dims(x, _expand_axes(at, x.ndim)),
+            lambda at, g, out, x: (np.reshape(g, x.shape),), dtype=same_dtype, linear_in="all",
+            attrs={"axes": ("ints", REQUIRED)},
+            doc="insert size-1 axes at `axes` of the result (not before the batch axis)"))
+
+
+def _squeeze_axes(at: Attrs, shape: Shape, per_example: bool) -> tuple[int, ...]:
+    """The named axes, or (none named) every size-1 axis but the batch axis, whose size is not static."""
+    if not at.axes:
+        return tuple(a for a, d in enumerate(shape) if d == 1 and not (a == 0 and per_example))
+    return tuple(sorted({norm_axis(a, len(shape), "squeeze") for a in at.axes}))
+
+
+def _squeeze_shape(at: Attrs, x: Shape) -> Shape:
+    axes = _squeeze_axes(at, x, is_per_example(x))
+    if 0 in axes and is_per_example(x):
+        raise GraphError(f"squeeze cannot remove the batch axis of {fmt(x)}")
+    wide = [a for a in axes if x[a] != 1]
+    if wide:
+        raise GraphError(f"squeeze: axis {wide[0]} of {fmt(x)} has size {x[wide[0]]}, not 1")
+    return tuple(d for a, d in enumerate(x) if a not in axes)
+
+
+register(Op("squeeze", 1, _squeeze_shape, lambda at, x: np.squeeze(x, _squeeze_axes(at, x.shape, at.per_example)),
+            lambda at, g, out, x: (np.reshape(g, x.shape),), dtype=same_dtype, linear_in="all",
+            attrs={"axes": ("ints", ())},
+            doc="remove size-1 `axes` (none named: all size-1 axes but the batch axis)"))
+
+
+def _pad_pairs(at: Attrs, rank: int, per_example: bool) -> list[tuple[int, int]]:
+    widths = list(at.pad_width)
+    inner = rank - 1 if per_example else rank
+    if len(widths) != 2 * inner:
+        raise GraphError(f"pad_width needs {inner} (before, after) pair(s), one per axis of "
+                         f"{'one example' if per_example else 'the value'}; got {len(widths)} number(s)")
+    if any(w < 0 for w in widths):
+        raise GraphError(f"pad widths must be >= 0, got {tuple(widths)}")
+    return [(0, 0)] * (rank - inner) + list(zip(widths[0::2], widths[1::2]))
+
+
+def _pad_shape(at: Attrs, x: Shape, value: Shape) -> Shape:
+    if value != ():
+        raise GraphError(f"pad's fill value must be a scalar, got shape {fmt(value)}")
+    pairs = _pad_pairs(at, len(x), is_per_example(x))
+    return _sized(tuple(d if d == BATCH else d + lo + hi for d, (lo, hi) in zip(x, pairs)), "pad")
+
+
+def _pad_inner(at: Attrs, x: np.ndarray, per_example: bool) -> tuple:
+    """The index of the original values inside the padded result."""
+    return tuple(slice(lo, lo + d) for d, (lo, _) in zip(x.shape, _pad_pairs(at, x.ndim, per_example)))
+
+
+def _pad_forward(at: Attrs, x: np.ndarray, value: np.ndarray) -> np.ndarray:
+    pairs = _pad_pairs(at, x.ndim, at.per_example)
+    out = np.full(tuple(d + lo + hi for d, (lo, hi) in zip(x.shape, pairs)), value, dtype=x.dtype)
+    out[_pad_inner(at, x, at.per_example)] = x
+    return out
+
+
+def _pad_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray, value: np.ndarray) -> tuple:
+    inner = _pad_inner(at, x, at.per_example)
+    grad_value = None
+    if at.wants[1]:
+        border = np.array(g, copy=True)
+        border[inner] = 0
+        grad_value = border.sum()
+    return g[inner], grad_value
+
+
+register(Op("pad", 2, _pad_shape, _pad_forward, _pad_vjp, linear_in="all",
+            attrs={"pad_width": ("ints", REQUIRED)},
+            doc="constant padding: (before, after) per axis of one example (the batch axis is never padded); "
+                "the fill value is a scalar input, so pad is linear in (x, value) jointly: on a batch-reduced x "
+                "the value counts once, however many shards"))
+
+
+def _flip_axes(at: Attrs, rank: int) -> tuple[int, ...]:
+    return tuple(sorted({norm_axis(a, rank, "flip") for a in at.axes}))
+
+
+def _flip_shape(at: Attrs, x: Shape) -> Shape:
+    if 0 in _flip_axes(at, len(x)) and is_per_example(x):
+        raise GraphError(f"flip along the batch axis (axis 0 of {fmt(x)}) would mix examples; "
+                         "name the other axes (axis=1, ...)")
+    return x
+
+
+register(Op("flip", 1, _flip_shape, lambda at, x: np.flip(x, _flip_axes(at, x.ndim)),
+            lambda at, g, out, x: (np.flip(g, _flip_axes(at, x.ndim)),), dtype=same_dtype, linear_in="all",
+            attrs={"axes": ("ints", REQUIRED)}, doc="reverse the order along `axes` (not the batch axis)"))
+
+
+def _tile_layout(at: Attrs, shape: Shape, per_example: bool) -> tuple[Shape, Shape, Shape]:
+    """(batch part, one example's shape and the reps, both padded with 1s to one length), as np.tile aligns them."""
+    lead, example = _lead(shape, per_example)
+    reps = tuple(int(r) for r in at.reps)
+    if any(r < 1 for r in reps):
+        raise GraphError(f"tile reps must be >= 1, got {reps}")
+    rank = max(len(example), len(reps))
+    return lead, (1,) * (rank - len(example)) + example, (1,) * (rank - len(reps)) + reps
+
+
+def _tile_shape(at: Attrs, x: Shape) -> Shape:
+    lead, example, reps = _tile_layout(at, x, is_per_example(x))
+    return _sized(lead + tuple(e * r for e, r in zip(example, reps)), "tile")
+
+
+def _tile_forward(at: Attrs, x: np.ndarray) -> np.ndarray:
+    lead, example, reps = _tile_layout(at, x.shape, at.per_example)
+    return np.tile(np.reshape(x, lead + example), (1,) * len(lead) + reps)
+
+
+def _tile_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray) -> tuple:
+    """Each copy's gradient summed: g viewed as (batch, r0, e0, r1, e1, ...), summed over the r axes."""
+    lead, example, reps = _tile_layout(at, x.shape, at.per_example)
+    split = lead + tuple(d for pair in zip(reps, example) for d in pair)
+    rep_axes = tuple(len(lead) + 2 * i for i in range(len(reps)))
+    return (np.reshape(np.sum(np.reshape(g, split), axis=rep_axes), x.shape),)
+
+
+register(Op("tile", 1, _tile_shape, _tile_forward, _tile_vjp, dtype=same_dtype, linear_in="all",
+            attrs={"reps": ("ints", REQUIRED)},
+            doc="np.tile of each example (reps describe one example; the batch axis is never repeated)"))
+
+
+def _broadcast_layout(at: Attrs, shape: Shape, per_example: bool) -> tuple[Shape, Shape, Shape]:
+    """(batch part, one example's shape padded with 1s to the target's rank, the target)."""
+    lead, example = _lead(shape, per_example)
+    target = tuple(int(d) for d in at.shape)
+    if len(target) < len(example):
+        raise GraphError(f"broadcast_to target {target} has fewer axes than {fmt(shape)} "
+                         f"({'one example has ' if per_example else ''}{len(example)})")
+    padded = (1,) * (len(target) - len(example)) + example
+    if any(d < 0 for d in target) or any(e not in (1, t) for e, t in zip(padded, target)):
+        raise GraphError(f"cannot broadcast {fmt(shape)} to {fmt(lead + target)}"
+                         + (" (the target is one example's shape; the batch axis is implicit)" if per_example else ""))
+    return lead, padded, target
+
+
+def _broadcast_to_shape(at: Attrs, x: Shape) -> Shape:
+    lead, _, target = _broadcast_layout(at, x, is_per_example(x))
+    return _sized(lead + target, "broadcast_to")
+
+
+def _broadcast_to_forward(at: Attrs, x: np.ndarray) -> np.ndarray:
+    """A read-only view, as np.broadcast_to gives: nothing is copied."""
+    lead, padded, target = _broadcast_layout(at, x.shape, at.per_example)
+    return np.broadcast_to(np.reshape(x, lead + padded), lead + target)
+
+
+def _broadcast_to_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray) -> tuple:
+    """g summed over the axes broadcasting added or stretched, here: the engine's
+    unbroadcast would take a new leading axis for the batch axis."""
+    lead, padded, target = _broadcast_layout(at, x.shape, at.per_example)
+    stretched = tuple(len(lead) + a for a, (e, t) in enumerate(zip(padded, target)) if e != t)
+    return (np.reshape(np.sum(g, axis=stretched) if stretched else g, x.shape),)
+
+
+register(Op("broadcast_to", 1, _broadcast_to_shape, _broadcast_to_forward, _broadcast_to_vjp,
+            dtype=same_dtype, linear_in="all",
+            attrs={"shape": ("ints", REQUIRED)},
+            doc="numpy broadcasting to `shape`, one example's shape for per-example values (batch axis implicit)"))
+
+
+# ---------------------------------------------------------------- einsum
+
+_LETTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def parse_einsum(subscripts: str, operands: int) -> tuple[list[str], str]:
+    """Explicit `ij,jk->ik` subscripts: one letter per axis, none repeated within an operand."""
+    text = subscripts.replace(" ", "")
+    if "..." in text:
+        raise GraphError("einsum: '...' is not supported; name every axis with a letter")
+    if text.count("->") != 1:
+        raise GraphError(f"einsum subscripts {subscripts!r} need one '->' and the output's letters")
+    left, out = text.split("->")
+    ins = left.split(",")
+    if len(ins) != operands:
+        raise GraphError(f"einsum subscripts {subscripts!r} name {len(ins)} operand(s), {operands} given")
+    for term in ins + [out]:
+        if not set(term) <= _LETTERS:
+            raise GraphError(f"einsum subscripts {subscripts!r}: use letters a-z, A-Z only")
+        if len(set(term)) != len(term):
+            raise GraphError(f"einsum subscripts {subscripts!r}: {term!r} repeats a letter (diagonals are "
+                             "not supported)")
+    if not set(out) <= set("".join(ins)):
+        raise GraphError(f"einsum subscripts {subscripts!r}: output letters that no operand has")
+    return ins, out
+
+
+def einsum_batch_letter(ins: list[str], shapes: tuple[Shape, ...]) -> str:
+    """The letter of the per-example operands' batch axis ('' when none is per-example)."""
+    letters = {term[0] for term, shape in zip(ins, shapes) if is_per_example(shape) and term}
+    if len(letters) > 1:
+        raise GraphError(f"einsum names the batch axes of its per-example operands with different letters "
+                         f"({', '.join(sorted(letters))}): that would pair every example with every other")
+    return letters.pop() if letters else ""
+
+
+def _einsum_shape(at: Attrs, *shapes: Shape) -> Shape:
+    ins, out = parse_einsum(at.subscripts, len(shapes))
+    sizes: dict[str, int] = {}
+    for term, shape in zip(ins, shapes):
+        if len(term) != len(shape):
+            raise GraphError(f"einsum: {term!r} names {len(term)} axes, the operand {fmt(shape)} has {len(shape)}")
+        for letter, d in zip(term, shape):
+            known = sizes.setdefault(letter, d)
+            if known != d:
+                raise GraphError(f"einsum: axis {letter!r} is " + (
+                    "the batch axis in one operand and a fixed-size axis in another" if BATCH in (known, d)
+                    else f"{known} in one operand and {d} in another"))
+    batch = einsum_batch_letter(ins, shapes)
+    if batch and batch in out and out[0] != batch:
+        raise GraphError(f"einsum output {out!r} would move the batch axis {batch!r} away from the front")
+    if batch and batch not in out and sum(is_per_example(s) for s in shapes) > 1:
+        raise GraphError(f"einsum contracts the batch axis {batch!r} of several per-example operands; keep it in "
+                         f"the output and sum over it (gp.einsum does this)")
+    return tuple(sizes[letter] for letter in out)
+
+
+def _einsum_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, *xs: np.ndarray) -> tuple:
+    """Operand k's gradient is the einsum of g with the other operands into k's
+    letters; letters only k has (summed within k alone) are broadcast back."""
+    ins, out_term = parse_einsum(at.subscripts, len(xs))
+    grads: list = []
+    for k, (term, x) in enumerate(zip(ins, xs)):
+        if not at.wants[k]:
+            grads.append(None)
+            continue
+        others = [(t, y) for j, (t, y) in enumerate(zip(ins, xs)) if j != k]
+        elsewhere = set(out_term).union(*(t for t, _ in others))
+        kept = "".join(letter for letter in term if letter in elsewhere)
+        spec = ",".join([out_term] + [t for t, _ in others]) + "->" + kept
+        grad = np.einsum(spec, g, *(y for _, y in others), optimize=True)
+        if kept != term:
+            grad = np.broadcast_to(np.reshape(grad, tuple(d if letter in elsewhere else 1
+                                                          for letter, d in zip(term, x.shape))), x.shape)
+        grads.append(grad)
+    return tuple(grads)
+
+
+register(Op("einsum", None, _einsum_shape, lambda at, *xs: np.einsum(at.subscripts, *xs, optimize=True), _einsum_vjp,
+            linear_in="each", attrs={"subscripts": (str, REQUIRED)},
+            doc="np.einsum with explicit subscripts ('ij,jk->ik'); a per-example operand's first letter is its "
+                "batch axis: leading in the output, or summed over when only that operand has it"))
