@@ -42,6 +42,10 @@ class CoordinatorConfig(ServerTls):
     log_level: str = "INFO"
     log_format: str = "text"
     metrics_port: int = 0
+    # Shard audit: the fraction of shards re-run on a second worker and
+    # compared (0: none), and how far the two may differ (0: bitwise).
+    audit_fraction: float = 0.0
+    audit_tolerance: float = 0.0
 
     @property
     def worker_tls(self) -> Optional[TlsConfig]:
@@ -112,8 +116,20 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "gradpool coord
     add("--grace-seconds", type=float, default=env_default("GRADPOOL_GRACE_SECONDS", 5.0),
         help="on SIGTERM, how long running requests may finish (env GRADPOOL_GRACE_SECONDS, "
              "default %(default)s)")
+    add("--audit-fraction", type=float, default=env_default("GRADPOOL_AUDIT_FRACTION", 0.0),
+        help="shard audit: this fraction of shards (drawn at random) is re-run on a second worker and the results "
+             "compared; a worker found wrong (a third one breaks the tie) is quarantined: it gets no more shards "
+             "until it restarts (env GRADPOOL_AUDIT_FRACTION, 0 to 1, default %(default)s: no audit)")
+    add("--audit-tolerance", type=float, default=env_default("GRADPOOL_AUDIT_TOLERANCE", 0.0),
+        help="how far two audited results may differ: |a - b| <= tol * (1 + max(|a|, |b|)) elementwise; 0 asks "
+             "for bitwise equality, right for identical workers (env GRADPOOL_AUDIT_TOLERANCE, "
+             "default %(default)s)")
     add_observability_flags(add)
     args = parser.parse_args(argv)
+    if not 0 <= args.audit_fraction <= 1:  # NaN fails too
+        parser.error(f"--audit-fraction must be in [0, 1], got {args.audit_fraction}")
+    if not 0 <= args.audit_tolerance < float("inf"):
+        parser.error(f"--audit-tolerance must be a finite number >= 0, got {args.audit_tolerance}")
     workers = [w.strip() for w in args.workers.split(",") if w.strip()]
     for address in workers:
         host, _, port = address.rpartition(":")

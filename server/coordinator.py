@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import threading
 import time
 from concurrent import futures
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
 
 import grpc
+import numpy as np
 
 from gradpool.protos import gradpool_pb2 as pb
 from gradpool.protos import gradpool_pb2_grpc as pb_grpc
@@ -118,6 +120,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self._totals_lock = threading.Lock()
         self._metadata = auth_metadata(config.to_workers_token)
         self._started = time.monotonic()
+        # Which shards are audited: unpredictable to workers, so a liar cannot
+        # tell an audited shard from another.
+        self._audit_draw = random.SystemRandom()
 
     # ------------------------------------------------------------ clients
 
@@ -323,7 +328,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         assignment = plan(pool, batch.examples, row_bytes, int(self.config.max_shard_mb * 2**20))
         requests = shard_requests(record.graph_id, params, batch, [(a, b) for _, a, b in assignment], mode, outputs,
                                   wire_dtype, seed)
-        return [Shard(i, start, stop, request, worker)
+        fraction = self.config.audit_fraction
+        return [Shard(i, start, stop, request, worker, audit=fraction > 0 and self._audit_draw.random() < fraction)
                 for i, ((worker, start, stop), request) in enumerate(zip(assignment, requests))]
 
     @contextlib.contextmanager
@@ -339,7 +345,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         log.debug("request %s: %d shard(s), %.1fs to go", request_id or "-", len(shards), timeout)
         metadata = self._metadata + (((REQUEST_ID_HEADER, request_id),) if request_id else ())
         with FanOut(shards, record, self.registry, time.monotonic() + timeout, metadata, dataset,
-                    int(self.config.stream_threshold_mb * 2**20), check) as fan:
+                    int(self.config.stream_threshold_mb * 2**20), check,
+                    result_difference(self.config.audit_tolerance)) as fan:
             context.add_callback(fan.cancel)  # the client went away
             try:
                 yield fan.results()
@@ -403,6 +410,46 @@ def output_problem(program: Program, outputs: Sequence[str]) -> Callable[[Shard,
                 return f"{quoted(name)} as {tensor.shape} of {tensor.dtype}"
         return ""
     return check
+
+
+def result_difference(tolerance: float = 0.0) -> Callable[[wire.ResultView, wire.ResultView], str]:
+    """How two results of one shard differ ("" when they agree), for the audit:
+    loss, gradients and outputs bitwise (`tolerance` 0), or elementwise within
+    |a - b| <= tolerance * (1 + max(|a|, |b|)), NaN matching NaN. Both were
+    checked against the graph (`gradient_problem`, `output_problem`) first."""
+    def mismatches(a: wire.TensorView, b: wire.TensorView) -> str:
+        if not tolerance:
+            x, y = np.frombuffer(a.data, np.uint8), np.frombuffer(b.data, np.uint8)
+            return "" if np.array_equal(x, y) else f"{np.count_nonzero(x != y)} of {x.size} bytes differ"
+        x, y = (np.asarray(t.values(np.dtype(np.float64)), dtype=np.float64) for t in (a, b))
+        return _beyond(x, y, tolerance)
+
+    def compare(first: wire.ResultView, second: wire.ResultView) -> str:
+        x, y = np.array([first.loss]), np.array([second.loss])
+        if (x.tobytes() != y.tobytes()) if not tolerance else _beyond(x, y, tolerance):
+            return f"loss {first.loss!r} vs {second.loss!r}"
+        for kind, mine, theirs in (("gradient", first.grads, second.grads),
+                                   ("output", first.outputs, second.outputs)):
+            others = dict(theirs)
+            if len(others) != len(mine):
+                return f"{len(mine)} vs {len(others)} {kind}s"
+            for name, tensor in mine:
+                other = others.get(name)
+                if other is None or other.shape != tensor.shape or other.proto_dtype != tensor.proto_dtype:
+                    return f"{kind} {quoted(name)} missing or of another shape or dtype"
+                problem = mismatches(tensor, other)
+                if problem:
+                    return f"{kind} {quoted(name)}: {problem}"
+        return ""
+    return compare
+
+
+def _beyond(x: np.ndarray, y: np.ndarray, tolerance: float) -> str:
+    """Which elements of x and y differ by more than the audit's tolerance ("" when none)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        close = np.abs(x - y) <= tolerance * (1 + np.maximum(np.abs(x), np.abs(y)))
+    count = np.count_nonzero(~(close | (np.isnan(x) & np.isnan(y))))
+    return f"{count} of {x.size} elements differ by more than {tolerance:g}" if count else ""
 
 
 class Maintenance:

@@ -18,6 +18,17 @@ than HEDGE_FACTOR x its slowest finished sibling and at least HEDGE_FLOOR
 seconds gets a copy on a free worker; the first answer wins and the other is
 cancelled. The straggler is marked suspect until it next finishes a shard.
 Results are reduced in shard order by the caller, whoever computed them.
+
+Audit (`--audit-fraction`; `FanOut._verify`): a shard drawn for audit is,
+once its result is in, sent again (the same bytes) to a live worker that has
+not run it, and the two results are compared (`compare`: bitwise, or within
+`--audit-tolerance`). Agreeing, the first is used. Disagreeing, a third
+worker breaks the tie: the worker outvoted is quarantined (registry.py) and
+the majority's result used. With no third worker, or three different
+answers, the request fails with DATA_LOSS naming the workers: one of them
+is wrong and there is no telling which, so no result is better than a
+possibly wrong one; nobody is quarantined. A shard with no second live
+worker to audit it is served unaudited (counted as skipped).
 """
 
 from __future__ import annotations
@@ -38,7 +49,7 @@ from gradpool.worker.datasets import Dataset
 from gradpool.worker.engine import GradpoolError, Program, shard_bounds
 from gradpool.worker.engine.signature import WireInput
 from gradpool.worker.engine.tensors import fill_tensor
-from gradpool.worker.observability import SHARD_SECONDS, SHARDS_HEDGED, SHARDS_RETRIED
+from gradpool.worker.observability import SHARD_SECONDS, SHARDS_AUDITED, SHARDS_HEDGED, SHARDS_RETRIED
 from gradpool.worker.rpc import MISSING_DATASET, RpcFailure, rpc_error_kind
 from gradpool.worker.streams import PROTOBUF_LIMIT_BYTES, STREAM_THRESHOLD_BYTES, StreamedCall
 from gradpool.worker.wire import Parts
@@ -88,6 +99,7 @@ class Attempt:
     started: float
     future: Optional[object] = None  # grpc.Future or StreamedCall
     hedge: bool = False
+    phase: int = 0  # the shard's phase when sent (see Shard.phase): a late answer of an earlier one is dropped
 
 
 @dataclass(eq=False)
@@ -103,6 +115,9 @@ class Shard:
     running: list[Attempt] = field(default_factory=list)
     tried: list[WorkerEntry] = field(default_factory=list)  # workers it was sent to
     done: bool = False
+    audit: bool = False  # drawn for audit: run twice (three times on disagreement) and compared
+    phase: int = 0  # 0: computing; 1: the audit copy; 2: the tiebreak
+    results: list[tuple[WorkerEntry, wire.ResultView]] = field(default_factory=list)  # audited shards' results
 
     @property
     def examples(self) -> int:
@@ -130,6 +145,9 @@ class ShardFailed(Exception):
             return RpcFailure(self.code, f"{where} rejected the input: {self.details}", self.kind)
         if self.code == grpc.StatusCode.UNAVAILABLE:
             return RpcFailure(self.code, f"{where} is unreachable: {self.details}")
+        if self.code == grpc.StatusCode.DATA_LOSS:  # the audit could not tell a right result from a wrong one
+            return RpcFailure(self.code, f"shard {self.shard.index} (examples {self.shard.start}:{self.shard.stop}): "
+                              f"{self.details}")
         if self.code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
                          grpc.StatusCode.RESOURCE_EXHAUSTED):
             return RpcFailure(self.code, f"{where}: {self.details}")
@@ -208,6 +226,8 @@ class FanOut:
     # What is wrong with a response ("" when nothing): a wrong one counts as
     # its worker's failure, and the shard is retried elsewhere.
     check: Callable[[Shard, wire.ResultView], str] = lambda shard, response: ""
+    # How two results of an audited shard differ ("" when they agree).
+    compare: Callable[[wire.ResultView, wire.ResultView], str] = lambda a, b: ""
     _done: "queue.SimpleQueue[tuple[Shard, Attempt]]" = field(default_factory=queue.SimpleQueue)
     _finished_seconds: list[float] = field(default_factory=list)
     _cancelled: bool = False
@@ -240,20 +260,24 @@ class FanOut:
             shard, attempt = item
             if attempt in shard.running:
                 shard.running.remove(attempt)
-            if shard.done:
+            if shard.done or attempt.phase != shard.phase:
                 continue  # a hedge's twin answered first; this one was cancelled
             response = self._response(shard, attempt)
             if response is None:
                 continue  # retried, or still running elsewhere
-            shard.done = True
             for other in shard.running:  # the losing hedge
                 other.future.cancel()  # type: ignore[union-attr]
-            shard.worker = attempt.worker
-            shard.request = wire.Parts()  # kept only for retries: let go of the views now
-            shard.seconds = time.perf_counter() - shard.first_sent
+            shard.running.clear()
             self._finished_seconds.append(time.monotonic() - attempt.started)
             SHARD_SECONDS.observe(self._finished_seconds[-1])
             attempt.worker.served(shard.examples)
+            verified = self._verify(shard, attempt.worker, response)
+            if verified is None:
+                continue  # sent to another worker to check it
+            shard.done = True
+            shard.worker, response = verified
+            shard.request = wire.Parts()  # kept only for retries and audits: let go of the views now
+            shard.seconds = time.perf_counter() - shard.first_sent
             pending -= 1
             yield shard, response
 
@@ -284,6 +308,60 @@ class FanOut:
             return None
         return response
 
+    def _verify(self, shard: Shard, worker: WorkerEntry,
+                response: wire.ResultView) -> Optional[tuple[WorkerEntry, wire.ResultView]]:
+        """The shard's verified (worker, result), or None after sending it to
+        another worker to check (see the module docstring)."""
+        if not shard.audit:
+            return worker, response
+        shard.results.append((worker, response))
+        if len(shard.results) == 1:
+            auditor = self._free_worker(shard)
+            if auditor is None:
+                SHARDS_AUDITED.labels("skipped").inc()
+                log.debug("shard %d: no other live worker to audit %s", shard.index, worker.describe())
+                return worker, response
+            shard.phase = 1
+            self._send(shard, auditor)
+            return None
+        (first, first_result), (second, second_result) = shard.results[:2]
+        if len(shard.results) == 2:
+            problem = self.compare(first_result, second_result)
+            if not problem:
+                SHARDS_AUDITED.labels("agreed").inc()
+                return first, first_result
+            SHARDS_AUDITED.labels("disagreed").inc()
+            referee = self._free_worker(shard)
+            log.warning("shard %d (examples %d:%d): audit: %s and %s disagree (%s); %s", shard.index, shard.start,
+                        shard.stop, first.describe(), second.describe(), problem,
+                        f"breaking the tie on {referee.describe()}" if referee else "no third worker to break the tie")
+            if referee is None:
+                raise ShardFailed(shard, grpc.StatusCode.DATA_LOSS,
+                                  f"audit: workers {first.describe()} and {second.describe()} computed different "
+                                  f"results ({problem}) and no third live worker can break the tie; no result is "
+                                  "returned rather than a possibly wrong one")
+            shard.phase = 2
+            self._send(shard, referee)
+            return None
+        referee, referee_result = shard.results[2]
+        first_agrees = not self.compare(first_result, referee_result)
+        second_agrees = not self.compare(second_result, referee_result)
+        if first_agrees and second_agrees:  # only with a tolerance: the referee is between the two
+            log.warning("shard %d: the tiebreak on %s agrees with both; nobody quarantined", shard.index,
+                        referee.describe())
+            return first, first_result
+        for agrees, (right, result), wrong in ((first_agrees, (first, first_result), second),
+                                               (second_agrees, (second, second_result), first)):
+            if agrees:
+                self.registry.quarantine(wrong, f"its result for shard {shard.index} (examples {shard.start}:"
+                                         f"{shard.stop}) differs from those of {right.describe()} and "
+                                         f"{referee.describe()}")
+                return right, result
+        raise ShardFailed(shard, grpc.StatusCode.DATA_LOSS,
+                          f"audit: workers {first.describe()}, {second.describe()} and {referee.describe()} computed "
+                          "three different results; no result is returned rather than a possibly wrong one (a "
+                          "nonzero --audit-tolerance suits workers that differ in hardware or libraries)")
+
     def _on_failure(self, shard: Shard, attempt: Attempt, code: grpc.StatusCode, details: str,
                     kind: str = "") -> None:
         """The one place a failed attempt is decided: resend, retry elsewhere, or fail."""
@@ -306,7 +384,8 @@ class FanOut:
             self.registry.mark_unreachable(worker, details)
         if gone:
             elsewhere = self._free_worker(shard)
-            if elsewhere is not None and len(shard.tried) < MAX_WORKERS_PER_SHARD and self._remaining() > 0:
+            if (elsewhere is not None and len(shard.tried) < MAX_WORKERS_PER_SHARD + shard.phase
+                    and self._remaining() > 0):
                 log.warning("shard %d (examples %d:%d): %s failed with %s (%s); retrying on %s", shard.index,
                             shard.start, shard.stop, worker.describe(), code.name, details[:200],
                             elsewhere.describe())
@@ -328,7 +407,7 @@ class FanOut:
             lost = [a for a in shard.running if a.worker.lapsed]
             for attempt in lost:  # its lease lapsed mid-shard (hung or dead): its answer may never come
                 attempt.future.cancel()  # type: ignore[union-attr]
-            if bound is None or len(shard.running) > 1 or len(shard.tried) >= MAX_WORKERS_PER_SHARD:
+            if bound is None or len(shard.running) > 1 or len(shard.tried) >= MAX_WORKERS_PER_SHARD + shard.phase:
                 continue
             attempt = shard.running[0]
             if now - attempt.started > bound:
@@ -368,7 +447,7 @@ class FanOut:
         shard.worker = worker
         if worker not in shard.tried:
             shard.tried.append(worker)
-        attempt = Attempt(worker, time.monotonic(), hedge=hedge)
+        attempt = Attempt(worker, time.monotonic(), hedge=hedge, phase=shard.phase)
         try:
             self._ensure_graph(shard, remaining)
             self._ensure_dataset(shard)

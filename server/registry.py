@@ -6,6 +6,13 @@ expire. A worker that fails a call with UNAVAILABLE is marked unreachable
 and left out of new requests until it heartbeats again (static ones until a
 probe answers). Every request takes `pool()` as it is at that moment, so
 workers join and leave at any time.
+
+A worker that a shard audit found wrong (fanout.py) is quarantined: it
+stays listed (state "quarantined") but gets no shards. Its heartbeats and
+its registering again under the same id do not lift that, so a faulty
+process cannot clear itself; the entry goes only when the worker leaves
+(deregisters: a restart, which is how an operator clears it) or its lease
+lapses, and a static worker's stays until the coordinator restarts.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import grpc
 
 from gradpool.protos import gradpool_pb2 as pb
 from gradpool.protos import gradpool_pb2_grpc as pb_grpc
-from gradpool.worker.observability import WORKERS
+from gradpool.worker.observability import WORKERS, WORKERS_QUARANTINED
 from gradpool.worker.rpc import RpcFailure, TlsConfig, method_path, open_channel
 
 log = logging.getLogger("gradpool.coordinator")
@@ -30,6 +37,7 @@ log = logging.getLogger("gradpool.coordinator")
 LIVE = "live"
 UNREACHABLE = "unreachable"
 SUSPECT = "suspect"  # live, but a shard of its straggled (shown in status; still planned)
+QUARANTINED = "quarantined"  # an audit found its result wrong: no shards until it restarts
 
 
 @dataclass(eq=False)
@@ -65,6 +73,8 @@ class WorkerEntry:
     # The lease secret its registration returned: heartbeats, deregistration
     # and re-registration under its id must carry it ("" until one registered).
     secret: str = field(default="", repr=False)
+    # Why it was quarantined (state QUARANTINED), for the log and status.
+    quarantine_reason: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     # Held while sending a graph, so concurrent requests send it once.
     load_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -188,8 +198,9 @@ class WorkerRegistry:
         log.info("static worker %s", address)
 
     def _live(self, entry: WorkerEntry, now: float) -> bool:
+        """Holding its address: live, or quarantined and still heartbeating."""
         with entry.lock:
-            return entry.state == LIVE and (entry.static or now - entry.last_contact <= self.lease_seconds)
+            return entry.state in (LIVE, QUARANTINED) and (entry.static or now - entry.last_contact <= self.lease_seconds)
 
     def register(self, address: str, capacity: float, worker_id: str, secret: str = "") -> WorkerEntry:
         """Add or refresh a worker; the entry's `secret` is its lease secret.
@@ -208,7 +219,8 @@ class WorkerRegistry:
                               "needs that registration's lease secret")
             if entry is not None and entry.address == address:
                 with entry.lock:
-                    entry.capacity, entry.state, entry.last_contact = capacity, LIVE, now
+                    entry.capacity, entry.last_contact = capacity, now
+                    entry.state = QUARANTINED if entry.state == QUARANTINED else LIVE
                 return entry
             static = next((w for w in self._workers.values() if w.static and w.address == address), None)
             if static is not None:
@@ -216,7 +228,8 @@ class WorkerRegistry:
                     raise _refuse(f"the static worker at {address} is registered: registering it again needs "
                                   "that registration's lease secret")
                 with static.lock:
-                    static.capacity, static.state, static.last_contact = capacity, LIVE, now
+                    static.capacity, static.last_contact = capacity, now
+                    static.state = QUARANTINED if static.state == QUARANTINED else LIVE
                     static.secret = static.secret or secrets.token_urlsafe(32)
                 return static
             for other_id, other in self._workers.items():
@@ -247,9 +260,9 @@ class WorkerRegistry:
             raise _refuse(f"wrong lease secret for worker {worker_id!r}")
         with entry.lock:
             entry.last_contact = time.monotonic()
-            if entry.state != LIVE:
+            if entry.state == UNREACHABLE:
                 log.info("worker %s is reachable again", entry.describe())
-            entry.state = LIVE
+                entry.state = LIVE
         return True
 
     def deregister(self, worker_id: str, secret: str = "") -> bool:
@@ -271,14 +284,29 @@ class WorkerRegistry:
     def mark_unreachable(self, entry: WorkerEntry, why: str) -> None:
         with entry.lock:
             was = entry.state
+            if was == QUARANTINED:
+                return
             entry.state = UNREACHABLE
         if was != UNREACHABLE:
             log.warning("worker %s unreachable: %s", entry.describe(), why)
 
     def mark_reachable(self, entry: WorkerEntry) -> None:
         with entry.lock:
-            entry.state = LIVE
+            if entry.state == UNREACHABLE:
+                entry.state = LIVE
             entry.last_contact = time.monotonic()
+
+    def quarantine(self, entry: WorkerEntry, why: str) -> None:
+        """Take a worker an audit found wrong out of the pool (see the module
+        docstring for what lifts it); one ERROR line, JSON field event=quarantine."""
+        with entry.lock:
+            was = entry.state
+            entry.state, entry.quarantine_reason = QUARANTINED, why
+        if was != QUARANTINED:
+            WORKERS_QUARANTINED.inc()
+            log.error("worker %s quarantined: %s", entry.describe(), why,
+                      extra={"event": "quarantine", "worker": entry.worker_id})
+            self.publish()
 
     def expire(self) -> list[WorkerEntry]:
         """Drop registered workers whose lease lapsed; return them."""
@@ -297,7 +325,7 @@ class WorkerRegistry:
 
     def publish(self) -> None:
         """The workers by state, for the `gradpool_workers` gauge."""
-        counts = {LIVE: 0, UNREACHABLE: 0, SUSPECT: 0}
+        counts = {LIVE: 0, UNREACHABLE: 0, SUSPECT: 0, QUARANTINED: 0}
         with self._lock:
             entries = list(self._workers.values())
         for entry in entries:

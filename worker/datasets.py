@@ -150,8 +150,8 @@ def header_size(header: pb.DatasetHeader) -> tuple[int, int]:
 def assemble(chunks: Iterator[pb.DatasetChunk], max_bytes: int) -> Dataset:
     """Read an upload stream into one buffer, checking every claim first.
 
-    The size the header declares is checked against `max_bytes` before the
-    buffer is allocated; a chunk past that size, a stream that ends short,
+    The size the header declares is checked against `max_bytes` first, and
+    the buffer grows only with the bytes that come; a chunk past that size, a stream that ends short,
     or bytes that do not hash to the declared id are refused.
     """
     first = next(chunks, None)
@@ -162,21 +162,22 @@ def assemble(chunks: Iterator[pb.DatasetChunk], max_bytes: int) -> Dataset:
     if total > max_bytes:
         raise CapacityError(f"dataset {header.dataset_id[:12]} has {total / 2**20:.1f} MB, more than the "
                             f"{max_bytes / 2**20:.0f} MB this server keeps for datasets")
-    buffer = bytearray(total)
-    view = memoryview(buffer)
+    # Grown as chunks arrive, never allocated at the declared size: a header
+    # claiming gigabytes with nothing after it costs nothing.
+    buffer = bytearray()
     digest = _header_digest(header)
     filled = 0
-    for chunk in itertools.chain([first] if first.data else [], chunks):
-        if chunk.HasField("header"):
+    for index, chunk in enumerate(itertools.chain([first], chunks)):
+        if index and chunk.HasField("header"):
             raise InputError("a dataset upload carries its header once, in the first chunk")
         data = chunk.data
         if filled + len(data) > total:
             raise InputError(f"dataset upload sends more than the {total} bytes its header declares")
-        view[filled:filled + len(data)] = data
+        buffer += data
         filled += len(data)
     if filled != total:
         raise InputError(f"dataset upload ended after {filled} of the {total} bytes its header declares")
-    digest.update(view)
+    digest.update(buffer)
     if digest.hexdigest() != header.dataset_id:
         raise InputError(f"dataset upload does not match its id {header.dataset_id[:12]} (content hash differs)")
     arrays, offset = {}, 0

@@ -70,6 +70,11 @@ BYTES_OUT = Counter("gradpool_sent_bytes_total", "Bytes of heavy messages sent",
 GRAPHS = Gauge("gradpool_graphs_cached", "Graphs cached", ["server"])
 DATASETS = Gauge("gradpool_datasets_cached", "Resident datasets cached", ["server"])
 DATASET_BYTES = Gauge("gradpool_dataset_cached_bytes", "Bytes of resident datasets cached", ["server"])
+SHARDS_AUDITED = Counter("gradpool_shards_audited_total",
+                         "Coordinator: shards re-run on another worker to check a result, by outcome (agreed; "
+                         "disagreed; skipped: no other live worker)", ["outcome"])
+WORKERS_QUARANTINED = Counter("gradpool_workers_quarantined_total",
+                              "Coordinator: workers quarantined because an audit found their result wrong")
 
 
 def serve_metrics(port: int, host: str = "0.0.0.0") -> Optional[int]:
@@ -116,6 +121,9 @@ class JsonFormatter(logging.Formatter):
             value = getattr(record, key, "") or var.get()
             if value:
                 entry[key] = value
+        event = getattr(record, "event", "")  # a machine-readable name for lines alerts key on
+        if event:
+            entry["event"] = event
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)

@@ -4,8 +4,9 @@ A request or response above `STREAM_THRESHOLD_BYTES` travels as its
 serialized bytes cut into `FRAME_BYTES` pieces (the `*Stream` RPCs; each
 piece a serialized `Frame`, written by `wire.Parts.frames` straight from the
 arrays' memory). The receiver learns the total from the first frame and
-checks it against its limit before allocating one buffer for it; a stream
-that ends short or runs long is refused. The message limit of every channel
+checks it against its limit; the buffer grows with the bytes that actually
+come (never allocated at the claimed total), and a stream that ends short or
+runs long is refused. The message limit of every channel
 can then stay modest whatever the size of a model or a batch.
 """
 
@@ -53,12 +54,14 @@ def from_frames(frames: Iterator[bytes], max_bytes: int) -> bytearray:
                 raise CapacityError(f"a streamed message of {total / 2**20:.1f} MB is larger than the "
                                     f"{limit / 2**20:.0f} MB this server takes; send the batch as a resident "
                                     "dataset (client.upload)")
-            buffer = bytearray(total)
+            # Grown as the bytes arrive, not allocated at the declared total: a
+            # first frame claiming 2 GB and nothing after it costs nothing.
+            buffer = bytearray()
         elif declared:
             raise InputError("a frame stream declares its size once, in the first frame")
         if filled + len(data) > total:
             raise InputError(f"a frame stream carries more than the {total} bytes it declared")
-        buffer[filled:filled + len(data)] = data
+        buffer += data
         filled += len(data)
     if buffer is None:
         raise InputError("an empty stream: the first frame declares the message size")

@@ -1,0 +1,492 @@
+"""Structured fuzzing of live servers: a coordinator and two workers (real
+processes, with client and worker tokens) get hypothesis-made graphs,
+tensors, attributes, shapes, frame streams, dataset uploads and worker
+registrations through raw gRPC stubs (the SDK's own checks never see them),
+for GRADPOOL_FUZZ_SECONDS (30 by default; set it higher for a longer run).
+
+Asserted: every answer is OK or one of the expected refusals (never
+INTERNAL, UNKNOWN, UNAVAILABLE or a timeout, which would be a crash or a
+hang); every process is alive afterwards; each one's resident memory grew by
+less than RSS_BOUND and peaked less than PEAK_BOUND above where it started;
+and a valid request is still served, bitwise right. The figures (cases,
+codes, memory) are printed at the end (`pytest -s` shows them).
+
+Left out until the limits of the security issue's item 5 land (a static
+memory estimate before running): graphs that *run* use small dims and
+attribute values only, since a small graph can today ask a worker for an
+intermediate of any size (a broadcast to 10^12 elements is a MemoryError).
+Graphs that are only registered (or loaded on a worker) use any sizes.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+import time
+from typing import Any, Callable, Iterator
+
+import grpc
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import gradpool as gp
+from gradpool.cluster import LocalCluster
+from gradpool.protos import gradpool_pb2 as pb
+from gradpool.protos import gradpool_pb2_grpc as pb_grpc
+from gradpool.worker.datasets import _header_digest
+from gradpool.worker.engine import REGISTRY, graph_id
+from gradpool.worker.engine.tensors import fill_tensor
+from gradpool.worker.rpc import method_path
+from gradpool.worker.streams import FRAME_BYTES
+
+from models import batch_for, logistic_regression, params_for, softmax_mlp
+
+BUDGET_SECONDS = float(os.environ.get("GRADPOOL_FUZZ_SECONDS", "30"))
+CALL_TIMEOUT = 30.0  # a call that takes longer is a hang
+CLIENT_TOKEN, WORKER_TOKEN = "fuzz-client", "fuzz-worker"
+S = grpc.StatusCode
+# What a server may answer to anything: success or a refusal that names the problem.
+ALLOWED = {S.OK, S.INVALID_ARGUMENT, S.NOT_FOUND, S.RESOURCE_EXHAUSTED, S.FAILED_PRECONDITION,
+           S.PERMISSION_DENIED, S.UNAUTHENTICATED}
+RSS_BOUND = 150 * 2**20  # resident memory a server may keep after the run (caches of small graphs)
+PEAK_BOUND = 400 * 2**20  # how far above its start any server's resident memory may have peaked
+
+TEMPLATES = {"mlp": softmax_mlp(), "logistic": logistic_regression("float32")}
+CODES: collections.Counter = collections.Counter()  # (case kind, code name) -> count
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def memory(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak) of a process, in bytes."""
+    with open(f"/proc/{pid}/status") as status:
+        fields = dict(line.split(":", 1) for line in status if line.startswith(("VmRSS", "VmHWM")))
+    return {name: int(value.split()[0]) * 1024 for name, value in fields.items()}
+
+
+class Target:
+    """Raw stubs of the live cluster: bytes in, bytes out, no SDK checks."""
+
+    def __init__(self, cluster: LocalCluster):
+        self.cluster = cluster
+        self.channel = grpc.insecure_channel(cluster.address)
+        self.coordinator = pb_grpc.CoordinatorStub(self.channel)
+        self.worker_channels = [grpc.insecure_channel(a) for a in cluster.worker_addresses]
+        self.workers = [pb_grpc.WorkerStub(c) for c in self.worker_channels]
+
+    def raw(self, service: str, method: str, worker: int = -1, stream: bool = False) -> Any:
+        channel = self.channel if worker < 0 else self.worker_channels[worker]
+        make = channel.stream_stream if stream else channel.unary_unary
+        return make(method_path(service, method), request_serializer=None, response_deserializer=None)
+
+    def close(self) -> None:
+        for channel in [self.channel, *self.worker_channels]:
+            channel.close()
+
+
+@pytest.fixture(scope="module")
+def target() -> Iterator[Target]:
+    with LocalCluster(workers=2, token=CLIENT_TOKEN, worker_token=WORKER_TOKEN, threads_per_worker=1) as cluster:
+        target = Target(cluster)
+        with cluster.client(timeout=60) as service:  # the templates registered, loaded on both workers
+            for graph in TEMPLATES.values():
+                service.gradients(graph, params_for(graph), batch_for(graph, 4))
+        yield target
+        target.close()
+
+
+def send(kind: str, call: Callable[[], Any]) -> grpc.StatusCode:
+    """Make one call; count its code; fail on a code outside ALLOWED (a crash or a hang)."""
+    try:
+        result = call()
+        if isinstance(result, Iterator):
+            collections.deque(result, maxlen=0)  # a stream's answer: read to the end
+        code, details = S.OK, ""
+    except grpc.RpcError as err:
+        code, details = err.code(), err.details() or ""
+    CODES[(kind, code.name)] += 1
+    assert code in ALLOWED, f"{kind}: {code.name}: {details[:500]}"
+    return code
+
+
+# ------------------------------------------------------------------ strategies
+
+DIMS = st.sampled_from([-1, 0, 1, 2, 3, 5, 8])
+HUGE_DIMS = st.one_of(DIMS, st.sampled_from([2**31, 2**40, 2**62, -7, -(2**62)]), st.integers(-2**63, 2**63 - 1))
+DTYPES = st.one_of(st.sampled_from([pb.FLOAT32, pb.FLOAT64, pb.INT32, pb.INT64, pb.BOOL, pb.FLOAT16, pb.BFLOAT16]),
+                   st.integers(0, 40))
+# Long values are made by repeating a drawn one (hypothesis draws each element of a long list: slow).
+LONG_TEXT = st.builds(lambda piece, times: piece * times, st.text(min_size=1, max_size=3), st.integers(100, 5000))
+TEXT = st.one_of(st.text(max_size=12), st.sampled_from(["x", "y", "W1", "b1", "logits", "w", "b", "t", ""]),
+                 LONG_TEXT)
+OP_NAMES = st.one_of(st.sampled_from(sorted(REGISTRY)), st.sampled_from(["input", "param", "const"]), TEXT)
+ATTR_NAMES = st.one_of(st.sampled_from(sorted({a for op in REGISTRY.values() for a in op.attrs})), TEXT)
+
+
+def attr_values(ints: st.SearchStrategy, list_size: int) -> st.SearchStrategy:
+    tensor = st.builds(lambda d, shape, data: pb.Tensor(dtype=d, shape=shape, data=data),
+                       DTYPES, st.lists(ints, max_size=4), st.binary(max_size=64))
+    return st.one_of(st.builds(lambda v: pb.AttrValue(i=v), ints),
+                     st.builds(lambda v: pb.AttrValue(f=v), st.floats(allow_nan=True, allow_infinity=True)),
+                     st.builds(lambda v: pb.AttrValue(s=v), TEXT),
+                     st.builds(lambda v: pb.AttrValue(b=v), st.booleans()),
+                     st.builds(lambda v: pb.AttrValue(ints=pb.IntList(values=v)), st.lists(ints, max_size=6)),
+                     st.builds(lambda v, n: pb.AttrValue(ints=pb.IntList(values=v * n)), st.lists(ints, max_size=3),
+                               st.integers(0, list_size)),
+                     st.builds(lambda t: pb.AttrValue(tensor=t), tensor),
+                     st.just(pb.AttrValue()))
+
+
+@st.composite
+def random_graphs(draw: Any) -> pb.Graph:
+    """Any nodes: ops of the registry (or not), any inputs, attributes, shapes and dtypes; never run."""
+    graph = pb.Graph(name=draw(TEXT))
+    count = draw(st.integers(0, 8))
+    for _ in range(count):
+        node = graph.nodes.add(name=draw(TEXT), op=draw(OP_NAMES), dtype=draw(DTYPES), origin=draw(TEXT))
+        node.inputs.extend(draw(st.lists(st.integers(-2, count + 1), max_size=3)))
+        node.shape.extend(draw(st.lists(HUGE_DIMS, max_size=6)))
+        for name, value in draw(st.dictionaries(ATTR_NAMES, attr_values(HUGE_DIMS, 100_000), max_size=3)).items():
+            node.attrs[name].CopyFrom(value)
+    graph.loss = draw(st.integers(-1, count + 1))
+    return graph
+
+
+@st.composite
+def mutated_graphs(draw: Any) -> tuple[str, pb.Graph]:
+    """A template's graph with one to three small changes: may register, and then runs (small values only)."""
+    name = draw(st.sampled_from(sorted(TEMPLATES)))
+    graph = pb.Graph()
+    graph.CopyFrom(TEMPLATES[name].to_proto())
+    for _ in range(draw(st.integers(1, 3))):
+        index = draw(st.integers(0, len(graph.nodes) - 1))
+        node = graph.nodes[index]
+        change = draw(st.sampled_from(["op", "attr", "shape", "dtype", "inputs", "loss", "drop", "name"]))
+        if change == "op":
+            node.op = draw(OP_NAMES)
+        elif change == "attr":
+            node.attrs[draw(ATTR_NAMES)].CopyFrom(draw(attr_values(DIMS, 6)))
+        elif change == "shape":
+            del node.shape[:]
+            node.shape.extend(draw(st.lists(DIMS, max_size=4)))
+        elif change == "dtype":
+            node.dtype = draw(DTYPES)
+        elif change == "inputs":
+            del node.inputs[:]
+            node.inputs.extend(draw(st.lists(st.integers(-1, len(graph.nodes)), max_size=3)))
+        elif change == "loss":
+            graph.loss = draw(st.integers(-1, len(graph.nodes)))
+        elif change == "drop" and len(graph.nodes) > 1:
+            del graph.nodes[index]
+        else:
+            node.name = draw(TEXT)
+    return name, graph
+
+
+def tensor_proto(array: np.ndarray) -> pb.Tensor:
+    tensor = pb.Tensor()
+    fill_tensor(tensor, array)
+    return tensor
+
+
+@st.composite
+def mutated_tensors(draw: Any, tensors: dict[str, np.ndarray]) -> list[pb.NamedTensor]:
+    """A template's params or batch with its tensors' names, dtypes, shapes or bytes changed."""
+    named = [pb.NamedTensor(name=name, tensor=tensor_proto(value)) for name, value in tensors.items()]
+    for _ in range(draw(st.integers(0, 3))):
+        if not named:
+            break
+        item = named[draw(st.integers(0, len(named) - 1))]
+        change = draw(st.sampled_from(["dtype", "shape", "huge", "short", "long", "name", "drop", "dup", "nan"]))
+        tensor = item.tensor
+        if change == "dtype":
+            tensor.dtype = draw(DTYPES)
+        elif change == "shape":
+            del tensor.shape[:]
+            tensor.shape.extend(draw(st.lists(DIMS, max_size=4)))
+        elif change == "huge":  # claims far more elements than it carries
+            del tensor.shape[:]
+            tensor.shape.extend(draw(st.lists(HUGE_DIMS, min_size=1, max_size=5)))
+        elif change == "short":
+            tensor.data = tensor.data[: draw(st.integers(0, max(0, len(tensor.data) - 1)))]
+        elif change == "long":
+            tensor.data += draw(st.binary(min_size=1, max_size=64))
+        elif change == "name":
+            item.name = draw(TEXT)
+        elif change == "drop":
+            named.remove(item)
+        elif change == "dup":
+            named.append(pb.NamedTensor(name=item.name, tensor=tensor))
+        elif tensor.dtype in (pb.FLOAT32, pb.FLOAT64) and tensor.data and len(tensor.data) % 8 == 0:
+            # NaN/inf values: computed, not refused
+            array = np.frombuffer(tensor.data, np.float32 if tensor.dtype == pb.FLOAT32 else np.float64).copy()
+            array[draw(st.integers(0, array.size - 1))] = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+            tensor.data = array.tobytes()
+    return named
+
+
+def template_request(name: str, examples: int, seed: int = 0) -> tuple[gp.Graph, dict, dict]:
+    graph = TEMPLATES[name]
+    return graph, params_for(graph), batch_for(graph, examples, seed=seed)
+
+
+@st.composite
+def gradient_requests(draw: Any) -> tuple[str, bytes]:
+    """ComputeGradients or Evaluate bodies: mutated tensors, junk fields, or flipped bytes of a valid one."""
+    name = draw(st.sampled_from(sorted(TEMPLATES)))
+    graph, params, batch = template_request(name, draw(st.integers(1, 6)), draw(st.integers(0, 100)))
+    graph_key = draw(st.one_of(st.just(graph.graph_id), TEXT))
+    evaluate = draw(st.booleans())
+    if evaluate:
+        request = pb.EvaluateRequest(graph_id=graph_key, params=draw(mutated_tensors(params)),
+                                     inputs=draw(mutated_tensors(batch)), request_id=draw(TEXT),
+                                     outputs=draw(st.lists(st.one_of(st.sampled_from(["logits", "y", "z"]), TEXT),
+                                                           max_size=3)))
+    else:
+        request = pb.GradientsRequest(graph_id=graph_key, params=draw(mutated_tensors(params)),
+                                      inputs=draw(mutated_tensors(batch)), request_id=draw(TEXT),
+                                      wire_dtype=draw(st.one_of(st.just(0), DTYPES)))
+    if draw(st.integers(0, 4)) == 0:  # rows of a dataset instead of (or besides) inputs
+        request.rows.dataset_id = draw(TEXT)
+        request.rows.indices.CopyFrom(tensor_proto(np.array(draw(st.lists(HUGE_DIMS, max_size=5)), np.int64)))
+    body = request.SerializeToString()
+    flips = draw(st.lists(st.tuples(st.integers(0, max(0, len(body) - 1)), st.integers(0, 255)), max_size=4))
+    if flips and body:
+        mutable = bytearray(body)
+        for position, value in flips:
+            mutable[position] = value
+        body = bytes(mutable[: draw(st.integers(0, len(mutable)))]) if draw(st.booleans()) else bytes(mutable)
+    return ("Evaluate" if evaluate else "ComputeGradients"), body
+
+
+@st.composite
+def frame_streams(draw: Any) -> tuple[str, list[bytes]]:
+    """A valid request's bytes as Frames that lie: totals too small, too large or huge, declared twice,
+    cut off, or junk frames."""
+    name = draw(st.sampled_from(sorted(TEMPLATES)))
+    graph, params, batch = template_request(name, draw(st.integers(1, 6)))
+    request = pb.GradientsRequest(graph_id=graph.graph_id, params=[pb.NamedTensor(name=k, tensor=tensor_proto(v))
+                                                                    for k, v in params.items()],
+                                  inputs=[pb.NamedTensor(name=k, tensor=tensor_proto(v)) for k, v in batch.items()])
+    body = request.SerializeToString()
+    size = draw(st.integers(1, 700))
+    pieces = [body[i:i + size] for i in range(0, len(body), size)]
+    total = draw(st.one_of(st.just(len(body)), st.integers(0, 2 * len(body)),
+                           st.sampled_from([2**31 - 2, 2**31, 2**40, 2**62, 2**63 - 1, -1])))
+    frames = [pb.Frame(total_bytes=total if i == 0 else 0, data=piece).SerializeToString()
+              for i, piece in enumerate(pieces)]
+    cut = draw(st.sampled_from(["none", "cut", "again", "junk", "empty"]))
+    if cut == "cut":
+        frames = frames[: draw(st.integers(0, len(frames)))]
+    elif cut == "again" and len(frames) > 1:
+        frames[1] = pb.Frame(total_bytes=total, data=pieces[1]).SerializeToString()
+    elif cut == "junk":
+        frames.insert(draw(st.integers(0, len(frames))), draw(st.binary(max_size=64)))
+    elif cut == "empty":
+        frames = []
+    return draw(st.sampled_from(["ComputeGradientsStream", "EvaluateStream", "RunShardStream"])), frames
+
+
+@st.composite
+def registrations(draw: Any) -> tuple[str, Any, tuple]:
+    """RegisterWorker / Heartbeat / DeregisterWorker with any token, address, capacity, id and secret."""
+    token = draw(st.sampled_from([WORKER_TOKEN, WORKER_TOKEN, CLIENT_TOKEN, "", "guess"]))
+    worker_id = draw(st.one_of(TEXT, st.just("fuzz-fake")))
+    secret = draw(st.one_of(st.just(""), TEXT))
+    method = draw(st.sampled_from(["RegisterWorker", "RegisterWorker", "Heartbeat", "DeregisterWorker"]))
+    if method == "RegisterWorker":
+        address = draw(st.one_of(st.sampled_from(["127.0.0.1:1", "localhost:9", "[::1]:7"]), TEXT,
+                                 st.builds(lambda h, p: f"{h}:{p}", TEXT, st.integers(-5, 70000))))
+        capacity = draw(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([1e308, 1e6, 1.0])))
+        request: Any = pb.RegisterWorkerRequest(address=address, capacity=capacity, worker_id=worker_id,
+                                                lease_secret=secret)
+    elif method == "Heartbeat":
+        request = pb.HeartbeatRequest(worker_id=worker_id, lease_secret=secret)
+    else:
+        request = pb.DeregisterWorkerRequest(worker_id=worker_id, lease_secret=secret)
+    return method, request, bearer(token)
+
+
+@st.composite
+def dataset_uploads(draw: Any) -> list[pb.DatasetChunk]:
+    """Dataset uploads whose header, sizes, chunks or id lie."""
+    arrays = draw(st.lists(st.builds(lambda n, d, s: pb.ArraySpec(name=n, dtype=d, shape=s), TEXT, DTYPES,
+                                     st.lists(HUGE_DIMS, max_size=3)), max_size=3))
+    header = pb.DatasetHeader(arrays=arrays)
+    data = draw(st.binary(max_size=256))
+    if draw(st.booleans()):  # the right id for these bytes (which may still not fit the arrays)
+        digest = _header_digest(header)
+        digest.update(data)
+        header.dataset_id = digest.hexdigest()
+    else:
+        header.dataset_id = draw(TEXT)
+    chunks = [pb.DatasetChunk(header=header)]
+    size = draw(st.integers(1, 64))
+    chunks += [pb.DatasetChunk(data=data[i:i + size]) for i in range(0, len(data), size)]
+    if draw(st.booleans()) and len(chunks) > 1:
+        chunks[draw(st.integers(1, len(chunks) - 1))].header.CopyFrom(header)  # a second header
+    return chunks[: draw(st.integers(0, len(chunks)))] if draw(st.booleans()) else chunks
+
+
+CASES = st.one_of(
+    st.tuples(st.just("graph"), random_graphs(), st.booleans()),
+    st.tuples(st.just("mutated graph"), mutated_graphs(), st.integers(1, 6)),
+    st.tuples(st.just("tensors"), gradient_requests()),
+    st.tuples(st.just("stream"), frame_streams()),
+    st.tuples(st.just("registration"), registrations()),
+    st.tuples(st.just("dataset"), dataset_uploads(), st.booleans()),
+    st.tuples(st.just("shard"), gradient_requests(), st.integers(0, 1)),
+)
+
+
+def run_case(target: Target, case: tuple) -> None:
+    kind = case[0]
+    client, coordinator = bearer(CLIENT_TOKEN), bearer(WORKER_TOKEN)  # the coordinator calls workers so
+    options = {"timeout": CALL_TIMEOUT}
+    if kind == "graph":
+        graph, on_worker = case[1], case[2]
+        send(kind, lambda: target.coordinator.RegisterGraph(pb.RegisterGraphRequest(graph=graph), metadata=client,
+                                                            **options))
+        if on_worker:
+            key = graph_id(graph)
+            send("load graph", lambda: target.workers[0].LoadGraph(pb.LoadGraphRequest(graph_id=key, graph=graph),
+                                                                   metadata=coordinator, **options))
+    elif kind == "mutated graph":
+        (name, graph), examples = case[1], case[2]
+        code = send(kind, lambda: target.coordinator.RegisterGraph(pb.RegisterGraphRequest(graph=graph),
+                                                                   metadata=client, **options))
+        if code == S.OK:  # it registered: run it on the template's data
+            _, params, batch = template_request(name, examples)
+            body = pb.GradientsRequest(graph_id=graph_id(graph),
+                                       params=[pb.NamedTensor(name=k, tensor=tensor_proto(v)) for k, v in params.items()],
+                                       inputs=[pb.NamedTensor(name=k, tensor=tensor_proto(v)) for k, v in batch.items()])
+            send("mutated graph run", lambda: target.raw("Coordinator", "ComputeGradients")(
+                body.SerializeToString(), metadata=client, **options))
+    elif kind == "tensors":
+        method, body = case[1]
+        send(kind, lambda: target.raw("Coordinator", method)(body, metadata=client, **options))
+    elif kind == "stream":
+        method, frames = case[1]
+        service, metadata = ("Worker", coordinator) if method == "RunShardStream" else ("Coordinator", client)
+        send(kind, lambda: target.raw(service, method, worker=0 if service == "Worker" else -1, stream=True)(
+            iter(frames), metadata=metadata, **options))
+    elif kind == "registration":
+        method, request, metadata = case[1]
+        holder: dict = {}
+
+        def call() -> Any:
+            holder["response"] = getattr(target.coordinator, method)(request, metadata=metadata, **options)
+        if send(kind, call) == S.OK and method == "RegisterWorker":
+            # A fake that got in leaves again at once, so later cases see the real pool.
+            response = holder["response"]
+            send("deregistration", lambda: target.coordinator.DeregisterWorker(
+                pb.DeregisterWorkerRequest(worker_id=response.worker_id, lease_secret=response.lease_secret),
+                metadata=bearer(WORKER_TOKEN), **options))
+    elif kind == "dataset":
+        chunks, on_worker = case[1], case[2]
+        if on_worker:
+            send(kind, lambda: target.workers[1].LoadDataset(iter(chunks), metadata=coordinator, **options))
+        else:
+            send(kind, lambda: target.coordinator.UploadDataset(iter(chunks), metadata=client, **options))
+    elif kind == "shard":
+        (method, body), worker = case[1], case[2]
+        # The same bodies straight to a worker, as the coordinator would send a shard (fields 1-3 line up).
+        send(kind, lambda: target.raw("Worker", "RunShard", worker=worker)(body, metadata=coordinator, **options))
+    else:
+        raise AssertionError(kind)
+
+
+# ------------------------------------------------------------------ regressions found by the fuzz
+
+
+def lying_frames(total: int) -> Iterator[bytes]:
+    yield pb.Frame(total_bytes=total, data=b"\x0a\x03abc").SerializeToString()
+
+
+def test_a_stream_that_claims_a_huge_total_is_not_allocated(target: Target):
+    """Found by the fuzz: the first frame's total (up to 2 GiB) was allocated, and zeroed, before any data
+    came, so a 30-byte stream cost the coordinator 1.9 GB of resident memory (and a worker the same)."""
+    pid = target.cluster.coordinator.pid
+    before = memory(pid)["VmRSS"]
+    call = target.raw("Coordinator", "ComputeGradientsStream", stream=True)
+    for _ in range(3):
+        with pytest.raises(grpc.RpcError) as caught:
+            collections.deque(call(lying_frames(2**31 - 2), metadata=bearer(CLIENT_TOKEN), timeout=30), maxlen=0)
+        assert caught.value.code() == S.INVALID_ARGUMENT and "ended after" in caught.value.details()
+    assert memory(pid)["VmHWM"] - before < 200 * 2**20
+    worker = target.cluster.workers[0].pid
+    before = memory(worker)["VmRSS"]
+    with pytest.raises(grpc.RpcError) as caught:
+        collections.deque(target.raw("Worker", "RunShardStream", worker=0, stream=True)(
+            lying_frames(2**31 - 2), metadata=bearer(WORKER_TOKEN), timeout=30), maxlen=0)
+    assert caught.value.code() == S.INVALID_ARGUMENT
+    assert memory(worker)["VmHWM"] - before < 200 * 2**20
+
+
+def test_a_dataset_header_that_claims_gigabytes_is_not_allocated(target: Target):
+    """Found by the fuzz: an upload's header declaring up to the cache size (4 GiB by default) had that
+    much allocated and zeroed before its first data chunk."""
+    pid = target.cluster.coordinator.pid
+    before = memory(pid)["VmRSS"]
+    header = pb.DatasetHeader(dataset_id="0" * 64, arrays=[pb.ArraySpec(name="x", dtype=pb.FLOAT64,
+                                                                        shape=[2**18, 1024])])  # 2 GiB
+    with pytest.raises(grpc.RpcError) as caught:
+        target.coordinator.UploadDataset(iter([pb.DatasetChunk(header=header, data=b"12345678")]),
+                                         metadata=bearer(CLIENT_TOKEN), timeout=30)
+    assert caught.value.code() == S.INVALID_ARGUMENT and "ended after" in caught.value.details()
+    assert memory(pid)["VmHWM"] - before < 200 * 2**20
+
+
+# ------------------------------------------------------------------ the fuzz
+
+
+@pytest.mark.timeout(BUDGET_SECONDS + 150)  # the run, the last batch, the checks (the suite's default is 120 s)
+def test_fuzz_the_live_servers(target: Target):
+    cluster = target.cluster
+    processes = {"coordinator": cluster.coordinator, **{f"worker{i}": w for i, w in enumerate(cluster.workers)}}
+    start = {name: memory(p.pid) for name, p in processes.items()}
+    CODES.clear()
+    stop = time.monotonic() + BUDGET_SECONDS
+    batches = 0
+
+    @settings(max_examples=50, deadline=None, database=None, derandomize=False,
+              suppress_health_check=list(HealthCheck))
+    @given(case=CASES)
+    def fuzz(case: tuple) -> None:
+        run_case(target, case)
+
+    while time.monotonic() < stop:  # hypothesis runs in batches, so the wall clock bounds the run
+        fuzz()
+        batches += 1
+        assert all(p.alive() for p in processes.values()), "a server died"
+
+    end = {name: memory(p.pid) for name, p in processes.items()}
+    cases = sum(count for (kind, _), count in CODES.items() if kind in {
+        "graph", "mutated graph", "tensors", "stream", "registration", "dataset", "shard"})
+    by_code = collections.Counter()
+    for (_, code), count in CODES.items():
+        by_code[code] += count
+    print(f"\nfuzz: {cases} cases ({sum(CODES.values())} calls) in {BUDGET_SECONDS:.0f}s, {batches} batches; "
+          f"codes {dict(by_code.most_common())}")
+    print("fuzz: by case " + ", ".join(f"{kind} {code} {count}" for (kind, code), count in sorted(CODES.items())))
+    for name in processes:
+        print(f"fuzz: {name}: RSS {start[name]['VmRSS'] / 2**20:.0f} -> {end[name]['VmRSS'] / 2**20:.0f} MB, "
+              f"peak +{(end[name]['VmHWM'] - start[name]['VmRSS']) / 2**20:.0f} MB")
+    assert cases >= 100, "the fuzz hardly ran"
+    assert by_code["OK"] > 0 and by_code["INVALID_ARGUMENT"] > 0
+    for name in processes:
+        assert end[name]["VmRSS"] - start[name]["VmRSS"] < RSS_BOUND, name
+        assert end[name]["VmHWM"] - start[name]["VmRSS"] < PEAK_BOUND, name
+    # Still serving, and right.
+    graph = TEMPLATES["mlp"]
+    params, batch = params_for(graph), batch_for(graph, 24, seed=5)
+    with cluster.client(timeout=60) as service:
+        loss, grads = service.gradients(graph, params, batch)
+        assert len(service.status().live_workers) == 2
+    want_loss, want = gp.local_gradients(graph, params, batch, shards=2)
+    assert loss == want_loss and all(grads[k].tobytes() == want[k].tobytes() for k in want)
