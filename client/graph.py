@@ -115,7 +115,7 @@ class Expr:
         if isinstance(exponent, (Expr, np.ndarray)):
             return self.graph._add("pow_tensor", (self, self.graph._lift(exponent, self.dtype)))
         if not np.isscalar(exponent) or isinstance(exponent, (str, bytes)):
-            raise GraphError(f"** takes a number, an array or an Expr as exponent, got {type(exponent).__name__}")
+            raise _error_here("x ** y", f"the exponent must be a number, an array or an Expr, got {type(exponent).__name__}")
         if exponent == 2:
             return self.graph._add("square", (self,))
         return self.graph._add("pow", (self,), exponent=float(exponent))
@@ -125,8 +125,8 @@ class Expr:
         gradient is base^x log(base). A base <= 0 has no real log and is refused."""
         array = np.asarray(base)
         if array.dtype.kind not in "iuf" or array.size == 0 or not np.all(np.isfinite(array)) or np.any(array <= 0):
-            raise GraphError(f"base ** x needs a finite positive constant base, got {_short(base)}; "
-                             "for a negative base write it with abs, where or an integer power")
+            raise _error_here("base ** x", f"needs a finite positive constant base, got {_short(base)}; "
+                              "for a negative base write it with abs, where or an integer power")
         return self.graph._add("pow_tensor", (self.graph._lift(array, self.dtype), self))
 
     def __abs__(self) -> "Expr": return self.graph._add("abs", (self,))
@@ -222,6 +222,12 @@ def _comparable(value: object) -> bool:
     """What == and != turn into a node: Exprs, numbers, arrays. Anything else
     (None, a string) compares unequal the ordinary way."""
     return isinstance(value, (Expr, np.ndarray)) or (np.isscalar(value) and not isinstance(value, (str, bytes)))
+
+
+def _error_here(what: str, message: str) -> GraphError:
+    """A build-time refusal raised outside Graph._add, with the user's file:line all the same."""
+    origin = _user_origin()
+    return GraphError(f"{what} at {origin}: {message}" if origin else f"{what}: {message}")
 
 
 def _short(value: object) -> str:
@@ -347,11 +353,11 @@ class Graph:
             return self._own(value)
         array = np.asarray(value)
         if array.dtype.kind not in "biuf":
-            raise GraphError(f"cannot use {_short(value)} as a {dtype} operand")
+            raise _error_here("operand", f"cannot use {_short(value)} as a {dtype} value")
         converted = array.astype(dtype)
         if dtype.kind in "biu" and not np.array_equal(converted, array):
-            raise GraphError(f"{_short(value)} is not exactly representable in {dtype}; compare with an Expr of "
-                             "a float dtype instead (x.astype('float32'))")
+            raise _error_here("operand", f"{_short(value)} is not exactly representable in {dtype}; compare "
+                              "with an Expr of a float dtype instead (x.astype('float32'))")
         return self.const(converted)
 
     def _add(self, op_name: str, args: Sequence[Expr], name: Optional[str] = None, **attrs: Any) -> Expr:

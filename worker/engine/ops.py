@@ -954,7 +954,10 @@ def _where_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, cond: np.ndarray, a: n
 
 
 register(Op("where", 3, elementwise_shape, lambda at, cond, a, b: np.where(cond, a, b), _where_vjp,
-            dtype=_where_dtype, doc="a where cond else b (broadcasting); the gradient follows the branch taken"))
+            dtype=_where_dtype,
+            doc="a where cond else b (broadcasting); the gradient follows the branch taken. As in torch, an inf "
+                "or NaN inside the branch not taken still reaches the gradient through that branch's own rule "
+                "(0 * inf): make it safe first, log(where(x > 0, x, 1))"))
 
 
 def _clip_bounds(at: Attrs, dtype: np.dtype) -> tuple:
