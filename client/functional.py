@@ -62,7 +62,10 @@ def abs(x: Expr) -> Expr:  # noqa: A001 - mirrors numpy's name
     return _unary("abs", x)
 
 
-def power(x: Expr, exponent: float) -> Expr:
+def power(x: Expr, exponent: Operand) -> Expr:
+    """x ** exponent: a constant number (op pow) or an Expr or array (op pow_tensor)."""
+    if isinstance(exponent, (Expr, np.ndarray)):
+        return _expr(x) ** exponent
     return _unary("pow", x, exponent=float(exponent))
 
 

@@ -164,6 +164,7 @@ def test_constant_base_to_a_power() -> None:
         assert "test_ops_math.py:" in str(info.value)
     with pytest.raises(gp.GraphError, match="exponent"):
         v ** "2"
+    assert gp.power(v, v)._node.op == "pow_tensor" and gp.power(v, 3)._node.op == "pow"
 
 
 # ---------------------------------------------------------------- comparisons and where
