@@ -41,6 +41,10 @@ for _module, _names in {
     "gradpool.certs": "make_dev_certs",
 }.items():
     _EXPORTS.update(dict.fromkeys(_names.split(), _module))
+# issue 13's math, comparison and selection ops
+_EXPORTS.update(dict.fromkeys("cast clip cos elu equal erf expm1 gelu greater greater_equal less less_equal log1p "
+                              "not_equal one_hot silu sin stop_gradient take_along_axis where".split(),
+                              "gradpool.functional"))
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
@@ -71,6 +75,9 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, eagerly
                                      tanh, transpose)
     from gradpool.functional import (argmax, broadcast_to, einsum, expand_dims, flip, logsumexp, min, pad, split,
                                      squeeze, stack, std, tile, var)
+    from gradpool.functional import (cast, clip, cos, elu, equal, erf, expm1, gelu, greater, greater_equal, less,
+                                     less_equal, log1p, not_equal, one_hot, silu, sin, stop_gradient,
+                                     take_along_axis, where)
     from gradpool.data import DatasetRef, DatasetRows
     from gradpool.graph import Expr, Graph
     from gradpool.local import local_forward, local_gradients

@@ -62,7 +62,10 @@ def abs(x: Expr) -> Expr:  # noqa: A001 - mirrors numpy's name
     return _unary("abs", x)
 
 
-def power(x: Expr, exponent: float) -> Expr:
+def power(x: Expr, exponent: Operand) -> Expr:
+    """x ** exponent: a constant number (op pow) or an Expr or array (op pow_tensor)."""
+    if isinstance(exponent, (Expr, np.ndarray)):
+        return _expr(x) ** exponent
     return _unary("pow", x, exponent=float(exponent))
 
 
@@ -285,3 +288,117 @@ def _refused(call: str, message: str) -> GraphError:
 
 def _int_tuple(value: Union[int, Sequence[int]]) -> tuple[int, ...]:
     return (int(value),) if np.isscalar(value) else tuple(int(v) for v in value)  # type: ignore[union-attr, arg-type]
+# ---------------------------------------------------------------- math, comparisons, selection (issue 13)
+
+def sin(x: Expr) -> Expr:
+    return _unary("sin", x)
+
+
+def cos(x: Expr) -> Expr:
+    return _unary("cos", x)
+
+
+def erf(x: Expr) -> Expr:
+    return _unary("erf", x)
+
+
+def gelu(x: Expr, approximate: str = "none") -> Expr:
+    """x Phi(x), exact via erf ("none") or torch's tanh form ("tanh"), as torch.nn.functional.gelu."""
+    return _unary("gelu", x, approximate=str(approximate))
+
+
+def silu(x: Expr) -> Expr:
+    return _unary("silu", x)
+
+
+def elu(x: Expr, alpha: float = 1.0) -> Expr:
+    return _unary("elu", x, alpha=float(alpha))
+
+
+def log1p(x: Expr) -> Expr:
+    return _unary("log1p", x)
+
+
+def expm1(x: Expr) -> Expr:
+    return _unary("expm1", x)
+
+
+def _compare(op: str, a: Operand, b: Operand) -> Expr:
+    anchor = _expr(a, b)
+    return anchor.graph._add(op, (anchor.graph._lift_exact(a, anchor.dtype), anchor.graph._lift_exact(b, anchor.dtype)))
+
+
+def less(a: Operand, b: Operand) -> Expr:
+    """a < b as a bool value: no gradient, use it as a `where` condition."""
+    return _compare("less", a, b)
+
+
+def less_equal(a: Operand, b: Operand) -> Expr:
+    return _compare("less_equal", a, b)
+
+
+def greater(a: Operand, b: Operand) -> Expr:
+    return _compare("greater", a, b)
+
+
+def greater_equal(a: Operand, b: Operand) -> Expr:
+    return _compare("greater_equal", a, b)
+
+
+def equal(a: Operand, b: Operand) -> Expr:
+    return _compare("equal", a, b)
+
+
+def not_equal(a: Operand, b: Operand) -> Expr:
+    return _compare("not_equal", a, b)
+
+
+def where(cond: Expr, a: Operand, b: Operand) -> Expr:
+    """a where cond holds, else b (broadcasting); the gradient follows the branch taken.
+    Numbers and arrays among a and b become consts of the other branch's dtype."""
+    if not isinstance(cond, Expr) or cond.dtype != np.bool_:
+        raise GraphError(f"where needs a bool expression as condition (a comparison such as x > 0), got {cond!r}")
+    graph = cond.graph
+    anchor = next((v for v in (a, b) if isinstance(v, Expr)), None)
+    dtype = anchor.dtype if anchor is not None else np.dtype(np.float32)
+    return graph._add("where", (cond, graph._lift_exact(a, dtype), graph._lift_exact(b, dtype)))
+
+
+def clip(x: Expr, lo: Optional[float] = None, hi: Optional[float] = None) -> Expr:
+    """x limited to [lo, hi] (constants; None leaves that side open), as numpy.clip;
+    the gradient is 1 where lo <= x <= hi, bounds included, as torch.clamp."""
+    attrs = {}
+    if lo is not None:
+        attrs["lo"] = float(lo)
+    if hi is not None:
+        attrs["hi"] = float(hi)
+    return _unary("clip", x, **attrs)
+
+
+def take_along_axis(x: Expr, indices: Expr, axis: int = -1) -> Expr:
+    """numpy.take_along_axis (torch.gather): integer `indices` in [0, n) pick along
+    `axis` (not the batch axis of x); repeated picks add up in the gradient."""
+    return _expr(x).graph._add("take_along_axis", (x, indices), axis=int(axis))
+
+
+def one_hot(labels: Expr, n: int, dtype: str = "float32") -> Expr:
+    """Integer labels in [0, n) as one-hot rows (a new last axis of n); no gradient."""
+    return _unary("one_hot", labels, n=int(n), dtype=_dtype_name(dtype))
+
+
+def cast(x: Expr, dtype: str) -> Expr:
+    """x in another dtype; float to float passes the gradient back, any other cast takes none."""
+    return _unary("cast", x, dtype=_dtype_name(dtype))
+
+
+def _dtype_name(dtype: object) -> str:
+    """"float32" from np.float32, "float32" or np.dtype; anything else as given, for the op to refuse by name."""
+    try:
+        return str(np.dtype(dtype))  # type: ignore[call-overload]
+    except TypeError:
+        return str(dtype)
+
+
+def stop_gradient(x: Expr) -> Expr:
+    """x unchanged, treated as a constant by differentiation."""
+    return _unary("stop_gradient", x)

@@ -90,7 +90,7 @@ class Expr:
         return f"<Expr {self.name!r} {self._node.op} {fmt(self._node.shape)} {self.dtype}>"
 
     def __bool__(self) -> bool:
-        raise GraphError("an Expr has no truth value until the graph runs; use gp.maximum/gp.minimum")
+        raise GraphError("an Expr has no truth value until the graph runs; use gp.where, gp.maximum or gp.minimum")
 
     def _binary(self, op: str, other: Operand, reverse: bool = False) -> "Expr":
         other_expr = self.graph._lift(other, self.dtype)
@@ -109,12 +109,62 @@ class Expr:
     def __rmatmul__(self, o: Operand) -> "Expr": return self._binary("matmul", o, True)
     def __neg__(self) -> "Expr": return self.graph._add("neg", (self,))
 
-    def __pow__(self, exponent: Union[int, float]) -> "Expr":
-        if isinstance(exponent, Expr) or not np.isscalar(exponent):
-            raise GraphError(f"** takes a constant number as exponent, got {type(exponent).__name__}")
+    def __pow__(self, exponent: Operand) -> "Expr":
+        """x ** c with a constant number c (op pow); x ** y with y an Expr or an
+        array is elementwise (op pow_tensor), with torch.pow's gradients."""
+        if isinstance(exponent, (Expr, np.ndarray)):
+            return self.graph._add("pow_tensor", (self, self.graph._lift(exponent, self.dtype)))
+        if not np.isscalar(exponent) or isinstance(exponent, (str, bytes)):
+            raise _error_here("x ** y", f"the exponent must be a number, an array or an Expr, got {type(exponent).__name__}")
         if exponent == 2:
             return self.graph._add("square", (self,))
         return self.graph._add("pow", (self,), exponent=float(exponent))
+
+    def __rpow__(self, base: Union[float, np.ndarray]) -> "Expr":
+        """base ** x for a positive constant base (2 ** x): base^x elementwise, whose
+        gradient is base^x log(base). A base <= 0 has no real log and is refused."""
+        array = np.asarray(base)
+        if array.dtype.kind not in "iuf" or array.size == 0 or not np.all(np.isfinite(array)) or np.any(array <= 0):
+            raise _error_here("base ** x", f"needs a finite positive constant base, got {_short(base)}; "
+                              "for a negative base write it with abs, where or an integer power")
+        return self.graph._add("pow_tensor", (self.graph._lift(array, self.dtype), self))
+
+    def __abs__(self) -> "Expr": return self.graph._add("abs", (self,))
+
+    # Comparisons build bool nodes (numpy's semantics), so == and != no longer
+    # compare Exprs as objects: hashing stays by identity, and nothing in the
+    # SDK keys dicts by, or looks up, Exprs with == (they index nodes by
+    # position: Expr.index).
+    __hash__ = object.__hash__
+
+    def _compare(self, op: str, other: object) -> "Expr":
+        return self.graph._add(op, (self, self.graph._lift_exact(other, self.dtype)))  # type: ignore[arg-type]
+
+    def __lt__(self, o: Operand) -> "Expr": return self._compare("less", o)
+    def __le__(self, o: Operand) -> "Expr": return self._compare("less_equal", o)
+    def __gt__(self, o: Operand) -> "Expr": return self._compare("greater", o)
+    def __ge__(self, o: Operand) -> "Expr": return self._compare("greater_equal", o)
+
+    def __eq__(self, o: object) -> "Expr":  # type: ignore[override]
+        if not _comparable(o):
+            return NotImplemented
+        return self._compare("equal", o)
+
+    def __ne__(self, o: object) -> "Expr":  # type: ignore[override]
+        if not _comparable(o):
+            return NotImplemented
+        return self._compare("not_equal", o)
+
+    def astype(self, dtype: Any) -> "Expr":
+        """This value in another dtype (op cast): float to float passes the
+        gradient back, to or from integers and bool it takes none."""
+        from gradpool.functional import cast
+        return cast(self, dtype)
+
+    def clip(self, lo: Optional[float] = None, hi: Optional[float] = None) -> "Expr":
+        """Limited to [lo, hi]; gradient 1 inside, bounds included (torch.clamp)."""
+        from gradpool.functional import clip
+        return clip(self, lo, hi)
 
     @property
     def T(self) -> "Expr":
@@ -203,6 +253,23 @@ class Expr:
                 attrs["stop"] = stop
             out = out.graph._add("slice", (out,), **attrs)
         return out
+
+
+def _comparable(value: object) -> bool:
+    """What == and != turn into a node: Exprs, numbers, arrays. Anything else
+    (None, a string) compares unequal the ordinary way."""
+    return isinstance(value, (Expr, np.ndarray)) or (np.isscalar(value) and not isinstance(value, (str, bytes)))
+
+
+def _error_here(what: str, message: str) -> GraphError:
+    """A build-time refusal raised outside Graph._add, with the user's file:line all the same."""
+    origin = _user_origin()
+    return GraphError(f"{what} at {origin}: {message}" if origin else f"{what}: {message}")
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _axes(axis: Union[None, int, Sequence[int]], rank: int) -> tuple[int, ...]:
@@ -314,6 +381,21 @@ class Graph:
         if array.dtype.kind in "biuf" and dtype in FLOATS:
             array = array.astype(dtype)
         return self.const(array)
+
+    def _lift_exact(self, value: Operand, dtype: np.dtype) -> Expr:
+        """Numbers and arrays become consts of `dtype` whatever it is (labels == 3
+        compares int64 with int64); a value that dtype cannot hold exactly (2.5
+        against integers) is refused rather than rounded."""
+        if isinstance(value, Expr):
+            return self._own(value)
+        array = np.asarray(value)
+        if array.dtype.kind not in "biuf":
+            raise _error_here("operand", f"cannot use {_short(value)} as a {dtype} value")
+        converted = array.astype(dtype)
+        if dtype.kind in "biu" and not np.array_equal(converted, array):
+            raise _error_here("operand", f"{_short(value)} is not exactly representable in {dtype}; compare "
+                              "with an Expr of a float dtype instead (x.astype('float32'))")
+        return self.const(converted)
 
     def _add(self, op_name: str, args: Sequence[Expr], name: Optional[str] = None, **attrs: Any) -> Expr:
         """Add an op node, checked by the registry's own shape and dtype rules."""

@@ -34,6 +34,7 @@ def case(*args: Any, **attrs: Any) -> Case:
 
 
 R, P, NZ, U = "real", "positive", "nonzero", "unit"
+W, B = "wide", "bool"  # wide: uniform in [-5, 5] (erf's every region); bool: a random mask (no gradient)
 BINARY_SHAPES = [case((3, 4), (3, 4)), case((3, 1), (4,)), case((), (2, 3)), case((2, 1, 3), (4, 1))]
 
 SPECS: dict[str, list[Case]] = {
@@ -96,6 +97,37 @@ SPECS: dict[str, list[Case]] = {
                case((3, 4), subscripts="ij->ji")],
 }
 
+# issue 13: math, comparisons, selection, casts. Ops that pass no gradient
+# (comparisons, one_hot, stop_gradient) are checked to give exactly zero.
+COMPARE_SHAPES = [case((3, 4), (3, 4)), case((3, 1), (4,)), case((), (2, 3))]
+SPECS.update({
+    "sin": [case((3, 4))],
+    "cos": [case((3, 4))],
+    "erf": [case((3, 4)), case(Arg((4, 5), W))],
+    "gelu": [case((3, 4)), case(Arg((4, 5), W)), case(Arg((4, 5), W), approximate="tanh")],
+    "silu": [case((3, 4)), case(Arg((4, 5), W))],
+    "elu": [case(Arg((3, 4), NZ)), case(Arg((5,), NZ), alpha=0.5)],
+    "log1p": [case(Arg((3, 4), P)), case(Arg((3, 4), U))],
+    "expm1": [case((3, 4))],
+    "less": COMPARE_SHAPES,
+    "less_equal": COMPARE_SHAPES,
+    "greater": COMPARE_SHAPES,
+    "greater_equal": COMPARE_SHAPES,
+    "equal": COMPARE_SHAPES,
+    "not_equal": COMPARE_SHAPES,
+    "where": [case(Arg((3, 4), B), (3, 4), (3, 4)), case(Arg((3, 1), B), (4,), (3, 4)),
+              case(Arg((4,), B), (), (3, 4))],
+    "clip": [case((3, 4), lo=-0.5, hi=0.5), case((3, 4), lo=0.0), case((3, 4), hi=0.3)],
+    "take_along_axis": [case((3, 5), Arg((3, 4), "indices", 5), axis=1),
+                        case((1, 5), Arg((3, 7), "indices", 5), axis=-1),
+                        case((4, 3), Arg((6, 3), "indices", 4), axis=0),
+                        case((2, 1, 4), Arg((2, 3, 6), "indices", 4), axis=2)],
+    "one_hot": [case(Arg((3,), "labels", 4), n=4), case(Arg((2, 3), "labels", 5), n=5, dtype="float64")],
+    "cast": [case((3, 4), dtype="float64"), case((3, 4), dtype="int64"), case((3, 4), dtype="bool")],
+    "stop_gradient": [case((3, 4))],
+    "pow_tensor": [case(Arg((3, 4), P), (3, 4)), case(Arg((3, 1), P), (4,)), case(Arg((), P), (2, 3))],
+})
+
 
 def sample(arg: Arg, rng: np.random.Generator) -> np.ndarray:
     if arg.domain in ("labels", "indices"):
@@ -106,4 +138,8 @@ def sample(arg: Arg, rng: np.random.Generator) -> np.ndarray:
         return rng.uniform(0.3, 2.0, size=arg.shape) * rng.choice([-1.0, 1.0], size=arg.shape)
     if arg.domain == U:
         return rng.uniform(0.1, 0.9, size=arg.shape)
+    if arg.domain == W:
+        return rng.uniform(-5.0, 5.0, size=arg.shape)
+    if arg.domain == B:
+        return rng.random(size=arg.shape) < 0.5
     return rng.normal(size=arg.shape)

@@ -112,13 +112,14 @@ def test_rules_keep_float32(op: str, i: int, spec) -> None:
     for float32 operands: no float64 temporaries from Python or numpy scalars."""
     rng = np.random.default_rng(i)
     args = [sample(arg, rng) for arg in spec.args]
-    args = [a if a.dtype.kind == "i" else a.astype(np.float32) for a in args]
+    args = [a if a.dtype.kind in "ib" else a.astype(np.float32) for a in args]
     entry = REGISTRY[op]
     at = Call(entry.resolve_attrs(dict(spec.attrs)), per_example=False,
               wants=tuple(a.dtype.kind == "f" for a in args), batch=1)
     out = np.asarray(entry.forward(at, *args))
-    declared = entry.dtype(at, *(a.dtype for a in args))  # float32, or int64 for argmax
-    assert out.dtype == declared, f"{op} forward gives {out.dtype}, its dtype rule {declared}"
+    # float32 for float32 operands; bool for comparisons, a cast's or one_hot's target dtype
+    declared = entry.dtype(at, *(a.dtype for a in args))
+    assert out.dtype == declared, f"{op} forward gives {out.dtype}, its dtype rule says {declared}"
     if entry.vjp is None:  # forward-only (argmax)
         return
     grads = entry.vjp(at, np.ones_like(out), out, *args)

@@ -106,6 +106,10 @@ class Op:
     # that axis of another input (labels into logits, rows of a table). The
     # SDK and the trainer check such inputs' ranges before sending them.
     indexes: Optional[tuple[int, int, int]] = None
+    # False: the output carries no gradient back to the inputs (stop_gradient,
+    # comparisons, one_hot), so the gradient path ends here. A node whose
+    # value is not float never carries one either, whatever this says.
+    passes_gradient: bool = True
 
     def resolve_attrs(self, given: dict) -> Attrs:
         """The node's attributes with defaults filled in; unknown or missing ones refused."""
@@ -276,9 +280,17 @@ def _tanh_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray) -> tuple
 
 
 unary("neg", lambda at, x: -x, lambda at, g, out, x: (-g,), "-x", linear=True)
-unary("pow", lambda at, x: x ** x.dtype.type(at.exponent),
-      lambda at, g, out, x: (_scaled(g, np.multiply(x ** x.dtype.type(at.exponent - 1), x.dtype.type(at.exponent))),),
-      "x ** exponent (a constant)", exponent=(float, REQUIRED))
+def _pow_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray) -> tuple:
+    """exponent * x^(exponent - 1); for exponent 0 the gradient is 0 everywhere,
+    x = 0 included (not 0 * 0^-1 = NaN), as torch.pow gives."""
+    if at.exponent == 0:
+        return (np.zeros(np.broadcast_shapes(np.shape(g), x.shape), x.dtype),)
+    return (_scaled(g, np.multiply(x ** x.dtype.type(at.exponent - 1), x.dtype.type(at.exponent))),)
+
+
+unary("pow", lambda at, x: x ** x.dtype.type(at.exponent), _pow_vjp,
+      "x ** exponent (a constant); at x = 0 the gradient is exponent * 0^(exponent - 1) "
+      "(0 for exponent 0 or above 1, 1 for exponent 1, infinite otherwise), as torch.pow", exponent=(float, REQUIRED))
 unary("exp", lambda at, x: np.exp(x), lambda at, g, out, x: (g * out,), "e ** x")
 unary("log", lambda at, x: np.log(x), lambda at, g, out, x: (g / x,), "natural log")
 unary("sqrt", lambda at, x: np.sqrt(x), lambda at, g, out, x: (g * out.dtype.type(0.5) / out,), "square root")
@@ -1241,3 +1253,403 @@ register(Op("einsum", None, _einsum_shape, lambda at, *xs: np.einsum(at.subscrip
             linear_in="each", attrs={"subscripts": (str, REQUIRED)},
             doc="np.einsum with explicit subscripts ('ij,jk->ik'); a per-example operand's first letter is its "
                 "batch axis: leading in the output, or summed over when only that operand has it"))
+# ---------------------------------------------------------------- math: sin ... expm1, erf, gelu (issue 13)
+
+# erf and erfc: numpy has neither and scipy is no runtime dependency. These
+# are the rational approximations of Sun's fdlibm (s_erf.c: "Copyright (C)
+# 1993 by Sun Microsystems, Inc. ... Permission to use, copy, modify, and
+# distribute this software is freely granted, provided that this notice is
+# preserved"), published with an error under 1 ulp, evaluated here in float64
+# region by region over masks of the argument (no loop over elements).
+# tests/test_ops_math.py checks them against math.erf and math.erfc.
+_ERX = 8.45062911510467529297e-01  # erf(1) rounded to 24 bits, so 1 - _ERX is exact
+_ERF_PP = (1.28379167095512558561e-01, -3.25042107247001499370e-01, -2.84817495755985104766e-02,
+           -5.77027029648944159157e-03, -2.37630166566501626084e-05)
+_ERF_QQ = (1.0, 3.97917223959155352819e-01, 6.50222499887672944485e-02, 5.08130628187576562776e-03,
+           1.32494738004321644526e-04, -3.96022827877536812320e-06)
+_ERF_PA = (-2.36211856075265944077e-03, 4.14856118683748331666e-01, -3.72207876035701323847e-01,
+           3.18346619901161753674e-01, -1.10894694282396677476e-01, 3.54783043256182359371e-02,
+           -2.16637559486879084300e-03)
+_ERF_QA = (1.0, 1.06420880400844228286e-01, 5.40397917702171048937e-01, 7.18286544141962662868e-02,
+           1.26171219808761642112e-01, 1.36370839120290507362e-02, 1.19844998467991074170e-02)
+_ERFC_RA = (-9.86494403484714822705e-03, -6.93858572707181764372e-01, -1.05586262253232909814e+01,
+            -6.23753324503260060396e+01, -1.62396669462573470355e+02, -1.84605092906711035994e+02,
+            -8.12874355063065934246e+01, -9.81432934416914548592e+00)
+_ERFC_SA = (1.0, 1.96512716674392571292e+01, 1.37657754143519042600e+02, 4.34565877475229228821e+02,
+            6.45387271733267880336e+02, 4.29008140027567833386e+02, 1.08635005541779435134e+02,
+            6.57024977031928170135e+00, -6.04244152148580987438e-02)
+_ERFC_RB = (-9.86494292470009928597e-03, -7.99283237680523006574e-01, -1.77579549177547519889e+01,
+            -1.60636384855821916062e+02, -6.37566443368389627722e+02, -1.02509513161107724954e+03,
+            -4.83519191608651397019e+02)
+_ERFC_SB = (1.0, 3.03380607434824582924e+01, 3.25792512996573918826e+02, 1.53672958608443695994e+03,
+            3.19985821950859553908e+03, 2.55305040643316442583e+03, 4.74528541206955367215e+02,
+            -2.24409524465858183362e+01)
+
+
+def _poly(z: np.ndarray, coeffs: tuple[float, ...]) -> np.ndarray:
+    """c0 + z (c1 + z (c2 + ...)), Horner's rule over whole arrays."""
+    acc = np.full_like(z, coeffs[-1])
+    for c in coeffs[-2::-1]:
+        acc *= z
+        acc += c
+    return acc
+
+
+def _erf_core(x: np.ndarray) -> np.ndarray:
+    """x P(x^2) / Q(x^2), |x| < 0.84375: erf(x) = x + this."""
+    z = x * x
+    return x * (_poly(z, _ERF_PP) / _poly(z, _ERF_QQ))
+
+
+def _erf_mid(a: np.ndarray) -> np.ndarray:
+    """P(a - 1) / Q(a - 1), 0.84375 <= a < 1.25: erf(a) = _ERX + this."""
+    s = a - 1
+    return _poly(s, _ERF_PA) / _poly(s, _ERF_QA)
+
+
+def _erfc_tail(a: np.ndarray) -> np.ndarray:
+    """erfc(a) for 1.25 <= a < 28: exp(-a^2 - 0.5625 + R(1/a^2) / S(1/a^2)) / a, with
+    a^2 split as z^2 + (a - z)(a + z), z = a with its low 32 bits cleared, so
+    that z^2 is exact and the large exponent carries no rounding error."""
+    s = 1 / (a * a)
+    near = a < 1 / 0.35
+    ratio = np.empty_like(a)
+    ratio[near] = _poly(s[near], _ERFC_RA) / _poly(s[near], _ERFC_SA)
+    far = ~near
+    ratio[far] = _poly(s[far], _ERFC_RB) / _poly(s[far], _ERFC_SB)
+    z = (a.view(np.uint64) & np.uint64(0xFFFFFFFF00000000)).view(np.float64)
+    r = np.exp(-z * z - 0.5625)
+    r *= np.exp((z - a) * (z + a) + ratio)
+    return r / a
+
+
+def _erf64(x: np.ndarray) -> np.ndarray:
+    """erf in float64 for any array (NaN stays NaN, erf(+-inf) = +-1)."""
+    flat = np.asarray(x, dtype=np.float64).reshape(-1)
+    a = np.abs(flat)
+    out = flat.copy()  # NaN falls in no region below and stays NaN
+    small = a < 0.84375
+    out[small] = flat[small] + _erf_core(flat[small])
+    mid = (a >= 0.84375) & (a < 1.25)
+    out[mid] = np.copysign(_ERX + _erf_mid(a[mid]), flat[mid])
+    tail = (a >= 1.25) & (a < 6)
+    out[tail] = np.copysign(1 - _erfc_tail(a[tail]), flat[tail])
+    far = a >= 6  # erf is 1 to within half an ulp from here on
+    out[far] = np.copysign(1.0, flat[far])
+    return out.reshape(np.shape(x))
+
+
+def _erfc64(x: np.ndarray) -> np.ndarray:
+    """erfc = 1 - erf in float64, accurate relative to erfc itself on the
+    right tail (where 1 - erf(x) would cancel to 0)."""
+    flat = np.asarray(x, dtype=np.float64).reshape(-1)
+    a = np.abs(flat)
+    out = flat.copy()
+    small = a < 0.84375
+    xs = flat[small]
+    xy = _erf_core(xs)
+    out[small] = np.where(xs < 0.25, 1 - (xs + xy), 0.5 - (xy + (xs - 0.5)))
+    mid = (a >= 0.84375) & (a < 1.25)
+    pq = _erf_mid(a[mid])
+    out[mid] = np.where(flat[mid] > 0, (1 - _ERX) - pq, 1 + (_ERX + pq))
+    tail = (a >= 1.25) & (a < 28)
+    r = _erfc_tail(a[tail])
+    out[tail] = np.where(flat[tail] > 0, r, 2 - r)
+    far = a >= 28  # erfc underflows to 0 (or is 2 to the last bit)
+    out[far] = np.where(flat[far] > 0, 0.0, 2.0)
+    return out.reshape(np.shape(x))
+
+
+_TWO_OVER_SQRT_PI = 2 / math.sqrt(math.pi)
+_SQRT_HALF = math.sqrt(0.5)
+_INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)
+_GELU_TANH_BETA = math.sqrt(2 / math.pi)
+_GELU_TANH_KAPPA = 0.044715
+# |x| beyond this only multiplies something that is exactly 0 (x Phi(x) at
+# -inf, x (1 - sigmoid(x)) at +inf): x is capped there so that those products
+# are the limit, 0, rather than inf * 0 = NaN. 1e10 cubed still fits float32.
+_CAP = 1e10
+
+
+def _capped(x: np.ndarray) -> np.ndarray:
+    return np.clip(x, x.dtype.type(-_CAP), x.dtype.type(_CAP))
+
+
+def _erf_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray) -> tuple:
+    """2/sqrt(pi) e^(-x^2): 0 at +-inf and for huge |x|."""
+    t = np.square(x)
+    np.negative(t, out=t)
+    np.exp(t, out=t)
+    t *= x.dtype.type(_TWO_OVER_SQRT_PI)
+    return (_scaled(g, t),)
+
+
+def _normal_cdf64(x: np.ndarray) -> np.ndarray:
+    """Phi(x) = erfc(-x / sqrt 2) / 2 in float64: accurate relative to Phi on the
+    left tail too, where (1 + erf(x / sqrt 2)) / 2 cancels to 0 (torch's form)."""
+    return 0.5 * _erfc64(np.multiply(x, -_SQRT_HALF, dtype=np.float64))
+
+
+def _gelu_forward(at: Attrs, x: np.ndarray) -> np.ndarray:
+    if at.approximate == "tanh":
+        xc = _capped(x)
+        t = np.tanh(x.dtype.type(_GELU_TANH_BETA) * (xc + x.dtype.type(_GELU_TANH_KAPPA) * xc * xc * xc))
+        t += 1
+        t *= np.maximum(x, x.dtype.type(-_CAP))
+        t *= x.dtype.type(0.5)
+        return t
+    cdf = _normal_cdf64(x)
+    cdf *= np.maximum(x, -_CAP, dtype=np.float64)
+    return cdf.astype(x.dtype, copy=False)
+
+
+def _gelu_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray) -> tuple:
+    """exact: Phi(x) + x phi(x); tanh form: d/dx of 0.5 x (1 + tanh(u)), as torch
+    writes it. Both go to 0 at -inf and 1 at +inf (never inf * 0)."""
+    if at.approximate == "tanh":
+        xc = _capped(x)
+        beta, kappa = x.dtype.type(_GELU_TANH_BETA), x.dtype.type(_GELU_TANH_KAPPA)
+        x2 = xc * xc
+        t = np.tanh(beta * (xc + kappa * x2 * xc))
+        slope = (1 - t * t) * (beta * (1 + x.dtype.type(3) * kappa * x2))
+        slope *= xc
+        t += 1
+        t += slope
+        t *= x.dtype.type(0.5)
+        return (_scaled(g, t),)
+    xc = _capped(x.astype(np.float64))
+    d = np.exp(-0.5 * xc * xc)
+    d *= xc
+    d *= _INV_SQRT_2PI
+    d += _normal_cdf64(x)
+    return (_scaled(g, d.astype(x.dtype, copy=False)),)
+
+
+def _gelu_shape(at: Attrs, x: Shape) -> Shape:
+    if at.approximate not in ("none", "tanh"):
+        raise GraphError(f"gelu approximate must be 'none' or 'tanh', got {quoted(at.approximate)}")
+    return x
+
+
+def _silu_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray) -> tuple:
+    """s (1 + x (1 - s)), s = sigmoid(x), as torch; x capped so the ends give 0 and 1."""
+    s = _sigmoid(x)
+    t = np.subtract(1, s)
+    t *= _capped(x)
+    t += 1
+    t *= s
+    return (_scaled(g, t),)
+
+
+def _elu_forward(at: Attrs, x: np.ndarray) -> np.ndarray:
+    negative = np.expm1(np.minimum(x, 0))  # never overflows
+    negative *= x.dtype.type(at.alpha)
+    return np.where(x > 0, x, negative)
+
+
+def _elu_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray) -> tuple:
+    """1 for x > 0, alpha e^x for x <= 0 (alpha at 0, as torch)."""
+    t = np.exp(np.minimum(x, 0))
+    t *= x.dtype.type(at.alpha)
+    t[x > 0] = 1
+    return (_scaled(g, t),)
+
+
+unary("sin", lambda at, x: np.sin(x), lambda at, g, out, x: (_scaled(g, np.cos(x)),), "sine; derivative cos")
+unary("cos", lambda at, x: np.cos(x), lambda at, g, out, x: (_scaled(g, np.negative(np.sin(x))),),
+      "cosine; derivative -sin")
+unary("erf", lambda at, x: _erf64(x).astype(x.dtype, copy=False), _erf_vjp,
+      "error function (fdlibm's approximation in float64, under 1 ulp); derivative 2/sqrt(pi) e^(-x^2)")
+register(Op("gelu", 1, _gelu_shape, _gelu_forward, _gelu_vjp, attrs={"approximate": (str, "none")},
+            doc="x Phi(x) (approximate 'none', via erf) or torch's tanh form (approximate 'tanh'); "
+                "gelu(-inf) = 0 and its gradient 0 (the limits, where torch's formula gives NaN)"))
+unary("silu", lambda at, x: np.multiply(np.maximum(x, x.dtype.type(-_CAP)), _sigmoid(x)), _silu_vjp,
+      "x sigmoid(x) (swish); silu(-inf) = 0, gradients 0 at -inf and 1 at +inf (the limits)")
+unary("elu", _elu_forward, _elu_vjp, "x if x > 0 else alpha (e^x - 1); gradient alpha at 0, as torch",
+      alpha=(float, 1.0))
+unary("log1p", lambda at, x: np.log1p(x), lambda at, g, out, x: (g / (x + x.dtype.type(1)),),
+      "log(1 + x), accurate for small x; derivative 1 / (1 + x)")
+unary("expm1", lambda at, x: np.expm1(x), lambda at, g, out, x: (_scaled(g, out + out.dtype.type(1)),),
+      "e^x - 1, accurate for small x; derivative e^x = out + 1")
+
+
+# ---------------------------------------------------------------- comparisons, where, clip, casts (issue 13)
+
+DTYPES_BY_NAME = {str(np.dtype(d)): np.dtype(d) for d in (np.float32, np.float64, np.int32, np.int64, np.bool_)}
+VALUE_DTYPES = tuple(DTYPES_BY_NAME.values())
+
+
+def _named_dtype(name: str, what: str) -> np.dtype:
+    if name not in DTYPES_BY_NAME:
+        raise GraphError(f"{what}: unknown dtype {quoted(name)}; choose one of {', '.join(DTYPES_BY_NAME)}")
+    return DTYPES_BY_NAME[name]
+
+
+def _no_gradient(at: Attrs, g: np.ndarray, out: np.ndarray, *xs: np.ndarray) -> tuple:
+    return (None,) * len(xs)
+
+
+def _compare_dtype(at: Attrs, a: np.dtype, b: np.dtype) -> np.dtype:
+    if a != b or a not in VALUE_DTYPES:
+        raise GraphError(f"a comparison needs operands of one dtype, got {a} and {b}")
+    return np.dtype(np.bool_)
+
+
+for _name, _ufunc, _symbol in (("less", np.less, "<"), ("less_equal", np.less_equal, "<="),
+                               ("greater", np.greater, ">"), ("greater_equal", np.greater_equal, ">="),
+                               ("equal", np.equal, "=="), ("not_equal", np.not_equal, "!=")):
+    register(Op(_name, 2, elementwise_shape, (lambda f: lambda at, a, b: f(a, b))(_ufunc), _no_gradient,
+                dtype=_compare_dtype, passes_gradient=False,
+                doc=f"a {_symbol} b elementwise, as bool; takes no gradient (use it as a `where` condition)"))
+del _name, _ufunc, _symbol
+
+
+def _where_dtype(at: Attrs, cond: np.dtype, a: np.dtype, b: np.dtype) -> np.dtype:
+    if cond != np.dtype(np.bool_):
+        raise GraphError(f"where needs a bool condition (a comparison), got {cond}")
+    if a != b or a not in VALUE_DTYPES:
+        raise GraphError(f"where needs both branches of one dtype, got {a} and {b}")
+    return a
+
+
+def _where_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, cond: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple:
+    """g where cond holds to a, elsewhere to b (0 to the branch not taken, even
+    where that branch is inf or NaN)."""
+    zero = np.asarray(g).dtype.type(0)
+    return (None, np.where(cond, g, zero) if at.wants[1] else None,
+            np.where(cond, zero, g) if at.wants[2] else None)
+
+
+register(Op("where", 3, elementwise_shape, lambda at, cond, a, b: np.where(cond, a, b), _where_vjp,
+            dtype=_where_dtype,
+            doc="a where cond else b (broadcasting); the gradient follows the branch taken. As in torch, an inf "
+                "or NaN inside the branch not taken still reaches the gradient through that branch's own rule "
+                "(0 * inf): make it safe first, log(where(x > 0, x, 1))"))
+
+
+def _clip_bounds(at: Attrs, dtype: np.dtype) -> tuple:
+    return dtype.type(at.lo), dtype.type(at.hi)
+
+
+def _clip_shape(at: Attrs, x: Shape) -> Shape:
+    if math.isnan(at.lo) or math.isnan(at.hi) or at.lo > at.hi:
+        raise GraphError(f"clip needs lo <= hi, got lo={at.lo} and hi={at.hi}")
+    return x
+
+
+def _clip_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray) -> tuple:
+    """1 where lo <= x <= hi, bounds included (as torch.clamp), else 0."""
+    lo, hi = _clip_bounds(at, x.dtype)
+    inside = np.greater_equal(x, lo)
+    inside &= np.less_equal(x, hi)
+    return (_scaled(g, inside.astype(x.dtype)),)
+
+
+register(Op("clip", 1, _clip_shape, lambda at, x: np.clip(x, *_clip_bounds(at, x.dtype)), _clip_vjp,
+            attrs={"lo": (float, -math.inf), "hi": (float, math.inf)},
+            doc="x limited to [lo, hi] (constants; +-inf leave a side open); gradient 1 inside, bounds included"))
+
+
+def _take_shape(at: Attrs, x: Shape, idx: Shape) -> Shape:
+    if len(x) != len(idx) or not x:
+        raise GraphError(f"take_along_axis needs indices of the same rank as the values, got {fmt(x)} and {fmt(idx)}")
+    axis = norm_axis(at.axis, len(x), "take_along_axis")
+    refuse_batch_axis(x, axis, "take_along_axis")
+    others = broadcast(x[:axis] + (1,) + x[axis + 1:], idx[:axis] + (1,) + idx[axis + 1:])
+    return check_batch_leading(others[:axis] + (idx[axis],) + others[axis + 1:], "take_along_axis")
+
+
+def _take_dtype(at: Attrs, x: np.dtype, idx: np.dtype) -> np.dtype:
+    if x not in FLOATS or idx not in INTS:
+        raise GraphError(f"take_along_axis needs float values and integer indices, got {x} and {idx}")
+    return x
+
+
+def _take_forward(at: Attrs, x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    axis = at.axis % x.ndim
+    _check_range(idx, x.shape[axis], "index")
+    return np.take_along_axis(x, idx, axis=axis)
+
+
+def _take_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray, idx: np.ndarray) -> tuple:
+    """g scattered back to the positions read, duplicates adding up (np.add.at),
+    in the broadcast shape (the engine sums it down to x's)."""
+    axis = at.axis % x.ndim
+    full = out.shape[:axis] + (x.shape[axis],) + out.shape[axis + 1:]
+    grad = np.zeros(full, x.dtype)
+    where = tuple(np.broadcast_to(idx, out.shape) if d == axis else
+                  np.arange(out.shape[d]).reshape([-1 if e == d else 1 for e in range(x.ndim)])
+                  for d in range(x.ndim))
+    np.add.at(grad, where, g)
+    return grad, None
+
+
+register(Op("take_along_axis", 2, _take_shape, _take_forward, _take_vjp, dtype=_take_dtype, linear_in="first",
+            attrs={"axis": (int, -1)},
+            doc="numpy's take_along_axis (torch.gather): indices in [0, n) along an axis other than the batch "
+                "axis of the values; the gradient scatters back, repeated indices accumulating"))
+
+
+def _one_hot_shape(at: Attrs, labels: Shape) -> Shape:
+    if at.n < 1:
+        raise GraphError(f"one_hot needs n >= 1 classes, got {at.n}")
+    return tuple(labels) + (at.n,)
+
+
+def _one_hot_dtype(at: Attrs, labels: np.dtype) -> np.dtype:
+    if labels not in INTS:
+        raise GraphError(f"one_hot needs integer labels, got {labels}")
+    return _named_dtype(at.dtype, "one_hot")
+
+
+def _one_hot_forward(at: Attrs, labels: np.ndarray) -> np.ndarray:
+    _check_range(labels, at.n, "label")
+    hot = np.equal(labels[..., None], np.arange(at.n, dtype=labels.dtype))
+    return hot.astype(_named_dtype(at.dtype, "one_hot"), copy=False)
+
+
+register(Op("one_hot", 1, _one_hot_shape, _one_hot_forward, _no_gradient, dtype=_one_hot_dtype,
+            passes_gradient=False, attrs={"n": (int, REQUIRED), "dtype": (str, "float32")},
+            doc="integer labels in [0, n) as one-hot rows of n (a new last axis); out-of-range labels are an "
+                "InputError"))
+
+
+def _cast_dtype(at: Attrs, x: np.dtype) -> np.dtype:
+    if x not in VALUE_DTYPES:
+        raise GraphError(f"cannot cast {x}")
+    return _named_dtype(at.dtype, "cast")
+
+
+def _cast_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray) -> tuple:
+    """float to float: the gradient cast back to the input's dtype. Casts to or
+    from integers and bool carry none (the engine's gradient path stops there)."""
+    return (np.asarray(g).astype(x.dtype) if x.dtype in FLOATS and out.dtype in FLOATS else None,)
+
+
+register(Op("cast", 1, elementwise_shape, lambda at, x: x.astype(_named_dtype(at.dtype, "cast"), copy=False),
+            _cast_vjp, dtype=_cast_dtype, attrs={"dtype": (str, REQUIRED)},
+            doc="x in another dtype (numpy's astype: float to int truncates toward 0); a float-to-float cast "
+                "passes the gradient back in the input's dtype, any other takes none"))
+
+register(Op("stop_gradient", 1, elementwise_shape, lambda at, x: x, _no_gradient, linear_in="all",
+            dtype=lambda at, x: x, passes_gradient=False,
+            doc="x unchanged, but no gradient flows back through it (a constant to differentiation)"))
+
+
+def _pow_tensor_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple:
+    """As torch.pow with a tensor exponent: d/dx = y x^(y - 1), 0 where y = 0;
+    d/dy = x^y log x, 0 where x = 0 and y >= 0 (NaN for x < 0, as there)."""
+    grad_x = grad_y = None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if at.wants[0]:
+            d = x ** (y - y.dtype.type(1))
+            d *= y
+            grad_x = np.where(y == 0, x.dtype.type(0), d * g)
+        if at.wants[1]:
+            d = out * np.log(x)
+            grad_y = np.where((x == 0) & (y >= 0), y.dtype.type(0), d * g)
+    return grad_x, grad_y
+
+
+binary("pow_tensor", lambda at, x, y: np.power(x, y), _pow_tensor_vjp,
+       "x ** y elementwise, y a tensor (`x ** y` with y an Expr, `2 ** x`); gradients as torch.pow")

@@ -270,14 +270,22 @@ class Program:
                              f"{', '.join(fmt(p.shape) for p in parents)} give {fmt(shape)} of {dtype}")
 
     def _gradient_path(self) -> frozenset[int]:
-        """Nodes that depend on a param and lead to the loss: the only ones with adjoints."""
+        """Nodes that depend on a param and lead to the loss: the only ones with adjoints.
+
+        A gradient flows only through float values and ops that pass one: a
+        comparison, a cast to int, one_hot or stop_gradient ends the path
+        cleanly (what lies behind it takes no adjoint from there), instead of
+        reaching a rule that has nothing to give."""
+        carries = [node.op in SOURCES or (node.dtype in FLOATS and get_op(node.op).passes_gradient)
+                   for node in self.nodes]
         from_param = [False] * len(self.nodes)
         for node in self.nodes:
-            from_param[node.index] = node.op == "param" or any(from_param[i] for i in node.inputs)
+            from_param[node.index] = node.op == "param" or (carries[node.index]
+                                                            and any(from_param[i] for i in node.inputs))
         to_loss = [False] * len(self.nodes)
         to_loss[self.loss] = True
         for node in reversed(self.nodes):
-            if to_loss[node.index]:
+            if to_loss[node.index] and carries[node.index]:
                 for i in node.inputs:
                     to_loss[i] = True
         return frozenset(i for i in range(len(self.nodes)) if from_param[i] and to_loss[i])
