@@ -60,10 +60,11 @@ SPECS: dict[str, list[Case]] = {
     "transpose": [case((2, 3, 4)), case((2, 3, 4), perm=(1, 0, 2)), case((3, 5), perm=(1, 0))],
     "reshape": [case((2, 6), shape=(3, 4)), case((2, 3, 2), shape=(12,)), case((4,), shape=(2, 1, 2))],
     "sum": [case((3, 4), axes=(0,)), case((3, 4), axes=(1,), keepdims=True), case((2, 3, 4)),
-            case((2, 3, 4), axes=(0, 2))],
+            case((2, 3, 4), axes=(0, 2)), case((3, 4), axes=())],
     "mean": [case((3, 4), axes=(0,)), case((3, 4), axes=(-1,), keepdims=True), case((2, 3, 4)),
-             case((2, 3, 4), axes=(1, 2))],
-    "max": [case((3, 4), axis=1), case((3, 4), axis=0, keepdims=True), case((2, 3, 4), axis=-1)],
+             case((2, 3, 4), axes=(1, 2)), case((3, 4), axes=(), keepdims=True)],
+    "max": [case((3, 4), axes=(1,)), case((3, 4), axes=(0,), keepdims=True), case((2, 3, 4), axes=(-1,)),
+            case((2, 3, 4), axes=(0, 2)), case((2, 3)), case((3, 4), axes=()), case((2, 3, 4), axis=-2)],
     "softmax": [case((3, 4)), case((3, 4), axis=0), case((2, 3, 4), axis=1)],
     "log_softmax": [case((3, 4)), case((2, 3, 4), axis=1)],
     "softmax_cross_entropy": [case((4, 5), Arg((4,), "labels", 5)), case((2, 3, 4), Arg((2, 3), "labels", 4))],
@@ -71,6 +72,8 @@ SPECS: dict[str, list[Case]] = {
     "concat": [case((2, 3), (2, 1), (2, 2), axis=1), case((1, 3), (2, 3), axis=0), case((4,))],
     "slice": [case((4, 6), axis=1, start=1, stop=5, step=2), case((5, 3), axis=0, start=2), case((2, 7), axis=-1, stop=3)],
     "embedding": [case((6, 3), Arg((4,), "indices", 6)), case((5, 2), Arg((2, 3), "indices", 5))],
+    "take": [case((4, 5), axis=1, indices=(3, 0, 3, -1)), case((5, 3), axis=0, indices=(2,)),
+             case((2, 3, 4), axis=-1, indices=(1, 1, 1))],
 }
 
 

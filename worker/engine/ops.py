@@ -404,8 +404,13 @@ register(Op("reshape", 1, _reshape_shape,
 # ---------------------------------------------------------------- reductions
 
 def _axes(at: Attrs, rank: int) -> tuple[int, ...]:
-    axes = tuple(sorted({norm_axis(a, rank, "reduction") for a in at.axes})) if at.axes else tuple(range(rank))
-    return axes
+    """The reduced axes: all of them when `axes` is absent (None), none when it
+    is given empty (numpy's axis=()), so an SDK's `axis=()` is the identity.
+    (Graphs built before this distinction stored `axis=()` as an empty list,
+    which then meant all axes; the SDK always wrote axis=None out in full.)"""
+    if at.axes is None:
+        return tuple(range(rank))
+    return tuple(sorted({norm_axis(a, rank, "reduction") for a in at.axes}))
 
 
 def _reduce_shape(at: Attrs, x: Shape) -> Shape:
@@ -431,10 +436,10 @@ def _mean_count(at: Attrs, x: np.ndarray) -> int:
     return count
 
 
-_REDUCE_ATTRS = {"axes": ("ints", ()), "keepdims": (bool, False)}
+_REDUCE_ATTRS = {"axes": ("ints", None), "keepdims": (bool, False)}
 register(Op("sum", 1, _reduce_shape, lambda at, x: np.sum(x, axis=_axes(at, x.ndim), keepdims=at.keepdims),
             lambda at, g, out, x: (_reduce_vjp_grad(at, g, x),),
-            linear_in="all", attrs=_REDUCE_ATTRS, doc="sum over `axes` (all when empty)"))
+            linear_in="all", attrs=_REDUCE_ATTRS, doc="sum over `axes` (all when absent, none when empty)"))
 register(Op("mean", 1, _reduce_shape,
             lambda at, x: np.sum(x, axis=_axes(at, x.ndim), keepdims=at.keepdims) / x.dtype.type(_mean_count(at, x)),
             lambda at, g, out, x: (_reduce_vjp_grad(at, g / x.dtype.type(_mean_count(at, x)), x),),
@@ -450,22 +455,41 @@ def _axis_shape(name: str) -> Callable[[Attrs, Shape], Shape]:
     return rule
 
 
+def _max_axes(at: Attrs, rank: int) -> tuple[int, ...]:
+    """`axes` as sum's; `axis` (one int) is how graphs stored max before it took several."""
+    if at.axis is None:
+        return _axes(at, rank)
+    if at.axes is not None:
+        raise GraphError("max takes `axes` or the older `axis`, not both")
+    return (norm_axis(at.axis, rank, "max"),)
+
+
 def _max_shape(at: Attrs, x: Shape) -> Shape:
-    axis = norm_axis(at.axis, len(x), "max")
-    refuse_batch_axis(x, axis, "max")
-    return tuple(1 if i == axis else d for i, d in enumerate(x)) if at.keepdims else x[:axis] + x[axis + 1:]
+    axes = _max_axes(at, len(x))
+    if 0 in axes and is_per_example(x):
+        others = tuple(range(1, len(x)))
+        hint = (f"; reduce the other axes with axis={others[0] if len(others) == 1 else others} "
+                f"(the batch axis is axis 0)" if others else "")
+        raise GraphError(f"max over the batch axis of {fmt(x)} would mix examples, so it cannot be split "
+                         f"across workers{hint}")
+    if at.keepdims:
+        return tuple(1 if i in axes else d for i, d in enumerate(x))
+    return tuple(d for i, d in enumerate(x) if i not in axes)
 
 
 def _max_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray) -> tuple:
-    axis = at.axis % x.ndim
+    axes = _max_axes(at, x.ndim)
     if not at.keepdims:
-        g, out = np.expand_dims(g, axis), np.expand_dims(out, axis)
+        kept = tuple(1 if a in axes else d for a, d in enumerate(x.shape))
+        g, out = np.reshape(g, kept), np.reshape(out, kept)
     winners = (x == out)
-    return (g * winners / winners.sum(axis=axis, keepdims=True).astype(x.dtype),)
+    return (g * winners / winners.sum(axis=axes, keepdims=True).astype(x.dtype),)
 
 
-register(Op("max", 1, _max_shape, lambda at, x: np.max(x, axis=at.axis, keepdims=at.keepdims), _max_vjp,
-            attrs={"axis": (int, -1), "keepdims": (bool, False)}, doc="max along one axis; ties share the gradient"))
+register(Op("max", 1, _max_shape, lambda at, x: np.max(x, axis=_max_axes(at, x.ndim), keepdims=at.keepdims),
+            _max_vjp, attrs={"axes": ("ints", None), "axis": (int, None), "keepdims": (bool, False)},
+            doc="max over `axes` as sum's (all when absent, none when empty; `axis`, one int, is the "
+                "older form); the maximal entries share the gradient equally"))
 
 
 def _log_softmax(x: np.ndarray, axis: int) -> np.ndarray:
@@ -672,3 +696,34 @@ def _embedding_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, table: np.ndarray,
 register(Op("embedding", 2, _embedding_shape, _embedding_forward, _embedding_vjp, dtype=_embedding_dtype,
             indexes=(1, 0, 0),
             linear_in="first", doc="rows of a table gathered by integer indices"))
+
+
+# ---------------------------------------------------------------- take (integer indexing of one axis)
+
+def _take_shape(at: Attrs, x: Shape) -> Shape:
+    axis = norm_axis(at.axis, len(x), "take")
+    if axis == 0 and is_per_example(x):
+        raise GraphError(f"take along the batch axis of {fmt(x)} would mix examples, so it cannot be split "
+                         "across workers; index the other axes (the batch axis is axis 0)")
+    if not at.indices:
+        raise GraphError("take needs at least one index")
+    size = x[axis]
+    bad = next((i for i in at.indices if not -size <= i < size), None)
+    if bad is not None:
+        raise GraphError(f"index {bad} is out of range for axis {axis} of {fmt(x)} (size {size})")
+    return x[:axis] + (len(at.indices),) + x[axis + 1:]
+
+
+def _take_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray) -> tuple:
+    """Scatter-add: an index taken twice gets both contributions (np.add.at
+    accumulates repeats; plain fancy assignment would keep only the last)."""
+    grad = np.zeros_like(x)
+    np.add.at(grad, (slice(None),) * (at.axis % x.ndim) + (np.asarray(at.indices, dtype=np.intp),), g)
+    return (grad,)
+
+
+register(Op("take", 1, _take_shape, lambda at, x: np.take(x, np.asarray(at.indices, dtype=np.intp), axis=at.axis),
+            _take_vjp, linear_in="all",
+            attrs={"indices": ("ints", REQUIRED), "axis": (int, REQUIRED)},
+            doc="entries at constant integer `indices` (negative count from the end, repeats allowed) along "
+                "one axis other than the batch axis, as np.take; the gradient scatter-adds, so repeats accumulate"))
