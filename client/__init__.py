@@ -15,6 +15,7 @@ time too.
 
 from __future__ import annotations
 
+import builtins
 import importlib
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,7 @@ for _module, _names in {
     "gradpool.worker.engine.errors": "GradpoolError GraphError InputError ShardingError",
     "gradpool.functional": "abs binary_cross_entropy concat embedding exp leaky_relu log log_softmax matmul max "
                            "maximum mean minimum power relu reshape sigmoid slice softmax softmax_cross_entropy "
-                           "softplus sqrt square sum tanh transpose",
+                           "softplus sqrt square sum take tanh transpose",
     "gradpool.graph": "Expr Graph",
     "gradpool.data": "DatasetRef DatasetRows",
     "gradpool.local": "local_forward local_gradients",
@@ -39,7 +40,9 @@ for _module, _names in {
 }.items():
     _EXPORTS.update(dict.fromkeys(_names.split(), _module))
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+# `from gradpool import *` must not shadow Python's builtins (sum, max, abs,
+# slice, ...): those stay reachable as gp.sum etc., but out of the star import.
+__all__ = sorted(name for name in _EXPORTS if not hasattr(builtins, name)) + ["__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -65,7 +68,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, eagerly
     from gradpool.functional import (abs, binary_cross_entropy, concat, embedding, exp, leaky_relu, log,
                                      log_softmax, matmul, max, maximum, mean, minimum, power, relu, reshape,
                                      sigmoid, slice, softmax, softmax_cross_entropy, softplus, sqrt, square, sum,
-                                     tanh, transpose)
+                                     take, tanh, transpose)
     from gradpool.data import DatasetRef, DatasetRows
     from gradpool.graph import Expr, Graph
     from gradpool.local import local_forward, local_gradients

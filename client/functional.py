@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 from gradpool.worker.engine.errors import GraphError
 
-from .graph import Expr, Operand
+from .graph import Expr, Operand, _matmul, _take
 
 
 def _expr(x: Operand, *others: Operand) -> Expr:
@@ -78,7 +78,9 @@ def minimum(a: Operand, b: Operand) -> Expr:
 
 
 def matmul(a: Operand, b: Operand) -> Expr:
-    return _binary("matmul", a, b)
+    """numpy's matmul, 1-D operands included (the batch axis is never contracted)."""
+    anchor = _expr(a, b)
+    return _matmul(anchor.graph._lift(a, anchor.dtype), anchor.graph._lift(b, anchor.dtype))
 
 
 def transpose(x: Expr, perm: Optional[Sequence[int]] = None) -> Expr:
@@ -97,7 +99,7 @@ def mean(x: Expr, axis: Union[None, int, Sequence[int]] = None, keepdims: bool =
     return x.mean(axis, keepdims)
 
 
-def max(x: Expr, axis: int = -1, keepdims: bool = False) -> Expr:  # noqa: A001
+def max(x: Expr, axis: Union[None, int, Sequence[int]] = None, keepdims: bool = False) -> Expr:  # noqa: A001
     return x.max(axis, keepdims)
 
 
@@ -136,3 +138,9 @@ def slice(x: Expr, axis: int, start: int = 0, stop: Optional[int] = None, step: 
 def embedding(table: Expr, indices: Expr) -> Expr:
     """Rows of `table` (a param) picked by integer `indices` (an input)."""
     return _expr(table).graph._add("embedding", (table, indices))
+
+
+def take(x: Expr, indices: Any, axis: Optional[int] = None) -> Expr:
+    """np.take with constant integer indices (a list or array, any shape; negative
+    ones count from the end, repeats allowed) along an axis other than the batch axis."""
+    return _take(x, indices, axis)
