@@ -707,10 +707,10 @@ def _take_shape(at: Attrs, x: Shape) -> Shape:
                          "across workers; index the other axes (the batch axis is axis 0)")
     if not at.indices:
         raise GraphError("take needs at least one index")
-    size = x[axis]
-    bad = next((i for i in at.indices if not -size <= i < size), None)
-    if bad is not None:
-        raise GraphError(f"index {bad} is out of range for axis {axis} of {fmt(x)} (size {size})")
+    size, indices = x[axis], np.asarray(at.indices, dtype=np.int64)
+    outside = (indices < -size) | (indices >= size)
+    if outside.any():
+        raise GraphError(f"index {indices[outside][0]} is out of range for axis {axis} of {fmt(x)} (size {size})")
     return x[:axis] + (len(at.indices),) + x[axis + 1:]
 
 
