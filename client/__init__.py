@@ -15,6 +15,7 @@ time too.
 
 from __future__ import annotations
 
+import builtins
 import importlib
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,7 @@ for _module, _names in {
     "gradpool.worker.engine.errors": "GradpoolError GraphError InputError ShardingError",
     "gradpool.functional": "abs binary_cross_entropy concat dropout embedding exp leaky_relu log log_softmax matmul max "
                            "maximum mean minimum power relu reshape sigmoid slice softmax softmax_cross_entropy "
-                           "softplus sqrt square sum tanh transpose "
+                           "softplus sqrt square sum take tanh transpose "
                            "argmax broadcast_to einsum expand_dims flip logsumexp min pad split squeeze stack std "
                            "tile var",
     "gradpool.graph": "Expr Graph",
@@ -46,7 +47,9 @@ _EXPORTS.update(dict.fromkeys("cast clip cos elu equal erf expm1 gelu greater gr
                               "not_equal one_hot silu sin stop_gradient take_along_axis where".split(),
                               "gradpool.functional"))
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+# `from gradpool import *` must not shadow Python's builtins (sum, max, abs,
+# slice, ...): those stay reachable as gp.sum etc., but out of the star import.
+__all__ = sorted(name for name in _EXPORTS if not hasattr(builtins, name)) + ["__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -72,7 +75,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, eagerly
     from gradpool.functional import (abs, binary_cross_entropy, concat, dropout, embedding, exp, leaky_relu, log,
                                      log_softmax, matmul, max, maximum, mean, minimum, power, relu, reshape,
                                      sigmoid, slice, softmax, softmax_cross_entropy, softplus, sqrt, square, sum,
-                                     tanh, transpose)
+                                     take, tanh, transpose)
     from gradpool.functional import (argmax, broadcast_to, einsum, expand_dims, flip, logsumexp, min, pad, split,
                                      squeeze, stack, std, tile, var)
     from gradpool.functional import (cast, clip, cos, elu, equal, erf, expm1, gelu, greater, greater_equal, less,

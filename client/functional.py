@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
 from gradpool.worker.engine.errors import GraphError
 
-from .graph import Expr, Operand
+from .graph import Expr, Operand, _matmul, _take
 
 
 def _expr(x: Operand, *others: Operand) -> Expr:
@@ -83,7 +83,9 @@ def minimum(a: Operand, b: Operand) -> Expr:
 
 
 def matmul(a: Operand, b: Operand) -> Expr:
-    return _binary("matmul", a, b)
+    """numpy's matmul, 1-D operands included (the batch axis is never contracted)."""
+    anchor = _expr(a, b)
+    return _matmul(anchor.graph._lift(a, anchor.dtype), anchor.graph._lift(b, anchor.dtype))
 
 
 def transpose(x: Expr, perm: Optional[Sequence[int]] = None) -> Expr:
@@ -102,7 +104,7 @@ def mean(x: Expr, axis: Union[None, int, Sequence[int]] = None, keepdims: bool =
     return x.mean(axis, keepdims)
 
 
-def max(x: Expr, axis: int = -1, keepdims: bool = False) -> Expr:  # noqa: A001
+def max(x: Expr, axis: Union[None, int, Sequence[int]] = None, keepdims: bool = False) -> Expr:  # noqa: A001
     return x.max(axis, keepdims)
 
 
@@ -152,6 +154,8 @@ def dropout(x: Expr, rate: float) -> Expr:
     Client.gradients; the Trainer derives one per step) and every sharding
     gives the same bits."""
     return _unary("dropout", x, rate=float(rate))
+
+
 # ---------------------------------------------------------------- reductions: min, logsumexp, var, std, argmax
 # Axes index the full array: axis 0 of a per-example value is the batch axis,
 # over which none of these is separable (they are refused there).
@@ -402,3 +406,7 @@ def _dtype_name(dtype: object) -> str:
 def stop_gradient(x: Expr) -> Expr:
     """x unchanged, treated as a constant by differentiation."""
     return _unary("stop_gradient", x)
+def take(x: Expr, indices: Any, axis: Optional[int] = None) -> Expr:
+    """np.take with constant integer indices (a list or array, any shape; negative
+    ones count from the end, repeats allowed) along an axis other than the batch axis."""
+    return _take(x, indices, axis)

@@ -39,6 +39,13 @@ def _user_origin() -> str:
     return f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
 
 
+def _refused(subject: str, detail: str) -> GraphError:
+    """A graph-build error the SDK finds itself, worded like the registry's and
+    carrying the user's file:line as they do."""
+    origin = _user_origin()
+    return GraphError(f"{subject}{f' at {origin}' if origin else ''}: {detail}")
+
+
 @dataclass
 class _Node:
     name: str
@@ -105,8 +112,8 @@ class Expr:
     def __rmul__(self, o: Operand) -> "Expr": return self._binary("mul", o, True)
     def __truediv__(self, o: Operand) -> "Expr": return self._binary("div", o)
     def __rtruediv__(self, o: Operand) -> "Expr": return self._binary("div", o, True)
-    def __matmul__(self, o: Operand) -> "Expr": return self._binary("matmul", o)
-    def __rmatmul__(self, o: Operand) -> "Expr": return self._binary("matmul", o, True)
+    def __matmul__(self, o: Operand) -> "Expr": return _matmul(self, self.graph._lift(o, self.dtype))
+    def __rmatmul__(self, o: Operand) -> "Expr": return _matmul(self.graph._lift(o, self.dtype), self)
     def __neg__(self) -> "Expr": return self.graph._add("neg", (self,))
 
     def __pow__(self, exponent: Operand) -> "Expr":
@@ -176,14 +183,21 @@ class Expr:
         return self.graph._add("transpose", (self,), perm=tuple(perm))
 
     def sum(self, axis: Union[None, int, Sequence[int]] = None, keepdims: bool = False) -> "Expr":
+        """Sum over `axis` as numpy's (None: all, the batch axis 0 included; (): none)."""
         return self.graph._add("sum", (self,), axes=_axes(axis, self.ndim), keepdims=keepdims)
 
     def mean(self, axis: Union[None, int, Sequence[int]] = None, keepdims: bool = False) -> "Expr":
         """Mean; over the batch axis it divides by the whole batch, however it is sharded."""
         return self.graph._add("mean", (self,), axes=_axes(axis, self.ndim), keepdims=keepdims)
 
-    def max(self, axis: int = -1, keepdims: bool = False) -> "Expr":
-        return self.graph._add("max", (self,), axis=axis, keepdims=keepdims)
+    def max(self, axis: Union[None, int, Sequence[int]] = None, keepdims: bool = False) -> "Expr":
+        """Max over `axis` as numpy's (None: all). Not over the batch axis, which
+        would mix examples: of a per-example value give the other axes."""
+        return self.graph._add("max", (self,), axes=_axes(axis, self.ndim), keepdims=keepdims)
+
+    def take(self, indices: Any, axis: Optional[int] = None) -> "Expr":
+        """np.take with constant integer indices: the entries at `indices` along `axis`."""
+        return _take(self, indices, axis)
 
     # Reductions that are not sums over examples: over the batch axis (axis 0
     # of a per-example value) they are refused, so name the other axes.
@@ -233,26 +247,158 @@ class Expr:
         return self.graph._add("reshape", (self,), shape=tuple(int(d) for d in dims))
 
     def __getitem__(self, index: Any) -> "Expr":
-        """Basic slicing of non-batch axes: x[:, 2:5], x[..., :3]."""
-        index = index if isinstance(index, tuple) else (index,)
-        if any(i is Ellipsis for i in index):
-            at = index.index(Ellipsis)
-            index = index[:at] + (slice(None),) * (self.ndim - len(index) + 1) + index[at + 1:]
-        out = self
-        for axis, item in enumerate(index):
-            if not isinstance(item, slice):
-                raise GraphError(f"only slices are supported in indexing, got {item!r} on axis {axis}")
-            if item == slice(None):
-                continue
-            start, stop, step = item.start or 0, item.stop, item.step or 1
-            size = self._node.shape[axis]
-            if start < 0 or (stop is not None and stop < 0):
-                start, stop, _ = slice(start, stop, step).indices(size)
-            attrs = {"axis": axis, "start": start, "step": step}
-            if stop is not None:
-                attrs["stop"] = stop
-            out = out.graph._add("slice", (out,), **attrs)
-        return out
+        """numpy indexing of the non-batch axes: slices, integers (which drop the
+        axis), None (a new axis of size 1), ... and one integer list or array
+        (np.take along its axis). A per-example value's batch axis takes only `:`."""
+        return _index(self, index if isinstance(index, tuple) else (index,))
+
+
+def _index(x: Expr, items: tuple) -> Expr:
+    subject = f"{x.name}[{', '.join(map(_show_item, items))}]"
+    shape = x._node.shape
+    items = _expand_ellipsis(items, len(shape), subject)
+    arrays = [k for k, item in enumerate(items) if _is_index_array(item)]
+    if len(arrays) > 1:
+        raise _refused(subject, "only one integer list or array per indexing; index in two steps")
+    if arrays:
+        advanced = [k for k, item in enumerate(items) if _is_index_array(item) or _is_int(item)]
+        if advanced != list(range(advanced[0], advanced[-1] + 1)):
+            raise _refused(subject, "an integer list and integers on axes apart from it: numpy would move "
+                                    "the indexed axis to the front; index in two steps")
+    per_example = is_per_example(shape)
+    out, axis, dims = x, 0, []  # axis: where the next item applies in `out`; dims: the result's shape
+    for item in items:
+        whole = isinstance(item, slice) and item == slice(None)
+        if per_example and axis == 0 and item is None:
+            raise _refused(subject, "a new axis in front of the batch axis; the batch axis stays first")
+        if per_example and axis == 0 and not whole:
+            raise _refused(subject, "the batch axis (axis 0) of a per-example value takes only `:`; indexing "
+                                    "it would pick examples, which differ from shard to shard")
+        if item is None:
+            dims.append(1)
+            continue
+        if axis >= len(shape):
+            raise _refused(subject, f"too many indices for {fmt(shape)}")
+        size = shape[axis]
+        if isinstance(item, slice):
+            if not whole:
+                start, stop, step = item.start or 0, item.stop, item.step or 1
+                if start < 0 or (stop is not None and stop < 0):
+                    start, stop, _ = slice(start, stop, step).indices(size)
+                attrs = {"axis": axis, "start": start, "step": step}
+                if stop is not None:
+                    attrs["stop"] = stop
+                out = out.graph._add("slice", (out,), **attrs)
+            dims.append(out._node.shape[axis])
+        elif _is_int(item):
+            position = int(item)
+            if not -size <= position < size:
+                raise _refused(subject, f"index {position} is out of range for axis {axis} of {fmt(shape)} "
+                                        f"(size {size})")
+            position %= size
+            out = out.graph._add("slice", (out,), axis=axis, start=position, stop=position + 1, step=1)
+        elif _is_index_array(item):
+            picks = np.asarray(item)
+            out = _take_flat(out, picks.reshape(-1), axis)
+            dims.extend(picks.shape)
+        else:
+            raise _refused(subject, f"cannot index with {item!r} ({type(item).__name__}); use slices, "
+                                    "integers, None, ... or one integer list or array")
+        axis += 1
+    dims.extend(shape[axis:])
+    return _reshaped(out, tuple(dims))
+
+
+def _is_int(item: Any) -> bool:
+    return isinstance(item, (int, np.integer)) and not isinstance(item, (bool, np.bool_))
+
+
+def _is_index_array(item: Any) -> bool:
+    if isinstance(item, Expr):
+        return False
+    if isinstance(item, (list, np.ndarray)):
+        array = np.asarray(item)
+        return array.dtype.kind in "iu" or (array.size == 0 and array.dtype.kind == "f")
+    return False
+
+
+def _show_item(item: Any) -> str:
+    if item is Ellipsis:
+        return "..."
+    if isinstance(item, slice):
+        parts = ["" if v is None else str(v) for v in (item.start, item.stop, item.step)]
+        return ":".join(parts[:2] if item.step is None else parts)
+    if isinstance(item, np.ndarray):
+        return f"array{item.tolist()!r}" if item.size <= 8 else f"array of shape {item.shape}"
+    return repr(item)
+
+
+def _expand_ellipsis(items: tuple, rank: int, subject: str) -> tuple:
+    count = sum(1 for i in items if i is Ellipsis)
+    if count > 1:
+        raise _refused(subject, "an index can only have one ellipsis ('...')")
+    if count == 0:
+        return items
+    at = items.index(Ellipsis)
+    used = sum(1 for i in items if i is not None and i is not Ellipsis)
+    return items[:at] + (slice(None),) * max(rank - used, 0) + items[at + 1:]
+
+
+def _reshaped(x: Expr, dims: tuple[int, ...]) -> Expr:
+    """x with the full shape `dims` (same size, batch axis kept), or x itself if it has it."""
+    if dims == x._node.shape:
+        return x
+    target = dims[1:] if is_per_example(x._node.shape) else dims
+    return x.graph._add("reshape", (x,), shape=tuple(int(d) for d in target))
+
+
+def _take_flat(x: Expr, indices: np.ndarray, axis: int) -> Expr:
+    if indices.dtype.kind not in "iu" and indices.size:
+        raise _refused(f"take from {x.name}", f"indices must be integers, got {indices.dtype}")
+    return x.graph._add("take", (x,), indices=tuple(int(i) for i in indices), axis=int(axis))
+
+
+def _take(x: Expr, indices: Any, axis: Optional[int]) -> Expr:
+    """np.take: the result's shape is x.shape[:axis] + indices.shape + x.shape[axis + 1:]."""
+    if isinstance(indices, Expr):
+        raise _refused(f"take from {x.name}", "indices must be constants known when the graph is built "
+                                              "(a list or numpy array of integers), not an expression")
+    picks = np.asarray(indices)
+    shape = x._node.shape
+    if axis is None:
+        if is_per_example(shape):
+            raise _refused(f"take from {x.name}", "axis=None flattens the value, batch axis included; give "
+                                                  "axis= (the batch axis is axis 0 and cannot be indexed)")
+        x, axis, shape = _reshaped(x, (math.prod(shape),)), 0, (math.prod(shape),)
+    if not -len(shape) <= axis < len(shape):
+        raise _refused(f"take from {x.name}", f"axis {axis} is out of range for rank {len(shape)}")
+    axis %= len(shape)
+    out = _take_flat(x, picks.reshape(-1), axis)
+    return _reshaped(out, shape[:axis] + picks.shape + shape[axis + 1:])
+
+
+def _matmul(a: Expr, b: Expr) -> Expr:
+    """numpy's matmul, 1-D operands included: a 1-D operand becomes a matrix
+    (a row on the left, a column on the right) and that axis leaves the result.
+    The batch axis is never contracted."""
+    if a.ndim >= 2 and b.ndim >= 2:
+        return a.graph._add("matmul", (a, b))
+    subject = f"matmul({a.name} {fmt(a._node.shape)}, {b.name} {fmt(b._node.shape)})"
+    for operand in (a, b):
+        if operand.ndim == 0:
+            raise _refused(subject, "matmul does not take scalars; use *")
+        if operand.ndim == 1 and is_per_example(operand._node.shape):
+            raise _refused(subject, f"{operand.name} has only the batch axis, which matmul would contract "
+                                    "(mixing examples); for a per-example dot product use (a * b).sum(axis=-1)")
+    left = _reshaped(a, (1,) + a._node.shape) if a.ndim == 1 else a
+    right = _reshaped(b, b._node.shape + (1,)) if b.ndim == 1 else b
+    product = a.graph._add("matmul", (left, right))
+    dims = product._node.shape
+    if b.ndim == 1:
+        dims = dims[:-1]
+    if a.ndim == 1:
+        dims = dims[:-2] + dims[-1:] if b.ndim != 1 else dims[:-1]
+    return _reshaped(product, dims)
 
 
 def _comparable(value: object) -> bool:
@@ -281,8 +427,13 @@ def _axes(axis: Union[None, int, Sequence[int]], rank: int) -> tuple[int, ...]:
 class Graph:
     """A computation graph under construction; serializes to the wire proto."""
 
-    def __init__(self, name: str = "graph"):
+    def __init__(self, name: str = "graph", dtype: str = "float32"):
+        """`dtype`: the float dtype float inputs, params and Python-number consts get
+        unless told otherwise, so a float64 graph needs no dtype= on each of them."""
         self.name = name
+        self.dtype = as_dtype(dtype)
+        if self.dtype not in FLOATS:
+            raise _refused(f"Graph({name!r})", f"the default dtype must be float32 or float64, got {self.dtype}")
         self._nodes: list[_Node] = []
         self._names: dict[str, int] = {}
         self._loss: Optional[int] = None
@@ -291,23 +442,27 @@ class Graph:
 
     # ---------------------------------------------------------- sources
 
-    def input(self, name: str, shape: Sequence[int] = (), dtype: str = "float32") -> Expr:
-        """Per-example data; `shape` is one example's, the batch axis is implicit."""
+    def input(self, name: str, shape: Sequence[int] = (), dtype: Optional[str] = None) -> Expr:
+        """Per-example data; `shape` is one example's, the batch axis is implicit.
+        `dtype` defaults to the graph's (give "int64" for labels and indices)."""
         dims = _check_dims(shape, f"input {name!r}")
-        return self._append(_Node(name, "input", (), {}, (BATCH,) + dims, as_dtype(dtype), _user_origin()))
+        dt = self.dtype if dtype is None else as_dtype(dtype)
+        return self._append(_Node(name, "input", (), {}, (BATCH,) + dims, dt, _user_origin()))
 
-    def param(self, name: str, shape: Sequence[int] = (), dtype: str = "float32", init: str = "glorot") -> Expr:
+    def param(self, name: str, shape: Sequence[int] = (), dtype: Optional[str] = None,
+              init: str = "glorot") -> Expr:
         """A trainable tensor (no batch axis); `init` says how init_params fills it."""
         dims = _check_dims(shape, f"param {name!r}")
         if init not in INITS:
             raise GraphError(f"param {name!r}: unknown init {init!r}; choose one of {INITS}")
-        dt = as_dtype(dtype)
+        dt = self.dtype if dtype is None else as_dtype(dtype)
         if dt not in FLOATS:
             raise GraphError(f"param {name!r} must be float32 or float64, got {dt}")
         return self._append(_Node(name, "param", (), {"init": init}, dims, dt, _user_origin()))
 
     def const(self, value: Any, dtype: Optional[str] = None, name: Optional[str] = None) -> Expr:
-        """A literal tensor in the graph. Python numbers and lists default to float32."""
+        """A literal tensor in the graph. Python numbers and float lists take the
+        graph's dtype; numpy arrays keep theirs, integer lists stay integers."""
         if dtype is not None:
             array = np.asarray(value, dtype=as_dtype(dtype))
         elif isinstance(value, np.ndarray):
@@ -315,7 +470,7 @@ class Graph:
         else:
             array = np.asarray(value)
             if array.dtype.kind == "f" or array.dtype.kind == "i" and array.ndim == 0:
-                array = array.astype(np.float32)
+                array = array.astype(self.dtype)
         array = np.array(array, dtype=as_dtype(array.dtype))
         node = _Node(name or self._fresh("const"), "const", (), {}, array.shape, array.dtype, _user_origin(), array)
         return self._append(node)

@@ -24,11 +24,11 @@ from gradpool.training import Trainer
 
 
 def build_graph(lam: float) -> gp.Graph:
-    g = gp.Graph("logistic_regression")
-    x = g.input("x", dtype="float64")  # one number per example
-    t = g.input("t", dtype="float64")  # its 0/1 target
-    w = g.param("w", dtype="float64")
-    b = g.param("b", dtype="float64")
+    g = gp.Graph("logistic_regression", dtype="float64")
+    x = g.input("x")  # one number per example
+    t = g.input("t")  # its 0/1 target
+    w = g.param("w")
+    b = g.param("b")
     y = gp.sigmoid(w * x + b).named("y")
     loss = (0.5 * (y - t) ** 2).sum()
     g.set_loss(loss + lam * 0.5 * w ** 2)

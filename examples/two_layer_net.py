@@ -25,13 +25,13 @@ D, H, K = 3, 4, 2  # inputs, hidden units, outputs: the lecture's sizes
 
 
 def build_graph() -> gp.Graph:
-    g = gp.Graph("two_layer_net")
-    x = g.input("x", (D,), dtype="float64")
-    t = g.input("t", (K,), dtype="float64")
-    W1 = g.param("W1", (H, D), dtype="float64")
-    b1 = g.param("b1", (H,), dtype="float64", init="zeros")
-    W2 = g.param("W2", (K, H), dtype="float64")
-    b2 = g.param("b2", (K,), dtype="float64", init="zeros")
+    g = gp.Graph("two_layer_net", dtype="float64")  # inputs, params and constants float64
+    x = g.input("x", (D,))
+    t = g.input("t", (K,))
+    W1 = g.param("W1", (H, D))
+    b1 = g.param("b1", (H,), init="zeros")
+    W2 = g.param("W2", (K, H))
+    b2 = g.param("b2", (K,), init="zeros")
     h = gp.sigmoid(x @ W1.T + b1)  # rows are examples, so W x becomes x W^T
     y = (h @ W2.T + b2).named("y")
     g.set_loss(0.5 * ((y - t) ** 2).sum())

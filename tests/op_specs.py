@@ -61,10 +61,11 @@ SPECS: dict[str, list[Case]] = {
     "transpose": [case((2, 3, 4)), case((2, 3, 4), perm=(1, 0, 2)), case((3, 5), perm=(1, 0))],
     "reshape": [case((2, 6), shape=(3, 4)), case((2, 3, 2), shape=(12,)), case((4,), shape=(2, 1, 2))],
     "sum": [case((3, 4), axes=(0,)), case((3, 4), axes=(1,), keepdims=True), case((2, 3, 4)),
-            case((2, 3, 4), axes=(0, 2))],
+            case((2, 3, 4), axes=(0, 2)), case((3, 4), axes=())],
     "mean": [case((3, 4), axes=(0,)), case((3, 4), axes=(-1,), keepdims=True), case((2, 3, 4)),
-             case((2, 3, 4), axes=(1, 2))],
-    "max": [case((3, 4), axis=1), case((3, 4), axis=0, keepdims=True), case((2, 3, 4), axis=-1)],
+             case((2, 3, 4), axes=(1, 2)), case((3, 4), axes=(), keepdims=True)],
+    "max": [case((3, 4), axes=(1,)), case((3, 4), axes=(0,), keepdims=True), case((2, 3, 4), axes=(-1,)),
+            case((2, 3, 4), axes=(0, 2)), case((2, 3)), case((3, 4), axes=()), case((2, 3, 4), axis=-2)],
     "softmax": [case((3, 4)), case((3, 4), axis=0), case((2, 3, 4), axis=1)],
     "log_softmax": [case((3, 4)), case((2, 3, 4), axis=1)],
     "softmax_cross_entropy": [case((4, 5), Arg((4,), "labels", 5)), case((2, 3, 4), Arg((2, 3), "labels", 4))],
@@ -95,6 +96,8 @@ SPECS: dict[str, list[Case]] = {
     "einsum": [case((3, 4), (4, 5), subscripts="ij,jk->ik"), case((2, 3), (2, 3), subscripts="ij,ij->i"),
                case((2, 3, 4), (4,), (2,), subscripts="bij,j,b->bi"), case((3, 4), (5,), subscripts="ij,k->k"),
                case((3, 4), subscripts="ij->ji")],
+    "take": [case((4, 5), axis=1, indices=(3, 0, 3, -1)), case((5, 3), axis=0, indices=(2,)),
+             case((2, 3, 4), axis=-1, indices=(1, 1, 1))],
 }
 
 # issue 13: math, comparisons, selection, casts. Ops that pass no gradient

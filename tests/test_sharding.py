@@ -40,7 +40,20 @@ def regularizer_only() -> gp.Graph:
     return g
 
 
+def indexed_and_promoted() -> gp.Graph:
+    """Integer and list indexing (take, with a repeated index), max over
+    non-batch axes and 1-D matmul operands, on per-example and param values."""
+    g = gp.Graph("indexed", dtype="float64")
+    x = g.input("x", (3, 4))
+    W, v = g.param("W", (4, 3)), g.param("v", (3,))
+    h = gp.tanh(x[:, [2, 0, 2]] @ W[:, 1])             # (batch, 3)
+    scores = h @ v + x[:, -1, None].max(axis=(1, 2))     # (batch,)
+    g.set_loss(scores.mean() + 0.1 * (W[[0, 0, 3]] ** 2).sum())
+    return g
+
+
 MODELS = {
+    "indexed": indexed_and_promoted,
     "logistic_regression": logistic_regression,
     "two_layer_net": two_layer_net,
     "softmax_mlp": softmax_mlp,

@@ -430,8 +430,13 @@ register(Op("reshape", 1, _reshape_shape,
 # ---------------------------------------------------------------- reductions
 
 def _axes(at: Attrs, rank: int) -> tuple[int, ...]:
-    axes = tuple(sorted({norm_axis(a, rank, "reduction") for a in at.axes})) if at.axes else tuple(range(rank))
-    return axes
+    """The reduced axes: all of them when `axes` is absent (None), none when it
+    is given empty (numpy's axis=()), so an SDK's `axis=()` is the identity.
+    (Graphs built before this distinction stored `axis=()` as an empty list,
+    which then meant all axes; the SDK always wrote axis=None out in full.)"""
+    if at.axes is None:
+        return tuple(range(rank))
+    return tuple(sorted({norm_axis(a, rank, "reduction") for a in at.axes}))
 
 
 def _reduce_shape(at: Attrs, x: Shape) -> Shape:
@@ -457,10 +462,10 @@ def _mean_count(at: Attrs, x: np.ndarray) -> int:
     return count
 
 
-_REDUCE_ATTRS = {"axes": ("ints", ()), "keepdims": (bool, False)}
+_REDUCE_ATTRS = {"axes": ("ints", None), "keepdims": (bool, False)}
 register(Op("sum", 1, _reduce_shape, lambda at, x: np.sum(x, axis=_axes(at, x.ndim), keepdims=at.keepdims),
             lambda at, g, out, x: (_reduce_vjp_grad(at, g, x),),
-            linear_in="all", attrs=_REDUCE_ATTRS, doc="sum over `axes` (all when empty)"))
+            linear_in="all", attrs=_REDUCE_ATTRS, doc="sum over `axes` (all when absent, none when empty)"))
 register(Op("mean", 1, _reduce_shape,
             lambda at, x: np.sum(x, axis=_axes(at, x.ndim), keepdims=at.keepdims) / x.dtype.type(_mean_count(at, x)),
             lambda at, g, out, x: (_reduce_vjp_grad(at, g / x.dtype.type(_mean_count(at, x)), x),),
@@ -476,22 +481,41 @@ def _axis_shape(name: str) -> Callable[[Attrs, Shape], Shape]:
     return rule
 
 
+def _max_axes(at: Attrs, rank: int) -> tuple[int, ...]:
+    """`axes` as sum's; `axis` (one int) is how graphs stored max before it took several."""
+    if at.axis is None:
+        return _axes(at, rank)
+    if at.axes is not None:
+        raise GraphError("max takes `axes` or the older `axis`, not both")
+    return (norm_axis(at.axis, rank, "max"),)
+
+
 def _max_shape(at: Attrs, x: Shape) -> Shape:
-    axis = norm_axis(at.axis, len(x), "max")
-    refuse_batch_axis(x, axis, "max")
-    return tuple(1 if i == axis else d for i, d in enumerate(x)) if at.keepdims else x[:axis] + x[axis + 1:]
+    axes = _max_axes(at, len(x))
+    if 0 in axes and is_per_example(x):
+        others = tuple(range(1, len(x)))
+        hint = (f"; reduce the other axes with axis={others[0] if len(others) == 1 else others} "
+                f"(the batch axis is axis 0)" if others else "")
+        raise GraphError(f"max over the batch axis of {fmt(x)} would mix examples, so it cannot be split "
+                         f"across workers{hint}")
+    if at.keepdims:
+        return tuple(1 if i in axes else d for i, d in enumerate(x))
+    return tuple(d for i, d in enumerate(x) if i not in axes)
 
 
 def _max_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray) -> tuple:
-    axis = at.axis % x.ndim
+    axes = _max_axes(at, x.ndim)
     if not at.keepdims:
-        g, out = np.expand_dims(g, axis), np.expand_dims(out, axis)
+        kept = tuple(1 if a in axes else d for a, d in enumerate(x.shape))
+        g, out = np.reshape(g, kept), np.reshape(out, kept)
     winners = (x == out)
-    return (g * winners / winners.sum(axis=axis, keepdims=True).astype(x.dtype),)
+    return (g * winners / winners.sum(axis=axes, keepdims=True).astype(x.dtype),)
 
 
-register(Op("max", 1, _max_shape, lambda at, x: np.max(x, axis=at.axis, keepdims=at.keepdims), _max_vjp,
-            attrs={"axis": (int, -1), "keepdims": (bool, False)}, doc="max along one axis; ties share the gradient"))
+register(Op("max", 1, _max_shape, lambda at, x: np.max(x, axis=_max_axes(at, x.ndim), keepdims=at.keepdims),
+            _max_vjp, attrs={"axes": ("ints", None), "axis": (int, None), "keepdims": (bool, False)},
+            doc="max over `axes` as sum's (all when absent, none when empty; `axis`, one int, is the "
+                "older form); the maximal entries share the gradient equally"))
 
 
 def _log_softmax(x: np.ndarray, axis: int) -> np.ndarray:
@@ -846,7 +870,7 @@ def _min_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray) -> tuple:
 
 register(Op("min", 1, _non_batch_reduction("min", _MIXES, nonempty=True),
             lambda at, x: np.min(x, axis=_axes(at, x.ndim), keepdims=at.keepdims), _min_vjp,
-            attrs=_REDUCE_ATTRS, doc="min over `axes` (all when empty), not the batch axis; ties share the gradient"))
+            attrs=_REDUCE_ATTRS, doc="min over `axes` (all when absent, none when empty), not the batch axis; ties share the gradient"))
 
 
 def _logsumexp(at: Attrs, x: np.ndarray) -> np.ndarray:
@@ -1550,7 +1574,7 @@ register(Op("clip", 1, _clip_shape, lambda at, x: np.clip(x, *_clip_bounds(at, x
             doc="x limited to [lo, hi] (constants; +-inf leave a side open); gradient 1 inside, bounds included"))
 
 
-def _take_shape(at: Attrs, x: Shape, idx: Shape) -> Shape:
+def _take_along_shape(at: Attrs, x: Shape, idx: Shape) -> Shape:
     if len(x) != len(idx) or not x:
         raise GraphError(f"take_along_axis needs indices of the same rank as the values, got {fmt(x)} and {fmt(idx)}")
     axis = norm_axis(at.axis, len(x), "take_along_axis")
@@ -1559,19 +1583,19 @@ def _take_shape(at: Attrs, x: Shape, idx: Shape) -> Shape:
     return check_batch_leading(others[:axis] + (idx[axis],) + others[axis + 1:], "take_along_axis")
 
 
-def _take_dtype(at: Attrs, x: np.dtype, idx: np.dtype) -> np.dtype:
+def _take_along_dtype(at: Attrs, x: np.dtype, idx: np.dtype) -> np.dtype:
     if x not in FLOATS or idx not in INTS:
         raise GraphError(f"take_along_axis needs float values and integer indices, got {x} and {idx}")
     return x
 
 
-def _take_forward(at: Attrs, x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+def _take_along_forward(at: Attrs, x: np.ndarray, idx: np.ndarray) -> np.ndarray:
     axis = at.axis % x.ndim
     _check_range(idx, x.shape[axis], "index")
     return np.take_along_axis(x, idx, axis=axis)
 
 
-def _take_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray, idx: np.ndarray) -> tuple:
+def _take_along_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray, idx: np.ndarray) -> tuple:
     """g scattered back to the positions read, duplicates adding up (np.add.at),
     in the broadcast shape (the engine sums it down to x's)."""
     axis = at.axis % x.ndim
@@ -1584,7 +1608,7 @@ def _take_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray, idx: np.
     return grad, None
 
 
-register(Op("take_along_axis", 2, _take_shape, _take_forward, _take_vjp, dtype=_take_dtype, linear_in="first",
+register(Op("take_along_axis", 2, _take_along_shape, _take_along_forward, _take_along_vjp, dtype=_take_along_dtype, linear_in="first",
             attrs={"axis": (int, -1)},
             doc="numpy's take_along_axis (torch.gather): indices in [0, n) along an axis other than the batch "
                 "axis of the values; the gradient scatters back, repeated indices accumulating"))
@@ -1653,3 +1677,32 @@ def _pow_tensor_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray, y:
 
 binary("pow_tensor", lambda at, x, y: np.power(x, y), _pow_tensor_vjp,
        "x ** y elementwise, y a tensor (`x ** y` with y an Expr, `2 ** x`); gradients as torch.pow")
+# ---------------------------------------------------------------- take (integer indexing of one axis)
+
+def _take_shape(at: Attrs, x: Shape) -> Shape:
+    axis = norm_axis(at.axis, len(x), "take")
+    if axis == 0 and is_per_example(x):
+        raise GraphError(f"take along the batch axis of {fmt(x)} would mix examples, so it cannot be split "
+                         "across workers; index the other axes (the batch axis is axis 0)")
+    if not at.indices:
+        raise GraphError("take needs at least one index")
+    size, indices = x[axis], np.asarray(at.indices, dtype=np.int64)
+    outside = (indices < -size) | (indices >= size)
+    if outside.any():
+        raise GraphError(f"index {indices[outside][0]} is out of range for axis {axis} of {fmt(x)} (size {size})")
+    return x[:axis] + (len(at.indices),) + x[axis + 1:]
+
+
+def _take_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray) -> tuple:
+    """Scatter-add: an index taken twice gets both contributions (np.add.at
+    accumulates repeats; plain fancy assignment would keep only the last)."""
+    grad = np.zeros_like(x)
+    np.add.at(grad, (slice(None),) * (at.axis % x.ndim) + (np.asarray(at.indices, dtype=np.intp),), g)
+    return (grad,)
+
+
+register(Op("take", 1, _take_shape, lambda at, x: np.take(x, np.asarray(at.indices, dtype=np.intp), axis=at.axis),
+            _take_vjp, linear_in="all",
+            attrs={"indices": ("ints", REQUIRED), "axis": (int, REQUIRED)},
+            doc="entries at constant integer `indices` (negative count from the end, repeats allowed) along "
+                "one axis other than the batch axis, as np.take; the gradient scatter-adds, so repeats accumulate"))
