@@ -30,7 +30,7 @@ from gradpool.worker import wire
 from gradpool.worker.engine.errors import GradpoolError, GraphError, InputError, ShardingError
 from gradpool.worker.engine.tensors import EXACT, fill_tensor
 from gradpool.worker.engine.tensors import wire_dtype as parse_wire_dtype
-from gradpool.worker.rpc import (DEFAULT_MAX_MESSAGE_MB, MISSING_DATASET, TlsConfig, auth_metadata, channel_options,
+from gradpool.worker.rpc import (BUSY_DETAILS, DEFAULT_MAX_MESSAGE_MB, MISSING_DATASET, TlsConfig, auth_metadata, channel_options,
                                  method_path, open_channel, rpc_error_kind, with_port)
 from gradpool.worker.streams import PROTOBUF_LIMIT_BYTES, STREAM_THRESHOLD_BYTES, call_streamed
 
@@ -122,9 +122,6 @@ def service_error(err: grpc.RpcError, address: str) -> ServiceError:
     return ServiceError(f"{code.name}: {details}", code, details)
 
 
-# gRPC's own words when a server refuses a call past its concurrency limit
-# (--max-concurrent-requests): unlike a message too large, worth retrying.
-BUSY_DETAILS = "Concurrent RPC limit exceeded"
 # A call's deadline when the Client is given none (`timeout=None` asks for none).
 DEFAULT_TIMEOUT_SECONDS = 300.0
 

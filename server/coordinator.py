@@ -35,9 +35,12 @@ from gradpool.worker.engine.sharding import MAX_CAPACITY
 from gradpool.worker.rpc import (
     CLIENT,
     MISSING_DATASET,
-    WORKER,
     MISSING_GRAPH,
+    NEVER_REFUSED_PREFIXES,
     VERSION,
+    WORKER,
+    WORKER_METHODS,
+    AdmissionInterceptor,
     LruCache,
     RpcFailure,
     add_health_and_reflection,
@@ -47,9 +50,11 @@ from gradpool.worker.rpc import (
     bind,
     channel_options,
     interceptors,
+    method_path,
     run_main,
     serve_until_signalled,
     server_options,
+    server_threads,
     translate_errors,
     warn_about_tokens,
 )
@@ -505,10 +510,13 @@ class RunningCoordinator:
 
 def start(config: CoordinatorConfig) -> RunningCoordinator:
     """Start serving without blocking."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="coordinator"),
-                         maximum_concurrent_rpcs=config.max_concurrent_requests,
+    pool_upkeep = tuple(method_path("Coordinator", name) for name in WORKER_METHODS)
+    admission = AdmissionInterceptor(config.max_concurrent_requests, pool_upkeep + NEVER_REFUSED_PREFIXES)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=server_threads(config.threads,
+                                                                               config.max_concurrent_requests),
+                                                    thread_name_prefix="coordinator"),
                          options=server_options(config.max_message_mb),
-                         interceptors=interceptors({CLIENT: config.token, WORKER: config.worker_token}))
+                         interceptors=interceptors({CLIENT: config.token, WORKER: config.worker_token}) + [admission])
     servicer = CoordinatorServicer(config)
     add_servicer(server, servicer, "Coordinator",
                  raw=("ComputeGradients", "ComputeGradientsStream", "Evaluate", "EvaluateStream"))

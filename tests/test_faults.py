@@ -328,9 +328,15 @@ def test_a_worker_drained_within_its_grace_period_finishes_its_shard() -> None:
 
 
 def test_a_busy_coordinator_refuses_fast_and_the_sdk_retries() -> None:
+    """Admission control refuses client work past the limit, but never what
+    keeps the pool alive: while the slow request holds the only slot, health
+    probes and worker registration are served (counted with the work, a
+    worker's heartbeats were refused until its lease lapsed and its shard was
+    lost), and the worker stays in the pool throughout."""
     graph, batch = deep_model(), data(3000)
     params = graph.init_params(0)
-    with cluster(workers=1, coordinator_args=["--max-concurrent-requests", "1"]) as running, \
+    with cluster(workers=1, coordinator_args=["--max-concurrent-requests", "1", "--lease-seconds", "1",
+                                              "--heartbeat-seconds", "0.2"]) as running, \
             running.client(timeout=120) as service:
         ref = service.upload(batch)
         service.gradients(graph, params, ref.take(np.arange(10)))
@@ -341,9 +347,21 @@ def test_a_busy_coordinator_refuses_fast_and_the_sdk_retries() -> None:
                 pb_grpc.CoordinatorStub(channel).GetStatus(pb.StatusRequest(), timeout=10)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "Concurrent RPC limit exceeded" in caught.value.details()
+        with grpc.insecure_channel(running.address) as channel:  # while the slot is still held:
+            from grpc_health.v1 import health_pb2, health_pb2_grpc
+            probe = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert probe.status == health_pb2.HealthCheckResponse.SERVING
+            coordinator = pb_grpc.CoordinatorStub(channel)
+            joined = coordinator.RegisterWorker(pb.RegisterWorkerRequest(address="127.0.0.1:9", capacity=1),
+                                                timeout=10)
+            coordinator.DeregisterWorker(pb.DeregisterWorkerRequest(worker_id=joined.worker_id,
+                                                                   lease_secret=joined.lease_secret), timeout=10)
         status = service.status()  # the SDK backs off and retries until the slot is free
         thread.join(120)
         assert "result" in box and status.requests_served >= 1
+        assert exact(box["result"], graph, params, batch)
+        assert [s.attempts for s in box["result"].shards] == [1]  # never dropped, so never rerun
+        assert [w.state for w in service.status().workers] == ["live"]
 
 
 class LyingWorker(pb_grpc.WorkerServicer):

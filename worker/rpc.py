@@ -203,6 +203,76 @@ def interceptors(tokens: "dict[str, Optional[str]]") -> list[grpc.ServerIntercep
     return [] if interceptor.open else [interceptor]
 
 
+# grpc's own wording for a full server, which the SDK knows to retry with backoff.
+BUSY_DETAILS = "Concurrent RPC limit exceeded"
+# Never counted by admission control: probes and reflection.
+NEVER_REFUSED_PREFIXES = OPEN_PREFIXES + ANY_ROLE_PREFIXES
+# Threads kept beyond the admitted work, for what is never refused: worker
+# heartbeats and registration, health probes, reflection.
+RESERVED_THREADS = 8
+
+
+class AdmissionInterceptor(grpc.ServerInterceptor):
+    """Admits at most `limit` work RPCs at once; past that, RESOURCE_EXHAUSTED
+    at once (the SDK retries it, the coordinator moves a refused shard).
+
+    grpc.server(maximum_concurrent_rpcs=...) counts every RPC alike, so a
+    coordinator full of long requests refused its own workers' heartbeats,
+    their leases lapsed and their shards were cancelled; and a busy worker
+    failed its health probe. Here the methods under `exempt` prefixes are
+    never counted, and `server_threads` sizes the pool so that admitted work
+    cannot take the threads they need.
+    """
+
+    def __init__(self, limit: int, exempt: tuple[str, ...]):
+        if limit < 1:
+            raise ValueError(f"the admission limit must be at least 1, got {limit}")
+        self._slots = threading.BoundedSemaphore(limit)
+        self._exempt = exempt
+
+    def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(self._exempt):
+            return handler
+        return _admitted(handler, self._slots)
+
+
+def _admitted(handler: grpc.RpcMethodHandler, slots: threading.BoundedSemaphore) -> grpc.RpcMethodHandler:
+    """`handler`, run only while holding one of `slots` (to the end of its response stream)."""
+    def enter(context: grpc.ServicerContext) -> None:
+        if not slots.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, BUSY_DETAILS)
+
+    if handler.response_streaming:
+        streaming = handler.unary_stream or handler.stream_stream
+
+        def behaviour(request, context):  # type: ignore[no-untyped-def]
+            enter(context)
+            try:
+                yield from streaming(request, context)
+            finally:
+                slots.release()
+    else:
+        unary = handler.unary_unary or handler.stream_unary
+
+        def behaviour(request, context):  # type: ignore[no-untyped-def]
+            enter(context)
+            try:
+                return unary(request, context)
+            finally:
+                slots.release()
+
+    make = {(False, False): grpc.unary_unary_rpc_method_handler, (True, False): grpc.stream_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+    return make[(handler.request_streaming, handler.response_streaming)](
+        behaviour, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+
+
+def server_threads(threads: int, admitted: int) -> int:
+    """Pool size: every admitted work RPC gets a thread, and RESERVED_THREADS stay for the exempt ones."""
+    return max(threads, admitted) + RESERVED_THREADS
+
+
 def warn_about_tokens(tokens: "dict[str, Optional[str]]", logger: logging.Logger) -> None:
     """Say at startup what a token configuration means, where it is probably a mistake."""
     set_tokens = {role: token for role, token in tokens.items() if token}

@@ -41,13 +41,15 @@ from gradpool.worker.rpc import (
     DEFAULT_MAX_MESSAGE_MB,
     MISSING_DATASET,
     MISSING_GRAPH,
+    NEVER_REFUSED_PREFIXES,
+    AdmissionInterceptor,
     LruCache,
     RpcFailure,
     ServerTls,
     TlsConfig,
-    add_server_tls_arguments,
     add_health_and_reflection,
     add_observability_flags,
+    add_server_tls_arguments,
     add_servicer,
     announce,
     auth_metadata,
@@ -61,6 +63,7 @@ from gradpool.worker.rpc import (
     run_main,
     serve_until_signalled,
     server_options,
+    server_threads,
     server_tls,
     translate_errors,
     warn_about_tokens,
@@ -444,10 +447,12 @@ class RunningWorker:
 def start(config: WorkerConfig) -> RunningWorker:
     """Start serving (and registering) without blocking."""
     worker_id = config.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="worker-rpc"),
-                         maximum_concurrent_rpcs=config.max_concurrent_shards,
+    admission = AdmissionInterceptor(config.max_concurrent_shards, NEVER_REFUSED_PREFIXES)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=server_threads(config.threads,
+                                                                               config.max_concurrent_shards),
+                                                    thread_name_prefix="worker-rpc"),
                          options=server_options(config.max_message_mb),
-                         interceptors=interceptors({COORDINATOR: config.callers_token}))
+                         interceptors=interceptors({COORDINATOR: config.callers_token}) + [admission])
     servicer = WorkerServicer(worker_id, config.max_graphs, int(config.dataset_cache_mb * 2**20))
     add_servicer(server, servicer, "Worker", raw=("RunShard", "RunShardStream"))
     health = add_health_and_reflection(server, [pb.DESCRIPTOR.services_by_name["Worker"].full_name])
