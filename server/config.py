@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from gradpool.worker.datasets import DEFAULT_DATASET_CACHE_BYTES
-from gradpool.worker.rpc import (DEFAULT_MAX_MESSAGE_MB, ServerTls, TlsConfig, add_observability_flags,
-                                 add_server_tls_arguments, env_default, message_limit_bytes, server_tls)
+from gradpool.worker.engine.limits import LIMITS, MB
+from gradpool.worker.rpc import (DEFAULT_MAX_MESSAGE_MB, ServerTls, TlsConfig, add_memory_flags,
+                                 add_observability_flags, add_server_tls_arguments, env_default,
+                                 message_limit_bytes, server_tls)
 from gradpool.worker.streams import STREAM_THRESHOLD_BYTES
 
 
@@ -33,6 +35,8 @@ class CoordinatorConfig(ServerTls):
     # hold a coordinator thread forever.
     request_timeout_seconds: float = 600.0
     max_graphs: int = 256
+    graph_cache_mb: float = LIMITS.graph_cache_bytes / MB
+    max_request_memory_mb: float = LIMITS.max_request_memory_bytes / MB
     dataset_cache_mb: float = DEFAULT_DATASET_CACHE_BYTES / 2**20
     stream_threshold_mb: float = STREAM_THRESHOLD_BYTES / 2**20
     max_shard_mb: float = 0.0
@@ -100,6 +104,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "gradpool coord
                                                                DEFAULT_DATASET_CACHE_BYTES // 2**20),
         help="memory for resident datasets, in MB; the largest dataset a client may upload (LRU; an evicted "
              "one is uploaded again by the SDK) (env GRADPOOL_DATASET_CACHE_MB, default %(default)s)")
+    add_memory_flags(add)
     add("--stream-threshold-mb", type=float, default=env_default("GRADPOOL_STREAM_THRESHOLD_MB",
                                                                   STREAM_THRESHOLD_BYTES // 2**20),
         help="shards larger than this go to workers as a stream of chunks (RunShardStream), not one message "
@@ -140,8 +145,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "gradpool coord
                      f"({args.lease_seconds})")
     if (not args.request_timeout_seconds > 0 or args.max_graphs < 1 or args.threads < 1
             or not args.dataset_cache_mb > 0 or not args.stream_threshold_mb > 0 or args.max_concurrent_requests < 1
-            or args.max_shard_mb < 0):
-        parser.error("--request-timeout-seconds, --max-graphs, --dataset-cache-mb and --threads must be positive")
+            or args.max_shard_mb < 0 or not args.graph_cache_mb > 0 or not args.max_request_memory_mb > 0):
+        parser.error("--request-timeout-seconds, --max-graphs, --dataset-cache-mb, --graph-cache-mb, "
+                     "--max-request-memory-mb and --threads must be positive")
     try:
         message_limit_bytes(args.max_message_mb)
     except ValueError as err:

@@ -25,9 +25,9 @@ import numpy as np
 from gradpool.protos import gradpool_pb2 as pb
 from gradpool.protos import gradpool_pb2_grpc as pb_grpc
 from gradpool.worker import wire
-from gradpool.worker.datasets import Dataset, DatasetStore, assemble, check_indices, indices_from
+from gradpool.worker.datasets import Dataset, DatasetStore, assemble, check_indices, indices_from, parsed_chunks
 from gradpool.worker.engine import OrderedSum, Program, graph_id
-from gradpool.worker.engine.errors import GradpoolError, InputError, quoted
+from gradpool.worker.engine.errors import GradpoolError, GraphError, InputError, quoted
 from gradpool.worker.observability import (BYTES_IN, BYTES_OUT, DATASET_BYTES, DATASETS, EXAMPLES, GRAPHS,
                                            REQUEST_ID_HEADER, call_context)
 from gradpool.worker.engine.tensors import DTYPE_TO_PROTO, EXACT, wire_dtype_field
@@ -78,14 +78,21 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
 
 
 class GraphStore:
-    """Registered graphs by id: checked once, bounded LRU (an evicted graph
-    answers NOT_FOUND and the SDK registers it again)."""
+    """Registered graphs by id: checked once, an LRU bounded by count and by
+    bytes (an evicted graph answers NOT_FOUND and the SDK registers it again)."""
 
-    def __init__(self, capacity: int):
-        self._records: LruCache[GraphRecord] = LruCache(capacity, what="graph")
+    def __init__(self, capacity: int, max_bytes: Optional[int] = None, max_memory: Optional[int] = None):
+        self._records: LruCache[GraphRecord] = LruCache(capacity, what="graph", max_bytes=max_bytes)
+        self.max_memory = max_memory
 
     def get(self, key: str) -> Optional[GraphRecord]:
         return self._records.get(key)
+
+    def add_serialized(self, data: bytes) -> GraphRecord:
+        """A RegisterGraphRequest's bytes: sizes checked on the wire before protobuf parses them."""
+        self._records.fits(len(data))
+        graph = wire.parse_checked(pb.RegisterGraphRequest, data, error=GraphError).graph
+        return self.add(graph)
 
     def add(self, graph: pb.Graph) -> GraphRecord:
         key = graph_id(graph)
@@ -93,10 +100,18 @@ class GraphStore:
         if record is not None:
             return record
         program = Program(graph)  # GraphError/ShardingError -> INVALID_ARGUMENT, the engine's message
-        record = GraphRecord(key, program, pb.LoadGraphRequest(graph_id=key, graph=graph))
-        self._records.put(key, record)
+        if self.max_memory is not None:
+            program.check_fits(self.max_memory)  # CapacityError -> RESOURCE_EXHAUSTED, naming the node
+        # The LoadGraph message as bytes, built once (the parsed Graph is not kept).
+        load = wire.Parts().bytes_field(1, key.encode()).bytes_field(2, graph.SerializeToString()).join()
+        record = GraphRecord(key, program, load)  # type: ignore[arg-type]
+        self._records.put(key, record, len(load) + program.footprint)
         log.info("registered graph %s (%s, %d nodes)", key[:12], program.name, len(program.nodes))
         return record
+
+    @property
+    def nbytes(self) -> int:
+        return self._records.nbytes
 
     def __len__(self) -> int:
         return len(self._records)
@@ -118,9 +133,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                                        config.worker_tls)
         for address in config.workers:
             self.registry.add_static(address)
-        self.graphs = GraphStore(config.max_graphs)
+        self.graphs = GraphStore(config.max_graphs, int(config.graph_cache_mb * 2**20),
+                                 int(config.max_request_memory_mb * 2**20))
         self.datasets = DatasetStore(int(config.dataset_cache_mb * 2**20))
         self.max_stream_bytes = PROTOBUF_LIMIT_BYTES
+        self.max_request_memory = int(config.max_request_memory_mb * 2**20)
         self.totals = Totals()
         self._totals_lock = threading.Lock()
         self._metadata = auth_metadata(config.to_workers_token)
@@ -132,11 +149,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     # ------------------------------------------------------------ clients
 
     @translate_errors
-    def RegisterGraph(self, request: pb.RegisterGraphRequest,
-                      context: grpc.ServicerContext) -> pb.RegisterGraphResponse:
-        key = self.graphs.add(request.graph).graph_id
+    def RegisterGraph(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        """Raw bytes in (see `add_servicer`): the graph's sizes are checked on the wire before it is parsed."""
+        key = self.graphs.add_serialized(request).graph_id
         self._cache_gauges()
-        return pb.RegisterGraphResponse(graph_id=key)
+        return pb.RegisterGraphResponse(graph_id=key).SerializeToString()
 
     # ComputeGradients, Evaluate and their *Stream twins take and return raw
     # bytes (registered so by `add_servicer`): the tensors in them are read in
@@ -181,6 +198,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             program.signature.check_wire_params(request.params)  # float params may come compact
             seed = program.check_seed(request.seed)  # a graph with dropout needs one
             batch = self._batch(program, request)
+            program.check_memory(batch.examples, self.max_request_memory)  # before any worker computes
             shards = self._shards(record, request.param_fields, batch, wire_dtype=wire_dtype, seed=seed)
             total = OrderedSum(len(shards))
             with self._fan_out(shards, record, batch.dataset, context, request_id,
@@ -203,6 +221,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             needed_inputs, needed_params = program.sources_for(outputs)
             program.signature.check_wire_params(request.params, needed_params)
             batch = self._batch(program, request, needed_inputs)
+            program.check_memory(batch.examples, self.max_request_memory, gradients=False, outputs=outputs)
             shards = self._shards(record, request.param_fields, batch, mode=pb.ShardRequest.FORWARD,
                                   outputs=outputs)
             pieces: list[Optional[wire.ResultView]] = [None] * len(shards)
@@ -215,15 +234,15 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                                           [s.stats() for s in shards], time.perf_counter() - started)
 
     @translate_errors
-    def UploadDataset(self, request_iterator: Iterator[pb.DatasetChunk],
-                      context: grpc.ServicerContext) -> pb.DatasetInfo:
-        dataset = assemble(request_iterator, self.datasets.max_bytes)
+    def UploadDataset(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        """Raw chunks in (see `add_servicer`): each one's sizes are checked on the wire before it is parsed."""
+        dataset = assemble(parsed_chunks(request_iterator), self.datasets.max_bytes)
         for evicted in self.datasets.put(dataset):
             log.info("evicted dataset %s (least recently used) to make room", evicted[:12])
         log.info("dataset %s resident (%d examples, %.1f MB)", dataset.dataset_id[:12], dataset.examples,
                  dataset.nbytes / 2**20)
         self._cache_gauges()
-        return dataset.info()
+        return dataset.info().SerializeToString()
 
     def _cache_gauges(self) -> None:
         datasets, dataset_bytes = self.datasets.stats()
@@ -519,7 +538,8 @@ def start(config: CoordinatorConfig) -> RunningCoordinator:
                          interceptors=interceptors({CLIENT: config.token, WORKER: config.worker_token}) + [admission])
     servicer = CoordinatorServicer(config)
     add_servicer(server, servicer, "Coordinator",
-                 raw=("ComputeGradients", "ComputeGradientsStream", "Evaluate", "EvaluateStream"))
+                 raw=("RegisterGraph", "ComputeGradients", "ComputeGradientsStream", "Evaluate", "EvaluateStream",
+                      "UploadDataset"))
     health = add_health_and_reflection(server, [SERVICE_NAME])
     port = bind(server, config.host, config.port, config.tls)
     server.start()

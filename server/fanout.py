@@ -77,10 +77,11 @@ STREAM_EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_n
 
 @dataclass(frozen=True)
 class GraphRecord:
-    """A registered graph: checked once, and its LoadGraph message built once."""
+    """A registered graph: checked once, and its LoadGraph message serialized once
+    (workers take LoadGraph as raw bytes, checked before they parse it)."""
     graph_id: str
     program: Program
-    load_request: pb.LoadGraphRequest
+    load_request: bytes
 
 
 @dataclass

@@ -188,7 +188,12 @@ class WorkerRegistry:
                                         response_deserializer=None)
         run_shard_stream = channel.stream_stream(method_path("Worker", "RunShardStream"), request_serializer=None,
                                                  response_deserializer=None)
-        return WorkerEntry(worker_id, address, capacity, static, channel, pb_grpc.WorkerStub(channel), run_shard,
+        stub = pb_grpc.WorkerStub(channel)
+        # LoadGraph on raw bytes too: a graph's LoadGraph message is built once, as
+        # bytes, when it is registered (GraphStore), and never kept as protobuf objects.
+        stub.LoadGraph = channel.unary_unary(method_path("Worker", "LoadGraph"), request_serializer=None,
+                                             response_deserializer=pb.LoadGraphResponse.FromString)
+        return WorkerEntry(worker_id, address, capacity, static, channel, stub, run_shard,
                            run_shard_stream,
                            last_contact=time.monotonic())
 

@@ -27,12 +27,14 @@ import numpy as np
 
 from gradpool.protos import gradpool_pb2 as pb
 from gradpool.worker.engine.errors import CapacityError, InputError, quoted
+from gradpool.worker.engine.limits import LIMITS
 from gradpool.worker.engine.tensors import DTYPE_TO_PROTO, PROTO_TO_DTYPE, as_dtype, checked_bytes
+from gradpool.worker.wire import parse_checked
 
 CHUNK_BYTES = 1024 * 1024  # well under any message limit the servers accept (2 MB and up)
-DEFAULT_DATASET_CACHE_BYTES = 4096 * 2**20
-MAX_ARRAYS = 256
-MAX_RANK = 8
+DEFAULT_DATASET_CACHE_BYTES = LIMITS.dataset_cache_bytes
+MAX_ARRAYS = LIMITS.max_dataset_arrays
+MAX_RANK = LIMITS.max_rank
 
 
 def _spec(name: str, array: np.ndarray) -> pb.ArraySpec:
@@ -145,6 +147,13 @@ def header_size(header: pb.DatasetHeader) -> tuple[int, int]:
     if not examples:
         raise InputError("a dataset needs at least one example")
     return int(examples), total
+
+
+def parsed_chunks(frames: Iterable[bytes]) -> Iterator[pb.DatasetChunk]:
+    """An upload's raw chunks as messages, each one's header sizes (arrays,
+    dims, names) checked on its wire bytes before protobuf parses it."""
+    for data in frames:
+        yield parse_checked(pb.DatasetChunk, data)
 
 
 def assemble(chunks: Iterator[pb.DatasetChunk], max_bytes: int) -> Dataset:

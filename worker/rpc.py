@@ -25,7 +25,7 @@ import grpc
 
 from gradpool.protos import gradpool_pb2 as pb
 from gradpool.worker.observability import Observed, configure_logging, serve_metrics, server_role
-from gradpool.worker.engine.errors import Cancelled, CapacityError, GradpoolError
+from gradpool.worker.engine.errors import Cancelled, CapacityError, GradpoolError, quoted
 
 log = logging.getLogger("gradpool.rpc")
 
@@ -620,6 +620,10 @@ def translate_errors(method: Callable) -> Callable:
             code, message = grpc.StatusCode.CANCELLED, str(err)
         except GradpoolError as err:
             code, message, kind = grpc.StatusCode.INVALID_ARGUMENT, str(err), error_kind(err)
+        except MemoryError as err:  # past the static estimate (numpy's own temporaries): too big for us, not a bug
+            log.warning("%s ran out of memory: %s", method.__name__, err)
+            code, message = (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"{method.__name__} ran out of memory on this server: {quoted(str(err), 200)}")
         except Exception as err:  # a bug; keep serving and say what happened
             log.exception("%s failed", method.__name__)
             code, message = grpc.StatusCode.INTERNAL, f"{method.__name__} failed: {type(err).__name__}: {err}"
@@ -651,6 +655,20 @@ def add_observability_flags(add: Callable[..., Any]) -> None:
              "default %(default)s)")
 
 
+def add_memory_flags(add: Callable[..., Any]) -> None:
+    """--graph-cache-mb and --max-request-memory-mb: the same on both servers (engine/limits.py)."""
+    from gradpool.worker.engine.limits import LIMITS, MB
+    add("--graph-cache-mb", type=float, default=env_default("GRADPOOL_GRAPH_CACHE_MB", LIMITS.graph_cache_bytes // MB),
+        help="memory for checked graphs, in MB, by their estimated size (LRU besides --max-graphs; a graph larger "
+             "than this is refused) (env GRADPOOL_GRAPH_CACHE_MB, default %(default)s)")
+    add("--max-request-memory-mb", type=float,
+        default=env_default("GRADPOOL_MAX_REQUEST_MEMORY_MB", LIMITS.max_request_memory_bytes // MB),
+        help="a request whose values and gradients need more memory than this (a static estimate: the graph's "
+             "shapes times the batch) is refused with RESOURCE_EXHAUSTED before anything runs, naming the largest "
+             "value; so is a graph that cannot run one example within it (env GRADPOOL_MAX_REQUEST_MEMORY_MB, "
+             "default %(default)s)")
+
+
 def run_main(serve: Callable[[Any], None], config: Any, logger: logging.Logger) -> int:
     """A server's `main`: logging set up, exit 1 with one log line if it cannot bind."""
     configure_logging(config.log_level, getattr(config, "log_format", "text"))
@@ -667,31 +685,54 @@ V = TypeVar("V")
 
 
 class LruCache(Generic[V]):
-    """Thread-safe bounded map that forgets the least recently used entry
-    (graphs on the coordinator and on every worker)."""
+    """Thread-safe map bounded by entries and by bytes, that forgets the least
+    recently used entry (graphs on the coordinator and on every worker). An
+    entry's bytes are its owner's estimate of what it holds in memory; one
+    larger than the whole cache is refused (CapacityError)."""
 
-    def __init__(self, capacity: int, what: str = "entry"):
+    def __init__(self, capacity: int, what: str = "entry", max_bytes: Optional[int] = None):
         if capacity < 1:
             raise ValueError(f"{what} cache size must be >= 1, got {capacity}")
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError(f"{what} cache bytes must be >= 1, got {max_bytes}")
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self.what = what
-        self._entries: OrderedDict[str, V] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[V, int]] = OrderedDict()
+        self._bytes = 0
         self._lock = threading.Lock()
 
     def get(self, key: str) -> Optional[V]:
         with self._lock:
-            value = self._entries.get(key)
-            if value is not None:
-                self._entries.move_to_end(key)
-            return value
-
-    def put(self, key: str, value: V) -> None:
-        with self._lock:
-            self._entries[key] = value
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
             self._entries.move_to_end(key)
-            while len(self._entries) > self.capacity:
-                evicted, _ = self._entries.popitem(last=False)
+            return entry[0]
+
+    def fits(self, nbytes: int) -> None:
+        """Refuse an entry of `nbytes` that could never be kept (before building it, where the size is known)."""
+        if self.max_bytes is not None and nbytes > self.max_bytes:
+            raise CapacityError(f"a {self.what} of {nbytes / 2**20:.1f} MB is larger than the "
+                                f"{self.max_bytes / 2**20:.0f} MB this server keeps for {self.what}s")
+
+    def put(self, key: str, value: V, nbytes: int = 0) -> None:
+        self.fits(nbytes)
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1]
+            self._entries[key] = (value, nbytes)
+            self._bytes += nbytes
+            while len(self._entries) > self.capacity or (self.max_bytes is not None and self._bytes > self.max_bytes):
+                evicted, (_, size) = self._entries.popitem(last=False)
+                self._bytes -= size
                 log.info("evicted %s %s from the cache", self.what, evicted[:12])
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            return self._bytes
 
     def __len__(self) -> int:
         with self._lock:

@@ -29,9 +29,10 @@ import grpc
 from gradpool.protos import gradpool_pb2 as pb
 from gradpool.protos import gradpool_pb2_grpc as pb_grpc
 from gradpool.worker import wire
-from gradpool.worker.datasets import DEFAULT_DATASET_CACHE_BYTES, DatasetStore, assemble, indices_from
+from gradpool.worker.datasets import DEFAULT_DATASET_CACHE_BYTES, DatasetStore, assemble, indices_from, parsed_chunks
 from gradpool.worker.engine import Program, graph_id
-from gradpool.worker.engine.errors import GradpoolError
+from gradpool.worker.engine.errors import GradpoolError, GraphError
+from gradpool.worker.engine.limits import LIMITS, MB
 from gradpool.worker.observability import (BYTES_IN, BYTES_OUT, DATASET_BYTES, DATASETS, EXAMPLES, GRAPHS,
                                            REQUEST_ID_HEADER, call_context)
 from gradpool.worker.engine.tensors import wire_dtype_field
@@ -48,6 +49,7 @@ from gradpool.worker.rpc import (
     ServerTls,
     TlsConfig,
     add_health_and_reflection,
+    add_memory_flags,
     add_observability_flags,
     add_server_tls_arguments,
     add_servicer,
@@ -80,10 +82,13 @@ LINGER_SECONDS = 0.5
 class WorkerServicer(pb_grpc.WorkerServicer):
     """LoadGraph / RunShard / GetWorkerStatus on top of the engine."""
 
-    def __init__(self, worker_id: str, max_graphs: int = 64, dataset_cache_bytes: int = DEFAULT_DATASET_CACHE_BYTES):
+    def __init__(self, worker_id: str, max_graphs: int = 64, dataset_cache_bytes: int = DEFAULT_DATASET_CACHE_BYTES,
+                 graph_cache_bytes: int = LIMITS.graph_cache_bytes,
+                 max_request_memory: int = LIMITS.max_request_memory_bytes):
         self.worker_id = worker_id
-        self.graphs: LruCache[Program] = LruCache(max_graphs, what="graph")
+        self.graphs: LruCache[Program] = LruCache(max_graphs, what="graph", max_bytes=graph_cache_bytes)
         self.datasets = DatasetStore(dataset_cache_bytes)
+        self.max_request_memory = max_request_memory
         self._lock = threading.Lock()
         self._running = 0  # shards being computed now
         self.graphs_loaded = 0
@@ -91,24 +96,29 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.examples_served = 0
 
     @translate_errors
-    def LoadGraph(self, request: pb.LoadGraphRequest, context: grpc.ServicerContext) -> pb.LoadGraphResponse:
-        key = request.graph_id
+    def LoadGraph(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        """Raw bytes in (see `add_servicer`): the graph's sizes are checked on the wire before it is parsed."""
+        self.graphs.fits(len(request))
+        message = wire.parse_checked(pb.LoadGraphRequest, request, error=GraphError)
+        key = message.graph_id
         if self.graphs.get(key) is not None:
-            return pb.LoadGraphResponse()
-        actual = graph_id(request.graph)
+            return b""  # LoadGraphResponse has no fields
+        actual = graph_id(message.graph)
         if key != actual:
             raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT,
                              f"graph id {key[:12]!r} does not match the graph's content hash {actual[:12]}")
         try:
-            program = Program(request.graph)
+            program = Program(message.graph)
         except GradpoolError as err:
             raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"invalid graph {key[:12]}: {err}") from None
-        self.graphs.put(key, program)
+        del message  # the Program keeps what it needs (consts copied out)
+        program.check_fits(self.max_request_memory)  # CapacityError -> RESOURCE_EXHAUSTED, naming the node
+        self.graphs.put(key, program, program.footprint)
         with self._lock:
             self.graphs_loaded += 1
         log.info("loaded graph %s (%s, %d nodes)", key[:12], program.name, len(program.nodes))
         self._cache_gauges()
-        return pb.LoadGraphResponse()
+        return b""
 
     @translate_errors
     def RunShard(self, request: bytes, context: grpc.ServicerContext) -> bytes:
@@ -153,14 +163,15 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         if request.mode == pb.ShardRequest.GRADIENTS:
             result = program.run(params, inputs, global_batch=global_batch,
                                  include_batch_independent=request.include_batch_independent, stop=stop,
-                                 seed=request.seed, example_offset=request.example_offset)
+                                 seed=request.seed, example_offset=request.example_offset,
+                                 max_memory=self.max_request_memory)
         elif request.mode == pb.ShardRequest.FORWARD:
             if not request.outputs:
                 raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, "FORWARD mode needs at least one output name")
             result = program.run(params, inputs, global_batch=global_batch,
                                  include_batch_independent=request.include_batch_independent,
                                  gradients=False, outputs=request.outputs, stop=stop,
-                                 example_offset=request.example_offset)
+                                 example_offset=request.example_offset, max_memory=self.max_request_memory)
         else:
             raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, f"unknown shard mode {request.mode}")
         with self._lock:
@@ -189,15 +200,15 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         return dataset.rows(indices_from(request.rows), names & set(dataset.arrays))
 
     @translate_errors
-    def LoadDataset(self, request_iterator: Iterator[pb.DatasetChunk],
-                    context: grpc.ServicerContext) -> pb.DatasetInfo:
-        dataset = assemble(request_iterator, self.datasets.max_bytes)
+    def LoadDataset(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        """Raw chunks in (see `add_servicer`): each one's sizes are checked on the wire before it is parsed."""
+        dataset = assemble(parsed_chunks(request_iterator), self.datasets.max_bytes)
         for evicted in self.datasets.put(dataset):
             log.info("evicted dataset %s from the cache", evicted[:12])
         log.info("cached dataset %s (%d examples, %.1f MB)", dataset.dataset_id[:12], dataset.examples,
                  dataset.nbytes / 2**20)
         self._cache_gauges()
-        return dataset.info()
+        return dataset.info().SerializeToString()
 
     def in_flight(self) -> int:
         with self._lock:
@@ -342,6 +353,8 @@ class WorkerConfig(ServerTls):
     token: Optional[str] = None  # the clients' token: accepted and ignored (a worker has no client methods)
     max_message_mb: float = DEFAULT_MAX_MESSAGE_MB
     max_graphs: int = 64
+    graph_cache_mb: float = LIMITS.graph_cache_bytes / MB
+    max_request_memory_mb: float = LIMITS.max_request_memory_bytes / MB
     dataset_cache_mb: float = DEFAULT_DATASET_CACHE_BYTES / 2**20
     threads: int = 8
     max_concurrent_shards: int = 16
@@ -399,6 +412,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "gradpool worke
     add("--dataset-cache-mb", type=float, default=env_default("GRADPOOL_DATASET_CACHE_MB",
                                                                DEFAULT_DATASET_CACHE_BYTES // 2**20),
         help="memory for resident datasets, in MB (LRU; env GRADPOOL_DATASET_CACHE_MB, default %(default)s)")
+    add_memory_flags(add)
     add("--threads", type=int, default=env_default("GRADPOOL_THREADS", 8),
         help="concurrent RPCs served (env GRADPOOL_THREADS, default %(default)s)")
     add("--max-concurrent-shards", type=int, default=env_default("GRADPOOL_MAX_CONCURRENT_SHARDS", 16),
@@ -411,8 +425,10 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "gradpool worke
     if not 0 < args.capacity <= MAX_CAPACITY:
         parser.error(f"--capacity must be positive and at most {MAX_CAPACITY:g}, got {args.capacity}")
     server_tls(args.tls_cert, args.tls_key, args.tls_ca, args.mtls, parser.error)
-    if args.max_graphs < 1 or args.threads < 1 or not args.dataset_cache_mb > 0 or args.max_concurrent_shards < 1:
-        parser.error("--max-graphs, --threads and --dataset-cache-mb must be positive")
+    if (args.max_graphs < 1 or args.threads < 1 or not args.dataset_cache_mb > 0 or args.max_concurrent_shards < 1
+            or not args.graph_cache_mb > 0 or not args.max_request_memory_mb > 0):
+        parser.error("--max-graphs, --threads, --dataset-cache-mb, --graph-cache-mb and --max-request-memory-mb "
+                     "must be positive")
     try:
         message_limit_bytes(args.max_message_mb)
     except ValueError as err:
@@ -453,8 +469,9 @@ def start(config: WorkerConfig) -> RunningWorker:
                                                     thread_name_prefix="worker-rpc"),
                          options=server_options(config.max_message_mb),
                          interceptors=interceptors({COORDINATOR: config.callers_token}) + [admission])
-    servicer = WorkerServicer(worker_id, config.max_graphs, int(config.dataset_cache_mb * 2**20))
-    add_servicer(server, servicer, "Worker", raw=("RunShard", "RunShardStream"))
+    servicer = WorkerServicer(worker_id, config.max_graphs, int(config.dataset_cache_mb * 2**20),
+                              int(config.graph_cache_mb * MB), int(config.max_request_memory_mb * MB))
+    add_servicer(server, servicer, "Worker", raw=("LoadGraph", "RunShard", "RunShardStream", "LoadDataset"))
     health = add_health_and_reflection(server, [pb.DESCRIPTOR.services_by_name["Worker"].full_name])
     port = bind(server, config.host, config.port, config.tls)
     server.start()

@@ -32,9 +32,12 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Optional, Sequenc
 
 import numpy as np
 
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+
 from gradpool.protos import gradpool_pb2 as pb
 
 from .engine.errors import InputError, quoted
+from .engine.limits import LIMITS, Limits
 from .engine.ops import fmt
 from .engine.tensors import (DTYPE_TO_PROTO, EXACT, MAX_RANK, PROTO_TO_DTYPE, WIRE_DTYPES, WIRE_STORAGE, as_dtype,
                              compact, expand)
@@ -338,6 +341,13 @@ def _text(value: memoryview) -> str:
     return bytes(value).decode("utf-8", "replace")
 
 
+def _room(items: list, what: str) -> list:
+    """`items`, refused once a message carries more of them than LIMITS.max_tensors (before adding one)."""
+    if len(items) >= LIMITS.max_tensors:
+        raise InputError(f"more than {LIMITS.max_tensors} {what} in one message; the limit is {LIMITS.max_tensors}")
+    return items
+
+
 def read_request(buf: Buffer, evaluate: bool = False) -> RequestView:
     numbers = EVALUATE_REQUEST if evaluate else GRADIENTS_REQUEST
     request = RequestView()
@@ -351,16 +361,16 @@ def read_request(buf: Buffer, evaluate: bool = False) -> RequestView:
         if number == 1:
             request.graph_id = _text(value)  # type: ignore[arg-type]
         elif number == 2:
-            request.params.append(read_named(value, "param"))  # type: ignore[arg-type]
+            _room(request.params, "params").append(read_named(value, "param"))  # type: ignore[arg-type]
             request.param_fields.append(whole)
         elif number == 3:
-            request.inputs.append(read_named(value, "input"))  # type: ignore[arg-type]
+            _room(request.inputs, "inputs").append(read_named(value, "input"))  # type: ignore[arg-type]
         elif number == numbers["request_id"]:
             request.request_id = _text(value)  # type: ignore[arg-type]
         elif number == numbers["rows"]:
             request.rows = _parse(pb.DatasetRows, value)  # type: ignore[arg-type]
         elif number == numbers.get("outputs"):
-            request.outputs.append(_text(value))  # type: ignore[arg-type]
+            _room(request.outputs, "outputs").append(_text(value))  # type: ignore[arg-type]
     return request
 
 
@@ -434,11 +444,11 @@ def read_shard_request(buf: Buffer) -> ShardRequestView:
             if number == 1:
                 request.graph_id = bytes(value).decode("utf-8", "replace")  # type: ignore[arg-type]
             elif number == 2:
-                request.params.append(read_named(value, "param"))  # type: ignore[arg-type]
+                _room(request.params, "params").append(read_named(value, "param"))  # type: ignore[arg-type]
             elif number == 3:
-                request.inputs.append(read_named(value, "input"))  # type: ignore[arg-type]
+                _room(request.inputs, "inputs").append(read_named(value, "input"))  # type: ignore[arg-type]
             elif number == 7:
-                request.outputs.append(bytes(value).decode("utf-8", "replace"))  # type: ignore[arg-type]
+                _room(request.outputs, "outputs").append(_text(value))  # type: ignore[arg-type]
             elif number == 8:
                 request.rows = _parse(pb.DatasetRows, value)  # type: ignore[arg-type]
         elif wire_type == VARINT:
@@ -498,9 +508,9 @@ def _read_result(buf: Buffer, numbers: Mapping[str, int]) -> ResultView:
         if name in ("loss", "seconds") and wire_type == FIXED64:
             setattr(result, name, as_double(int(value)))  # type: ignore[arg-type]
         elif name == "grads" and wire_type == LEN:
-            result.grads.append(read_named(value, "gradient"))  # type: ignore[arg-type]
+            _room(result.grads, "gradients").append(read_named(value, "gradient"))  # type: ignore[arg-type]
         elif name == "outputs" and wire_type == LEN:
-            result.outputs.append(read_named(value, "output"))  # type: ignore[arg-type]
+            _room(result.outputs, "outputs").append(read_named(value, "output"))  # type: ignore[arg-type]
         elif name == "examples" and wire_type == VARINT:
             result.examples = signed(int(value))  # type: ignore[arg-type]
         elif name == "shards" and wire_type == LEN:
@@ -517,6 +527,7 @@ def read_gradients_response(buf: Buffer) -> ResultView:
 
 
 def _parse(message_type: type, data: memoryview):  # type: ignore[no-untyped-def]
+    check_sizes(data, message_type.DESCRIPTOR)  # a Tensor's shape is a repeated field: bounded before parsing
     message = message_type()
     try:
         message.ParseFromString(data)
@@ -591,3 +602,202 @@ def _check_field_numbers() -> None:
 
 
 _check_field_numbers()
+
+
+# ---------------------------------------------------------------- sizes, before protobuf parses a message
+#
+# protobuf turns every varint of a repeated field into 8 bytes (and the
+# engine into a Python int of 28), so a 60 MB message of packed ints is
+# gigabytes once parsed. `check_sizes` walks a message's wire bytes by its
+# descriptor first and refuses, before anything is built, any repeated field,
+# string or shape past the limits (engine/limits.py).
+
+_PACKABLE = frozenset({FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT32,
+                       FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT32, FieldDescriptor.TYPE_SINT64,
+                       FieldDescriptor.TYPE_BOOL, FieldDescriptor.TYPE_ENUM})
+_HIGH_BYTES = bytes(range(128, 256))
+_SHAPES = frozenset({"Node.shape", "Tensor.shape"})  # dims checked (a dataset's are bounded by its bytes)
+_LONG_TEXT = frozenset({"Node.origin", "AttrValue.s"})
+_WORDS = {"Graph.nodes": "nodes", "Node.inputs": "inputs", "Node.attrs": "attributes", "IntList.values": "values",
+          "Node.shape": "dims", "Tensor.shape": "dims", "ArraySpec.shape": "dims",
+          "DatasetHeader.arrays": "arrays"}
+
+
+def _count_limits(limits: Limits) -> dict[str, int]:
+    return {"Graph.nodes": limits.max_nodes, "Node.inputs": limits.max_node_inputs,
+            "Node.attrs": limits.max_node_attrs, "IntList.values": limits.max_attr_ints,
+            "Node.shape": limits.max_rank, "Tensor.shape": limits.max_rank, "ArraySpec.shape": limits.max_rank,
+            "DatasetHeader.arrays": limits.max_dataset_arrays}
+
+
+class _Budget:
+    def __init__(self, limits: Limits, error: type):
+        self.limits = limits
+        self.counts = _count_limits(limits)
+        self.error = error
+        self.ints = 0
+
+    def refuse(self, where: str, text: str) -> None:
+        raise self.error(f"{where}: {text}" if where else text)
+
+
+# Per message type: field number -> (field name, "Message.field", kind, repeated, message descriptor)
+_MESSAGE, _STRING, _SCALAR, _OTHER = range(4)
+_Table = dict[int, tuple[str, str, int, bool, Optional[Descriptor]]]
+_TABLES: dict[str, tuple[_Table, list[tuple[int, str]]]] = {}
+
+
+def _table(descriptor: Descriptor) -> tuple[_Table, list[tuple[int, str]]]:
+    """The message's fields by number, and its repeated message fields (counted first)."""
+    cached = _TABLES.get(descriptor.full_name)
+    if cached is None:
+        table: _Table = {}
+        for fd in descriptor.fields:
+            kind = (_MESSAGE if fd.type == FieldDescriptor.TYPE_MESSAGE else
+                    _STRING if fd.type == FieldDescriptor.TYPE_STRING else
+                    _SCALAR if fd.type in _PACKABLE else _OTHER)
+            table[fd.number] = (fd.name, f"{descriptor.name}.{fd.name}", kind, _repeated(fd), fd.message_type)
+        limited = [(number, name) for number, (_, name, kind, repeated, _) in table.items()
+                   if kind == _MESSAGE and repeated]
+        cached = _TABLES[descriptor.full_name] = (table, limited)
+    return cached
+
+
+def check_sizes(buf: Buffer, descriptor: Descriptor, limits: Limits = LIMITS,
+                error: type = InputError) -> None:
+    """Refuse (with `error`) a serialized message of type `descriptor` whose
+    repeated fields, strings or shapes exceed `limits`, reading only its wire
+    bytes: nothing is allocated in proportion to what the sender claims."""
+    _check_message(_view(buf), descriptor, _Budget(limits, error), "")
+
+
+def _fields_fast(view: memoryview) -> Iterator[tuple[int, int, Union[int, memoryview, None]]]:
+    """(number, wire type, value) like `fields`, with one-byte tags and lengths
+    read inline and no slice of the whole field (the scan's hot loop)."""
+    pos, end = 0, len(view)
+    while pos < end:
+        tag = view[pos]
+        if tag < 0x80:
+            pos += 1
+        else:
+            tag, pos = _read_varint(view, pos)
+        wire_type = tag & 7
+        if wire_type == LEN:
+            if pos < end and view[pos] < 0x80:
+                length, pos = view[pos], pos + 1
+            else:
+                length, pos = _read_varint(view, pos)
+            if pos + length > end:
+                raise InputError("malformed message: a field runs past the end")
+            yield tag >> 3, LEN, view[pos:pos + length]
+            pos += length
+        elif wire_type == VARINT:
+            value, pos = _read_varint(view, pos)
+            yield tag >> 3, VARINT, value
+        elif wire_type in (FIXED64, FIXED32):
+            pos += 8 if wire_type == FIXED64 else 4
+            if pos > end:
+                raise InputError("malformed message: a field runs past the end")
+            yield tag >> 3, wire_type, None
+        else:
+            raise InputError(f"malformed message: wire type {wire_type}")
+
+
+def _check_message(view: memoryview, descriptor: Descriptor, budget: _Budget, where: str) -> None:
+    table, limited = _table(descriptor)
+    if limited:  # count repeated messages (nodes) first: a huge list is refused before any of it is read
+        counts: dict[int, int] = {}
+        for number, wire_type, _ in _fields_fast(view):
+            counts[number] = counts.get(number, 0) + 1
+        for number, name in limited:
+            limit = budget.counts.get(name, budget.limits.max_tensors)
+            if counts.get(number, 0) > limit:
+                budget.refuse(where, f"{counts[number]} {_WORDS.get(name, table[number][0])}; the limit is {limit}")
+    seen: dict[object, int] = {}  # field number -> values so far; ("elements", number) -> a shape's product
+    for number, wire_type, value in _fields_fast(view):
+        entry = table.get(number)
+        if entry is None:
+            continue  # unknown: protobuf keeps its bytes, nothing more
+        field_name, name, kind, repeated, message = entry
+        if kind == _MESSAGE:
+            if wire_type == LEN:
+                index = seen[number] = seen.get(number, 0) + 1
+                label = f"{where}.{field_name}" if where else field_name
+                _check_message(value, message, budget, f"{label}[{index - 1}]" if repeated else label)  # type: ignore[arg-type]
+        elif kind == _STRING:
+            if wire_type == LEN:
+                limit = budget.limits.max_text_length if name in _LONG_TEXT else budget.limits.max_name_length
+                if len(value) > limit:  # type: ignore[arg-type]
+                    budget.refuse(f"{where}.{field_name}" if where else field_name,
+                                  f"{len(value)} characters; the limit is {limit}")  # type: ignore[arg-type]
+            if repeated:
+                count = seen[number] = seen.get(number, 0) + 1
+                if count > budget.limits.max_tensors:
+                    budget.refuse(where, f"more than {budget.limits.max_tensors} {field_name}")
+        elif repeated and kind == _SCALAR:
+            _check_repeated_scalar(number, wire_type, value, name,  # type: ignore[arg-type]
+                                   f"{where}.{field_name}" if where else field_name, seen, budget)
+        elif repeated:
+            count = seen[number] = seen.get(number, 0) + (len(value) // 4 if wire_type == LEN else 1)  # type: ignore[arg-type]
+            if count > budget.limits.max_tensors:
+                budget.refuse(where, f"more than {budget.limits.max_tensors} {field_name}")
+
+
+def _check_repeated_scalar(number: int, wire_type: int, value: Union[int, memoryview], name: str, label: str,
+                           seen: dict[object, int], budget: _Budget) -> None:
+    limit = budget.counts.get(name, budget.limits.max_tensors)
+    values: list[int] = []
+    if wire_type == LEN:  # packed
+        data = value
+        assert isinstance(data, memoryview)
+        if len(data) > 10 * limit:  # a varint takes at most ten bytes: more than `limit` values
+            budget.refuse(label, f"more than {limit} {_WORDS.get(name, 'values')}; the limit is {limit}")
+        raw = bytes(data)
+        count = len(raw.translate(None, _HIGH_BYTES))  # one value ends at each byte < 128
+        if name in _SHAPES and count <= limit:
+            values = list(raw) if count == len(raw) else _packed_varints_unchecked(data)
+    else:
+        count = 1
+        if name in _SHAPES:
+            values = [signed(int(value))]  # type: ignore[arg-type]
+    total = seen[number] = seen.get(number, 0) + count
+    if total > limit:
+        budget.refuse(label, f"more than {limit} {_WORDS.get(name, 'values')}; the limit is {limit}")
+    budget.ints += count
+    if budget.ints > budget.limits.max_graph_ints:
+        budget.refuse("", f"more than {budget.limits.max_graph_ints} list values (inputs, dims, attribute ints) in "
+                          f"one message; the limit is {budget.limits.max_graph_ints}")
+    if values:
+        elements = seen.get(("elements", number), 1)
+        for dim in values:
+            if dim > budget.limits.max_dim:
+                budget.refuse(label, f"dim {dim} is larger than {budget.limits.max_dim}")
+            elements *= max(dim, 1)
+        seen[("elements", number)] = elements
+        if elements > budget.limits.max_tensor_elements:
+            budget.refuse(label, f"{elements} elements; one tensor holds at most "
+                                 f"{budget.limits.max_tensor_elements}")
+
+
+def _packed_varints_unchecked(view: memoryview) -> list[int]:
+    values, pos = [], 0
+    while pos < len(view):
+        value, pos = _read_varint(view, pos)
+        values.append(signed(value))
+    return values
+
+
+def parse_checked(message_type: type, data: Buffer, limits: Limits = LIMITS, error: type = InputError):  # type: ignore[no-untyped-def]
+    """`message_type` parsed from `data` after `check_sizes` passed it."""
+    check_sizes(data, message_type.DESCRIPTOR, limits, error)
+    message = message_type()
+    try:
+        message.ParseFromString(bytes(data) if not isinstance(data, bytes) else data)
+    except Exception:  # protobuf's DecodeError
+        raise error(f"malformed {message_type.__name__}") from None
+    return message
+
+
+def _repeated(fd: FieldDescriptor) -> bool:
+    is_repeated = getattr(fd, "is_repeated", None)  # protobuf >= 5.29; `label` is deprecated there
+    return bool(is_repeated) if is_repeated is not None else fd.label == FieldDescriptor.LABEL_REPEATED

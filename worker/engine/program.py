@@ -11,7 +11,9 @@ v_bar_i = sum over children j of v_bar_j * dv_j/dv_i.
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Mapping, Optional, Sequence
 
@@ -19,15 +21,25 @@ import numpy as np
 
 from gradpool.protos import gradpool_pb2 as pb
 
-from .errors import Cancelled, GradpoolError, GraphError, InputError, ShardingError, quoted
+from .errors import Cancelled, CapacityError, GradpoolError, GraphError, InputError, ShardingError, quoted
+from .limits import LIMITS, mib
 from .ops import BATCH, FLOATS, Attrs, Call, Op, fmt, get_op, is_per_example
 from .sharding import BATCH_INDEPENDENT, PER_EXAMPLE, SOURCES, classify
 from .signature import IndexLimit, Signature, TensorSpec
 from .tensors import PROTO_TO_DTYPE, from_tensor
 
-MAX_NODES = 100_000
-MAX_RANK = 8
-MAX_NAME_LENGTH = 256
+MAX_NODES = LIMITS.max_nodes
+MAX_RANK = LIMITS.max_rank
+MAX_NAME_LENGTH = LIMITS.max_name_length
+# Kinds of run whose Plan is kept (forward-only runs are keyed by the outputs
+# a client asks for: without a bound, asking for ever new sets grows it).
+MAX_PLANS = 16
+# What one checked node holds in Python objects (NodeInfo, its attrs, Call,
+# tuples, the index entry, its share of a cached Plan): tracemalloc measured
+# about 0.9 KB a node for a Program of a 100k-node chain and 1.4 KB with one
+# Plan; rounded up. With the consts' bytes, a Program's `footprint`, by which
+# the graph caches are bounded.
+NODE_BYTES = 2048
 
 
 def graph_id(graph: pb.Graph) -> str:
@@ -72,6 +84,20 @@ class NodeInfo:
         built = f", built at {self.origin}" if self.origin else ""
         return f"node {quoted(self.name)} ({self.op}{built})"
 
+    @property
+    def nbytes(self) -> tuple[int, int]:
+        """(bytes, bytes per example) of this node's value: a per-example value
+        scales with the batch, any other does not."""
+        cached = self.__dict__.get("_nbytes")
+        if cached is None:
+            size = math.prod(d for d in self.shape if d != BATCH) * self.dtype.itemsize
+            cached = self.__dict__["_nbytes"] = (0, size) if is_per_example(self.shape) else (size, 0)
+        return cached
+
+    def bytes_for(self, examples: int) -> int:
+        fixed, per_example = self.nbytes
+        return fixed + per_example * examples
+
 
 @dataclass(frozen=True)
 class Step:
@@ -88,6 +114,13 @@ class Plan:
     """A run's nodes in order, forward and (the gradient path) backward."""
     forward: tuple[Step, ...]
     backward: tuple[Step, ...]
+    # The run's memory as (bytes, bytes per example) at the moments that can be
+    # its peak, whatever the batch (see `memory_peaks`).
+    peaks: tuple[tuple[int, int], ...] = ()
+
+    def memory(self, examples: int) -> int:
+        """Static estimate of the bytes of values and adjoints alive at once, at the peak."""
+        return max((fixed + per * examples for fixed, per in self.peaks), default=0)
 
 
 @dataclass(frozen=True)
@@ -173,11 +206,17 @@ class Program:
                 raise GraphError(f"op {node.op!r} has no gradient rule, but {node.where()} lies between a param "
                                  f"and the loss")
         self.signature = self._signature()
-        self._live_cache: dict[tuple, tuple[int, ...]] = {}
-        self._plans: dict[tuple, Plan] = {}
+        self._live_cache: OrderedDict[tuple, tuple[int, ...]] = OrderedDict()
+        self._plans: OrderedDict[tuple, Plan] = OrderedDict()
+        self._plans_lock = threading.Lock()
         # Random nodes (dropout) the loss depends on: a gradient run needs a seed for them.
         self.random_nodes = tuple(self.nodes[i] for i in self._live((self.loss,), frozenset())
                                   if self.nodes[i].op not in SOURCES and get_op(self.nodes[i].op).needs_seed)
+
+    @property
+    def footprint(self) -> int:
+        """Estimated bytes this Program holds: its nodes and its consts' values."""
+        return NODE_BYTES * len(self.nodes) + sum(n.value.nbytes for n in self.nodes if n.value is not None)
 
     def _signature(self) -> Signature:
         spec = lambda n: TensorSpec(n.name, n.op, n.shape, n.dtype)  # noqa: E731
@@ -293,17 +332,23 @@ class Program:
     def _live(self, targets: tuple[int, ...], cut: frozenset[tuple[int, int]]) -> tuple[int, ...]:
         """Nodes that `targets` need, in topological order, not crossing `cut` edges."""
         key = (targets, cut)
-        if key not in self._live_cache:
-            need = [False] * len(self.nodes)
-            for t in targets:
-                need[t] = True
-            for node in reversed(self.nodes):
-                if need[node.index]:
-                    for k, i in enumerate(node.inputs):
-                        if (node.index, k) not in cut:
-                            need[i] = True
-            self._live_cache[key] = tuple(i for i, n in enumerate(need) if n)
-        return self._live_cache[key]
+        cached = self._live_cache.get(key)
+        if cached is not None:
+            return cached
+        need = [False] * len(self.nodes)
+        for t in targets:
+            need[t] = True
+        for node in reversed(self.nodes):
+            if need[node.index]:
+                for k, i in enumerate(node.inputs):
+                    if (node.index, k) not in cut:
+                        need[i] = True
+        live = tuple(i for i, n in enumerate(need) if n)
+        with self._plans_lock:
+            self._live_cache[key] = live
+            while len(self._live_cache) > MAX_PLANS * 2:
+                self._live_cache.popitem(last=False)
+        return live
 
     # ------------------------------------------------------------ running
 
@@ -343,17 +388,53 @@ class Program:
                              "and every rerun draws the same mask")
         return seed
 
+    def check_memory(self, examples: int, max_bytes: int, *, gradients: bool = True, outputs: Sequence[str] = (),
+                     include_batch_independent: bool = True, what: str = "this request") -> None:
+        """Refuse (CapacityError) a run of `examples` examples whose static memory
+        estimate (values and adjoints alive at once, at the peak) exceeds `max_bytes`,
+        naming the largest value, before anything is computed."""
+        output_ids = tuple(self.node(name).index for name in outputs) if not gradients else ()
+        cut = frozenset() if include_batch_independent else self.cuts
+        skip_loss = not include_batch_independent and self.nodes[self.loss].kind == BATCH_INDEPENDENT
+        self._check_plan_memory(self._plan(output_ids, cut, gradients and not skip_loss), examples, max_bytes,
+                                what)
+
+    def _check_plan_memory(self, plan: Plan, examples: int, max_bytes: int, what: str) -> None:
+        needed = plan.memory(examples)
+        if needed <= max_bytes:
+            return
+        largest = max((step.node for step in plan.forward), key=lambda node: node.bytes_for(examples))
+        raise CapacityError(
+            f"{what} needs about {mib(needed)} for its values and gradients with {examples} example(s) (a static "
+            f"estimate), more than the {mib(max_bytes)} a request may use on this server "
+            f"(--max-request-memory-mb); the largest value is {largest.where()}: {fmt(largest.shape)} of "
+            f"{largest.dtype}, {mib(largest.bytes_for(examples))}. Send fewer examples per request")
+
+    def check_fits(self, max_bytes: int) -> None:
+        """At registration: refuse a graph that cannot run even one example within
+        `max_bytes`: one value (a batch-independent one, or one example's) or the
+        gradient run's peak too large."""
+        for node in self.nodes:
+            if node.bytes_for(1) > max_bytes:
+                raise CapacityError(
+                    f"{node.where()} is {fmt(node.shape)} of {node.dtype}: {mib(node.bytes_for(1))} "
+                    f"{'per example' if is_per_example(node.shape) else 'for its value alone'}, more than the "
+                    f"{mib(max_bytes)} a request may use on this server (--max-request-memory-mb)")
+        self._check_plan_memory(self._plan((), frozenset(), True), 1, max_bytes, "this graph")
+
     def run(self, params: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarray], *,
             global_batch: Optional[int] = None, include_batch_independent: bool = True,
             gradients: bool = True, outputs: Sequence[str] = (), stop: Optional[threading.Event] = None,
-            seed: Optional[int] = None, example_offset: int = 0) -> RunResult:
+            seed: Optional[int] = None, example_offset: int = 0, max_memory: Optional[int] = None) -> RunResult:
         """Forward (and backward) on one shard. `global_batch` is the size of the
         whole minibatch the shard belongs to; it defaults to this shard's size.
         With `gradients=False`, only the per-example `outputs` are computed.
         `stop`, once set, ends the run between two nodes with `Cancelled`.
         `seed` keys random ops (required for gradients when the graph has
         one; forward-only runs turn dropout off) and `example_offset` is the
-        global index of this shard's first example, which keys their masks."""
+        global index of this shard's first example, which keys their masks.
+        `max_memory` refuses the run (CapacityError) before it starts when its
+        static memory estimate is larger."""
         seed = self.check_seed(seed) if gradients else check_seed(seed)
         if gradients:
             needed_inputs, needed_params = set(self.inputs), set(self.params)
@@ -378,6 +459,8 @@ class Program:
         skip_loss = not include_batch_independent and self.nodes[self.loss].kind == BATCH_INDEPENDENT
         backward = gradients and not skip_loss
         plan = self._plan(output_ids, cut, backward)
+        if max_memory is not None:
+            self._check_plan_memory(plan, examples, max_memory, f"a shard of {examples} example(s)")
         values = self._forward(plan, params, inputs, context, stop)
         result_outputs = {name: np.array(values[self.index[name]]) for name in outputs} if not gradients else {}
         loss = float(values[self.loss]) if backward else 0.0
@@ -394,8 +477,10 @@ class Program:
         """The bookkeeping of a run (which nodes, which values to keep or drop
         when, which edges take adjoints), done once per kind of run."""
         key = (output_ids, cut, backward)
-        if key in self._plans:
-            return self._plans[key]
+        with self._plans_lock:
+            plan = self._plans.get(key)
+        if plan is not None:
+            return plan
         live = self._live(output_ids + ((self.loss,) if backward else ()), cut)
         keep = set(output_ids) | {self.loss}
         if backward:  # values the backward pass will read: its nodes and their inputs
@@ -417,7 +502,12 @@ class Program:
                             tuple((k, i) for k, i in enumerate(node.inputs)
                                   if i in self._grad_set and (j, k) not in cut))
         path = tuple(steps[j] for j in reversed(live) if j in self._grad_set) if backward else ()
-        plan = self._plans[key] = Plan(tuple(steps[j] for j in live), path)
+        forward = tuple(steps[j] for j in live)
+        plan = Plan(forward, path, memory_peaks(forward, path, self.nodes))
+        with self._plans_lock:
+            self._plans[key] = plan
+            while len(self._plans) > MAX_PLANS:
+                self._plans.popitem(last=False)
         return plan
 
     def _args(self, step: Step, values: list) -> list[np.ndarray]:
@@ -512,6 +602,73 @@ def aligned(arrays: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
     if all(a.flags.aligned for a in arrays.values()):
         return arrays
     return {name: a if a.flags.aligned else np.require(a, requirements="A") for name, a in arrays.items()}
+
+
+def memory_peaks(forward: Sequence[Step], backward: Sequence[Step],
+                 nodes: Sequence[NodeInfo]) -> tuple[tuple[int, int], ...]:
+    """The run's memory, as (bytes, bytes per example), at every moment that
+    could be its peak, walking the plan as `_forward` and `_backward` run it:
+    sources (held by the request or the program) throughout, each op's value
+    from its step until the plan drops it, cut arguments' zeros while their
+    step runs, and in the backward pass each adjoint until its node's step,
+    the VJP's results (the broadcast shape at most) while they are summed in,
+    and the params' gradients to the end. Only the moments no other one beats
+    for every batch size are kept, so `Plan.memory` is a max over a few."""
+    moments: list[tuple[int, int]] = []
+    live = [0, 0]
+
+    def add(target: list[int], pair: tuple[int, int], sign: int = 1) -> None:
+        target[0] += sign * pair[0]
+        target[1] += sign * pair[1]
+
+    def bigger(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
+        return (max(a[0], b[0]), max(a[1], b[1]))
+
+    sources = {step.node.index for step in forward if step.op is None}
+    for step in forward:
+        add(live, step.node.nbytes)
+        if step.op is None:
+            continue
+        moment = list(live)
+        for k in step.cut_args:
+            add(moment, nodes[step.node.inputs[k]].nbytes)
+        moments.append((moment[0], moment[1]))
+        for i in step.free:
+            if i not in sources:
+                add(live, nodes[i].nbytes, -1)
+    # The loss's adjoint first (backward starts at the loss), then each node's
+    # until its step; params' gradients from their step to the end.
+    adjoints: dict[int, tuple[int, int]] = {backward[0].node.index: backward[0].node.nbytes} if backward else {}
+    held = [sum(p[0] for p in adjoints.values()), sum(p[1] for p in adjoints.values())]
+    for step in backward:
+        node = step.node
+        g = adjoints.pop(node.index, None)
+        if g is None or step.op is None:  # unreached; or a param, whose adjoint is its gradient, still held
+            continue
+        add(held, g, -1)
+        moment = [live[0] + held[0] + g[0], live[1] + held[1] + g[1]]
+        for k in step.cut_args:
+            add(moment, nodes[node.inputs[k]].nbytes)
+        for _, i in step.grad_inputs:
+            add(moment, bigger(node.nbytes, nodes[i].nbytes))  # the VJP's result, at most in the broadcast shape
+            if i not in adjoints:
+                adjoints[i] = nodes[i].nbytes
+                add(held, nodes[i].nbytes)
+        moments.append((moment[0], moment[1]))
+        if node.index not in sources:
+            add(live, node.nbytes, -1)
+    return _frontier(moments)
+
+
+def _frontier(moments: Sequence[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """The moments not beaten by another for every batch size (both figures at most another's)."""
+    kept: list[tuple[int, int]] = []
+    best_fixed = -1
+    for fixed, per in sorted(set(moments), key=lambda m: (-m[1], -m[0])):
+        if fixed > best_fixed:
+            kept.append((fixed, per))
+            best_fixed = fixed
+    return tuple(kept)
 
 
 def unbroadcast(grad: np.ndarray, shape: tuple[int, ...], node: NodeInfo) -> np.ndarray:
