@@ -24,7 +24,8 @@ for _module, _names in {
     "gradpool.worker.engine.errors": "GradpoolError GraphError InputError ShardingError",
     "gradpool.functional": "abs binary_cross_entropy concat embedding exp leaky_relu log log_softmax matmul max "
                            "maximum mean minimum power relu reshape sigmoid slice softmax softmax_cross_entropy "
-                           "softplus sqrt square sum tanh transpose",
+                           "softplus sqrt square sum tanh transpose "
+                           "avg_pool2d conv1d conv2d layer_norm max_pool2d",
     "gradpool.graph": "Expr Graph",
     "gradpool.data": "DatasetRef DatasetRows",
     "gradpool.local": "local_forward local_gradients",
@@ -66,6 +67,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, eagerly
                                      log_softmax, matmul, max, maximum, mean, minimum, power, relu, reshape,
                                      sigmoid, slice, softmax, softmax_cross_entropy, softplus, sqrt, square, sum,
                                      tanh, transpose)
+    from gradpool.functional import avg_pool2d, conv1d, conv2d, layer_norm, max_pool2d
     from gradpool.data import DatasetRef, DatasetRows
     from gradpool.graph import Expr, Graph
     from gradpool.local import local_forward, local_gradients

@@ -672,3 +672,11 @@ def _embedding_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, table: np.ndarray,
 register(Op("embedding", 2, _embedding_shape, _embedding_forward, _embedding_vjp, dtype=_embedding_dtype,
             indexes=(1, 0, 0),
             linear_in="first", doc="rows of a table gathered by integer indices"))
+
+
+# ---------------------------------------------------------------- more ops, same registry
+
+# Convolution, pooling and layer norm live in ops_nn.py, which registers into
+# REGISTRY above; importing it here (last, once every name it uses exists)
+# means whoever imports the registry sees them.
+from . import ops_nn  # noqa: E402,F401
