@@ -27,7 +27,6 @@ conv1d is conv2d with H = 1. Pooling loops over the kernel taps the same way
 from __future__ import annotations
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from .errors import GraphError
 from .ops import REQUIRED, Attrs, Op, Shape, fmt, is_per_example, norm_axis, refuse_batch_axis, register
@@ -120,53 +119,103 @@ def _as2d(dims: int, x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return x[:, :, None, :], w[:, :, None, :]
 
 
-def _im2col(geometry: _Conv, x: np.ndarray, kernel: tuple[int, int], out_hw: tuple[int, int]) -> np.ndarray:
-    """(C*kh*kw, N*OH*OW): the receptive field of every output position, one column each."""
-    n, c = x.shape[:2]
-    xp = _pad_last2(x.transpose(1, 0, 2, 3), geometry.padding, 0)  # (C, N, Hp, Wp)
-    (sh, sw), (dh, dw) = geometry.stride, geometry.dilation
-    span = ((kernel[0] - 1) * dh + 1, (kernel[1] - 1) * dw + 1)
-    windows = sliding_window_view(xp, span, axis=(2, 3))[:, :, ::sh, ::sw, ::dh, ::dw]
-    windows = windows[:, :, :out_hw[0], :out_hw[1]]  # (C, N, OH, OW, kh, kw)
-    return windows.transpose(0, 4, 5, 1, 2, 3).reshape(c * kernel[0] * kernel[1], n * out_hw[0] * out_hw[1])
+class _Layout:
+    """Where every output position's receptive field sits, for one conv call.
+
+    `cols` is (C*kh*kw, N*L): row (c, i, j) holds, for every example and
+    output position, the input that kernel tap (i, j) of channel c reads.
+    With stride 1 (the common case) the padded images are flattened, so the
+    tap (i, j) is the same flat array shifted by i*dh*Wp + j*dw: each row of
+    `cols` is one contiguous copy, at the price of Wp - OW wasted columns
+    per output row (L = OH*Wp; they are cut from the result and get zero
+    adjoints). Other strides copy strided taps (L = OH*OW).
+    """
+
+    def __init__(self, geometry: _Conv, x_shape: tuple[int, ...], kernel: tuple[int, int]):
+        self.n, self.c, self.h, self.w = x_shape
+        self.kernel, self.pad, self.stride, self.dilation = kernel, geometry.padding, geometry.stride, geometry.dilation
+        self.oh, self.ow = (_out_size(s, k, st, p, d) for s, k, st, p, d in
+                            zip(x_shape[2:], kernel, self.stride, self.pad, self.dilation))
+        self.hp, self.wp = self.h + 2 * self.pad[0], self.w + 2 * self.pad[1]
+        self.flat = self.stride == (1, 1)
+        self.width = self.wp if self.flat else self.ow  # columns per output row in cols
+        self.length = self.oh * self.width  # L: columns per example
+        # the last tap's shifted slice runs (kw - 1) * dw past the flat image
+        self.tail = (kernel[1] - 1) * self.dilation[1] if self.flat else 0
+
+    def _taps(self):
+        for i in range(self.kernel[0]):
+            for j in range(self.kernel[1]):
+                if self.flat:
+                    shift = i * self.dilation[0] * self.wp + j * self.dilation[1]
+                    yield i, j, (slice(None), slice(None), slice(shift, shift + self.length))
+                else:
+                    yield i, j, _tap(i, j, self.dilation, self.stride, (self.oh, self.ow))
+
+    def _padded(self, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+        """A zero (C, N, ...) buffer the taps index, and its (C, N, Hp, Wp) image part."""
+        if self.flat:
+            buffer = np.zeros((self.c, self.n, self.hp * self.wp + self.tail), dtype=dtype)
+            return buffer, buffer[:, :, :self.hp * self.wp].reshape(self.c, self.n, self.hp, self.wp)
+        buffer = np.zeros((self.c, self.n, self.hp, self.wp), dtype=dtype)
+        return buffer, buffer
+
+    def _interior(self, image: np.ndarray) -> np.ndarray:
+        return image[:, :, self.pad[0]:self.pad[0] + self.h, self.pad[1]:self.pad[1] + self.w]
+
+    def _cols_shape(self) -> tuple[int, ...]:
+        per_tap = (self.length,) if self.flat else (self.oh, self.ow)
+        return (self.c, self.kernel[0], self.kernel[1], self.n) + per_tap
+
+    def im2col(self, x: np.ndarray) -> np.ndarray:
+        buffer, image = self._padded(x.dtype)
+        self._interior(image)[...] = x.transpose(1, 0, 2, 3)
+        cols = np.empty(self._cols_shape(), dtype=x.dtype)
+        for i, j, tap in self._taps():  # one copy per kernel tap
+            cols[:, i, j] = buffer[tap]
+        return cols.reshape(self.c * self.kernel[0] * self.kernel[1], self.n * self.length)
+
+    def output(self, product: np.ndarray) -> np.ndarray:
+        """(O, N*L) -> (N, O, OH, OW), C-contiguous (the wasted columns dropped)."""
+        wide = product.reshape(-1, self.n, self.oh, self.width)[..., :self.ow]
+        return np.ascontiguousarray(wide.transpose(1, 0, 2, 3))
+
+    def adjoint_cols(self, g: np.ndarray) -> np.ndarray:
+        """(N, O, OH, OW) -> (O, N*L), zeros in the wasted columns."""
+        if self.width == self.ow:
+            return np.ascontiguousarray(g.transpose(1, 0, 2, 3)).reshape(g.shape[1], -1)
+        wide = np.zeros((g.shape[1], self.n, self.oh, self.width), dtype=g.dtype)
+        wide[..., :self.ow] = g.transpose(1, 0, 2, 3)
+        return wide.reshape(g.shape[1], -1)
+
+    def col2im(self, d_cols: np.ndarray) -> np.ndarray:
+        """The adjoint of im2col: each column's values added back where they were read."""
+        d_cols = d_cols.reshape(self._cols_shape())
+        buffer, image = self._padded(d_cols.dtype)
+        for i, j, tap in self._taps():  # one strided scatter-add per kernel tap
+            buffer[tap] += d_cols[:, i, j]
+        return np.ascontiguousarray(self._interior(image).transpose(1, 0, 2, 3))
 
 
 def _conv_forward(dims: int):
     def forward(at: Attrs, x: np.ndarray, w: np.ndarray) -> np.ndarray:
-        geometry = _Conv(at, dims)
         x2, w2 = _as2d(dims, x, w)
-        n, o = x2.shape[0], w2.shape[0]
-        kernel = w2.shape[2:]
-        out_hw = tuple(_out_size(s, k, st, p, d) for s, k, st, p, d in
-                       zip(x2.shape[2:], kernel, geometry.stride, geometry.padding, geometry.dilation))
-        cols = _im2col(geometry, x2, kernel, out_hw)
-        out = np.matmul(w2.reshape(o, -1), cols)  # (O, N*OH*OW): the one product
-        out = out.reshape(o, n, *out_hw).transpose(1, 0, 2, 3)
+        layout = _Layout(_Conv(at, dims), x2.shape, w2.shape[2:])
+        out = layout.output(np.matmul(w2.reshape(w2.shape[0], -1), layout.im2col(x2)))  # the one product
         return out if dims == 2 else out[:, :, 0, :]
     return forward
 
 
 def _conv_vjp(dims: int):
     def vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray, w: np.ndarray) -> tuple:
-        geometry = _Conv(at, dims)
         x2, w2 = _as2d(dims, x, w)
-        g2 = g if dims == 2 else g[:, :, None, :]
-        n, c = x2.shape[:2]
-        o, kernel = w2.shape[0], w2.shape[2:]
-        out_hw = g2.shape[2:]
-        g_cols = g2.transpose(1, 0, 2, 3).reshape(o, -1)  # (O, N*OH*OW)
+        layout = _Layout(_Conv(at, dims), x2.shape, w2.shape[2:])
+        g_cols = layout.adjoint_cols(g if dims == 2 else g[:, :, None, :])  # (O, N*L)
         grad_x = grad_w = None
-        if at.wants[1]:
-            cols = _im2col(geometry, x2, kernel, out_hw)
-            grad_w = np.matmul(g_cols, cols.T).reshape(w.shape)
+        if at.wants[1]:  # im2col again: cheaper than keeping cols alive from the forward pass
+            grad_w = np.matmul(g_cols, layout.im2col(x2).T).reshape(w.shape)
         if at.wants[0]:
-            d_cols = np.matmul(w2.reshape(o, -1).T, g_cols).reshape(c, kernel[0], kernel[1], n, *out_hw)
-            pad = geometry.padding
-            dxp = np.zeros((c, n, x2.shape[2] + 2 * pad[0], x2.shape[3] + 2 * pad[1]), dtype=x.dtype)
-            for i in range(kernel[0]):  # col2im: one strided scatter-add per kernel tap
-                for j in range(kernel[1]):
-                    dxp[_tap(i, j, geometry.dilation, geometry.stride, out_hw)] += d_cols[:, i, j]
-            grad_x = _crop_last2(dxp, pad).transpose(1, 0, 2, 3)
+            grad_x = layout.col2im(np.matmul(w2.reshape(w2.shape[0], -1).T, g_cols))
             if dims == 1:
                 grad_x = grad_x[:, :, 0, :]
         return grad_x, grad_w
@@ -217,36 +266,47 @@ def _pool_shape(name: str):
 
 def _max_pool_forward(at: Attrs, x: np.ndarray) -> np.ndarray:
     pool = _Pool(at, "max_pool2d")
-    out_hw = pool.out_hw(*x.shape[-2:])
     xp = _pad_last2(x, pool.padding, -np.inf)
-    taps = pool.taps(out_hw)
-    out = xp[next(taps)].copy()
-    for tap in taps:
-        np.maximum(out, xp[tap], out=out)  # NaN propagates, as in PyTorch
+    taps = [xp[tap] for tap in pool.taps(pool.out_hw(*x.shape[-2:]))]
+    if len(taps) == 1:
+        return taps[0].copy()
+    out = np.maximum(taps[0], taps[1])
+    for tap in taps[2:]:
+        np.maximum(out, tap, out=out)  # NaN propagates, as in PyTorch
     return out
 
 
 def _max_pool_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray) -> tuple:
     """The whole gradient of a window goes to ONE input: its first maximal
     element in row-major window order (a NaN, if the window holds one), as
-    PyTorch's CPU kernel picks. Overlapping windows add up."""
+    PyTorch's CPU kernel picks; padding never does, even in a window of
+    -inf. Overlapping windows add up."""
     pool = _Pool(at, "max_pool2d")
     xp = _pad_last2(x, pool.padding, -np.inf)
-    grad = np.zeros_like(xp)
-    unclaimed = np.ones(out.shape, dtype=bool)
-    nan_out = np.isnan(out)
-    has_nan = bool(nan_out.any())
-    # Padding never wins, even against a window of -inf (PyTorch skips it).
-    real = _pad_last2(np.ones(x.shape[-2:], dtype=bool), pool.padding, False)
-    for tap in pool.taps(out.shape[-2:]):
-        hit = xp[tap] == out
-        if has_nan:
+    taps = list(pool.taps(out.shape[-2:]))
+    disjoint = all(s >= k for s, k in zip(pool.stride, pool.kernel))
+    covered = (disjoint and pool.stride == pool.kernel and pool.padding == (0, 0)
+               and x.shape[-2] % pool.kernel[0] == 0 and x.shape[-1] % pool.kernel[1] == 0)
+    grad = np.empty_like(xp) if covered else np.zeros_like(xp)  # covered: every element written once below
+    # A sum is NaN only if out holds a NaN (or both infinities): one pass instead of a mask in the common case.
+    nan_out = np.isnan(out) if np.isnan(np.sum(out)) else None
+    real = _pad_last2(np.ones(x.shape[-2:], dtype=bool), pool.padding, False) if pool.padding != (0, 0) else None
+    hit = np.empty(out.shape, dtype=bool)
+    unclaimed = None
+    for k, tap in enumerate(taps):
+        np.equal(xp[tap], out, out=hit)
+        if nan_out is not None:
             hit |= nan_out & np.isnan(xp[tap])
-        hit &= unclaimed
-        if pool.padding != (0, 0):
+        if real is not None:
             hit &= real[tap]
-        unclaimed &= ~hit
-        grad[tap] += np.where(hit, g, 0)
+        if k:
+            hit &= unclaimed
+        if k < len(taps) - 1:  # later taps may only take what earlier ones left
+            unclaimed = ~hit if unclaimed is None else np.logical_xor(unclaimed, hit, out=unclaimed)
+        if disjoint:
+            np.multiply(g, hit, out=grad[tap])
+        else:
+            grad[tap] += g * hit
     return (_crop_last2(grad, pool.padding),)
 
 
