@@ -5,23 +5,22 @@ so the arrays are (N, C, H, W) / (N, C, L), N being the batch axis; conv
 weights are (out, in, kh, kw) / (out, in, k). No op here takes a bias: users
 add a param of shape (out, 1, 1) (or (out, 1)), which broadcasts.
 
-How conv is computed (im2col, no loop over positions or examples):
+How conv is computed (im2col, no loop over positions or examples; see
+`_Layout`):
 
-* the padded input is laid out channel-major, (C, N, Hp, Wp), and its
-  receptive fields are read with `sliding_window_view` (a strided view,
-  subsampled for stride and dilation) into one contiguous (C*kh*kw, N*OH*OW)
-  matrix, `cols`;
-* forward is ONE matmul, `w.reshape(out, -1) @ cols`, giving (out, N, OH, OW),
-  returned as the (N, out, OH, OW) view of it (numpy's elementwise ops keep
-  that layout, and a following conv reads it without a transpose copy);
-* backward: dw = g' @ cols.T (g' the adjoint as (out, N*OH*OW); cols is
-  rebuilt from x, cheaper than keeping it alive between the passes), and
-  dcols = w'.T @ g', folded back onto the padded input (col2im) by a
-  scatter-add over the kh*kw kernel taps: each tap is one vectorized
-  strided `+=`, so the Python loop runs over taps, never over positions.
+* `cols`, one (C*kh*kw, N*L) matrix, holds every output position's
+  receptive field as a column: filled by one copy per kernel tap from the
+  padded input laid out channel-major (C, N, Hp, Wp);
+* forward is ONE matmul, `w.reshape(out, -1) @ cols`, transposed to a
+  C-contiguous (N, out, OH, OW);
+* backward: dw = g' @ cols.T (g' the adjoint as (out, N*L); cols is rebuilt
+  from x rather than kept alive between the passes), and dcols = w'.T @ g',
+  folded back onto the padded input (col2im) by a scatter-add over the
+  kh*kw kernel taps: each tap is one vectorized strided `+=`, so the Python
+  loop runs over taps, never over positions.
 
 conv1d is conv2d with H = 1. Pooling loops over the kernel taps the same way
-(one vectorized max or add per tap).
+(one vectorized max, compare or add per tap).
 """
 
 from __future__ import annotations
