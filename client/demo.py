@@ -192,7 +192,8 @@ def open_backend(args: argparse.Namespace) -> Iterator[tuple[Any, str, Optional[
 
     workers = args.workers or 2
     threads = max(1, (os.cpu_count() or 1) // workers)  # each worker its share of the cores (BLAS threads)
-    with LocalCluster(workers=workers, threads_per_worker=threads) as cluster, Client(cluster.address, timeout=args.timeout) as client:
+    with LocalCluster(workers=workers, threads_per_worker=threads) as cluster, \
+            Client(cluster.address, timeout=args.timeout) as client:
         yield client, f"LocalCluster at {cluster.address}", live_workers(client) or workers
 
 
