@@ -1,7 +1,7 @@
 """The engine's fwd+bwd step vs hand-written numpy backprop vs PyTorch CPU.
 
     python bench/engine.py [--batches 512,4096] [--repeats 20] [--warmup 3] [--models sigmoid,relu]
-                           [--threads 1]
+                           [--threads 1] [--convs digits,layer] [--conv-batches 512]
 
 Models: MLP 784-256-256-10 with sigmoid or relu hidden layers, float32, loss =
 softmax cross-entropy summed over the batch. Candidates, all in this process
@@ -13,6 +13,17 @@ and on the same BLAS:
 * torch  -- the same model with torch.autograd on the CPU, if torch is
             installed (optional: `pip install torch`, or `pip install -e
             '.[bench]'`).
+
+Conv rows (`--convs`): engine vs torch only (no hand-written baseline), float32:
+
+* digits -- the digits CNN of examples/digits_cnn.py on 8x8x1 images: conv
+            1->16 3x3 pad 1, relu, max pool 2, conv 16->32 3x3 pad 1, relu,
+            max pool 2, dense 128->10, softmax cross-entropy;
+* layer  -- one 32x32x3 CNN layer: conv 3->16 3x3 pad 1 (+ bias), relu, max
+            pool 2, loss = the sum of its output.
+
+The images are inputs (no gradient), as in training; torch gets its fused
+conv bias and runs its own (oneDNN) CPU kernels.
 
 Before timing, the engine's loss and gradients (and torch's) are checked
 against the numpy baseline, so all candidates compute the same thing. Within
@@ -146,6 +157,91 @@ def torch_step_factory(activation: str, params: Grads, x: np.ndarray, y: np.ndar
     return step
 
 
+# ---------------------------------------------------------------- conv rows (engine vs torch)
+
+CONVS = ("digits", "layer")
+
+
+def cnn(which: str) -> tuple[gp.Graph, tuple[int, ...], int]:
+    """The graph, one example's image shape and the number of classes (0: loss = sum of the output)."""
+    g = gp.Graph(f"{which}_cnn")
+    if which == "digits":
+        x = g.input("x", (1, 8, 8))
+        y = g.input("y", (), dtype="int64")
+        K1, b1 = g.param("K1", (16, 1, 3, 3), init="normal"), g.param("b1", (16, 1, 1), init="normal")
+        K2, b2 = g.param("K2", (32, 16, 3, 3), init="normal"), g.param("b2", (32, 1, 1), init="normal")
+        W, b = g.param("W", (128, 10)), g.param("b", (10,), init="normal")
+        h = gp.max_pool2d(gp.relu(gp.conv2d(x, K1, padding=1) + b1), 2)
+        h = gp.max_pool2d(gp.relu(gp.conv2d(h, K2, padding=1) + b2), 2)
+        g.set_loss(gp.softmax_cross_entropy(h.reshape(128) @ W + b, y).sum())
+        return g, (1, 8, 8), 10
+    x = g.input("x", (3, 32, 32))
+    K1, b1 = g.param("K1", (16, 3, 3, 3), init="normal"), g.param("b1", (16, 1, 1), init="normal")
+    g.set_loss(gp.max_pool2d(gp.relu(gp.conv2d(x, K1, padding=1) + b1), 2).sum())
+    return g, (3, 32, 32), 0
+
+
+def conv_params(graph: gp.Graph, seed: int) -> Grads:
+    """He-scaled conv kernels (fan-in = in * kh * kw), small biases, glorot dense weights."""
+    rng = np.random.default_rng(seed)
+    params = graph.init_params(seed)
+    for name, (shape, dtype) in graph.params.items():
+        if len(shape) == 4:
+            params[name] = rng.normal(0, (2 / np.prod(shape[1:])) ** 0.5, size=shape).astype(dtype)
+        elif name.startswith("b"):
+            params[name] = rng.normal(0, 0.1, size=shape).astype(dtype)
+    return params
+
+
+def torch_cnn_factory(which: str, params: Grads, data: dict[str, np.ndarray]
+                      ) -> Optional[Callable[[], tuple[float, Grads]]]:
+    torch, _ = import_torch()
+    if torch is None:
+        return None
+    F = torch.nn.functional
+    tp = {k: torch.from_numpy(v.copy()).requires_grad_(True) for k, v in params.items()}
+    tx = torch.from_numpy(data["x"])
+    ty = torch.from_numpy(data["y"]) if "y" in data else None
+
+    def step() -> tuple[float, Grads]:
+        for p in tp.values():
+            p.grad = None
+        h = F.max_pool2d(torch.relu(F.conv2d(tx, tp["K1"], tp["b1"].view(-1), padding=1)), 2)
+        if which == "digits":
+            h = F.max_pool2d(torch.relu(F.conv2d(h, tp["K2"], tp["b2"].view(-1), padding=1)), 2)
+            loss = F.cross_entropy(torch.addmm(tp["b"], h.reshape(len(h), -1), tp["W"]), ty, reduction="sum")
+        else:
+            loss = h.sum()
+        loss.backward()
+        return float(loss.detach()), {k: p.grad.numpy() for k, p in tp.items()}
+
+    return step
+
+
+def conv_rows(which: str, batches: list[int], args: argparse.Namespace) -> list[tuple[int, dict[str, list[float]]]]:
+    graph, image, classes = cnn(which)
+    program = graph.program()
+    params = conv_params(graph, args.seed)
+    rows = []
+    for n in batches:
+        rng = np.random.default_rng(args.seed + n)
+        data = {"x": rng.normal(size=(n, *image)).astype(np.float32)}
+        if classes:
+            data["y"] = rng.integers(0, classes, size=n)
+
+        def engine(data: dict = data) -> tuple[float, Grads]:
+            result = program.run(params, data)
+            return result.loss, result.grads
+
+        candidates: dict[str, Callable[[], object]] = {"engine": engine}
+        torch_step = torch_cnn_factory(which, params, data)
+        if torch_step is not None:
+            candidates["torch"] = torch_step
+            check_same("engine", engine(), torch_step(), reference="torch")
+        rows.append((n, measure(candidates, args.repeats, args.warmup)))
+    return rows
+
+
 # ---------------------------------------------------------------- harness
 
 def set_threads(threads: int, torch) -> str:
@@ -168,9 +264,9 @@ def set_threads(threads: int, torch) -> str:
     return ", ".join(f"{i['internal_api']} {i.get('version', '')} {i['num_threads']} thread(s)" for i in info) or "?"
 
 
-def check_same(name: str, got: tuple[float, Grads], want: tuple[float, Grads]) -> None:
+def check_same(name: str, got: tuple[float, Grads], want: tuple[float, Grads], reference: str = "numpy") -> None:
     loss, grads = got
-    assert abs(loss - want[0]) <= 1e-4 * max(1.0, abs(want[0])), f"{name} loss {loss} vs numpy {want[0]}"
+    assert abs(loss - want[0]) <= 1e-4 * max(1.0, abs(want[0])), f"{name} loss {loss} vs {reference} {want[0]}"
     for key, expected in want[1].items():
         assert grads[key].dtype == expected.dtype == np.float32, (name, key, grads[key].dtype)
         np.testing.assert_allclose(grads[key], expected, rtol=2e-3, atol=2e-4 * float(np.abs(expected).max()),
@@ -202,10 +298,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="BLAS and torch threads; 0 leaves both at their library defaults (default "
                              "%(default)s: the thread pools of numpy's BLAS and of torch spin after each call, "
                              "so with more threads, interleaved on a few cores, each slows the other down)")
+    parser.add_argument("--convs", default=",".join(CONVS),
+                        help="conv rows: digits (the digits CNN), layer (a 32x32x3 conv+relu+pool layer), "
+                             "or none (default %(default)s)")
+    parser.add_argument("--conv-batches", default="512", help="batch sizes of the conv rows (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    batches = [int(b) for b in args.batches.split(",")]
-    models = [m.strip() for m in args.models.split(",")]
+    batches = [int(b) for b in args.batches.split(",")] if args.batches not in ("", "none") else []
+    models = [m.strip() for m in args.models.split(",")] if args.models not in ("", "none") else []
+    convs = [c.strip() for c in args.convs.split(",")] if args.convs not in ("", "none") else []
+    if set(convs) - set(CONVS):
+        parser.error(f"--convs takes {', '.join(CONVS)} or none, got {args.convs}")
+    conv_batches = [int(b) for b in args.conv_batches.split(",")]
 
     torch, why_not = import_torch()
     blas = set_threads(args.threads, torch)
@@ -262,6 +366,24 @@ def main(argv: list[str] | None = None) -> int:
                     ratios += f"  {ratio['torch']:>11.2f}x" if "torch" in ratio else f"  {'-':>12}"
                 print(f"{n:>6}  {name:<8}  {min(t) * 1e3:>8.2f}  {med[name] * 1e3:>9.2f}  {max(t) * 1e3:>8.2f}"
                       + ratios)
+
+    titles = {"digits": "digits CNN (8x8x1: conv 16 3x3, pool, conv 32 3x3, pool, dense 10), fwd+bwd",
+              "layer": "32x32x3 CNN layer (conv 3->16 3x3 pad 1 + bias, relu, max pool 2), fwd+bwd"}
+    for which in convs:
+        rows = conv_rows(which, conv_batches, args)
+        print()
+        print(titles[which] + ("" if torch is not None else f" -- no torch row: {why_not}"))
+        header = f"{'batch':>6}  {'candidate':<8}  {'min ms':>8}  {'median ms':>9}  {'max ms':>8}  {'engine/torch':>12}"
+        print(header)
+        print("-" * len(header))
+        for n, times in rows:
+            for name, t in times.items():
+                ratio = ""
+                if name == "engine":
+                    ratio = (f"  {statistics.median(e / o for e, o in zip(times['engine'], times['torch'])):>11.2f}x"
+                             if "torch" in times else f"  {'-':>12}")
+                print(f"{n:>6}  {name:<8}  {min(t) * 1e3:>8.2f}  {statistics.median(t) * 1e3:>9.2f}  "
+                      f"{max(t) * 1e3:>8.2f}" + ratio)
     return 0
 
 

@@ -27,7 +27,8 @@ for _module, _names in {
                            "maximum mean minimum power relu reshape sigmoid slice softmax softmax_cross_entropy "
                            "softplus sqrt square sum take tanh transpose "
                            "argmax broadcast_to einsum expand_dims flip logsumexp min pad split squeeze stack std "
-                           "tile var",
+                           "tile var "
+                           "avg_pool2d conv1d conv2d layer_norm max_pool2d",
     "gradpool.graph": "Expr Graph",
     "gradpool.data": "DatasetRef DatasetRows",
     "gradpool.local": "local_forward local_gradients",
@@ -81,6 +82,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the same names, eagerly
     from gradpool.functional import (cast, clip, cos, elu, equal, erf, expm1, gelu, greater, greater_equal, less,
                                      less_equal, log1p, not_equal, one_hot, silu, sin, stop_gradient,
                                      take_along_axis, where)
+    from gradpool.functional import avg_pool2d, conv1d, conv2d, layer_norm, max_pool2d
     from gradpool.data import DatasetRef, DatasetRows
     from gradpool.graph import Expr, Graph
     from gradpool.local import local_forward, local_gradients

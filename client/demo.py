@@ -1,7 +1,8 @@
 """`gradpool demo`: train a digits classifier on a gradpool cluster and report how it went.
 
 With no arguments it starts a LocalCluster (a coordinator and two worker
-processes on localhost), builds a 64-64-10 MLP with the SDK, trains it with
+processes on localhost), builds a 64-64-10 MLP with the SDK (or, with
+`--model cnn`, a small CNN on the 8x8 images), trains it with
 Adam on scikit-learn's bundled 8x8 handwritten digits (no download), and
 prints test accuracy and speed. A loss/accuracy plot, the metrics as JSON and
 the trained model's checkpoint go to the output folder (`gradpool-out/`).
@@ -36,6 +37,10 @@ PROG = "gradpool demo"
 DEMO_EXTRAS = "pip install 'gradpool[demo]'"
 
 
+MODELS = ("mlp", "cnn")
+CNN_CHANNELS = (16, 32)
+
+
 class DemoError(GradpoolError):
     """The demo cannot run as asked (missing extras, unwritable output folder, low accuracy)."""
 
@@ -43,7 +48,8 @@ class DemoError(GradpoolError):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Train an MLP on scikit-learn's handwritten digits through a gradpool cluster: "
+        description="Train an MLP (or --model cnn: a small CNN) on scikit-learn's handwritten digits through a "
+                    "gradpool cluster: "
                     "a local one (coordinator + workers on this machine) unless --coordinator names one. "
                     "Reports test accuracy and speed; writes a plot, metrics JSON and the model checkpoint.")
     where = parser.add_mutually_exclusive_group()
@@ -58,11 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="give up on a coordinator call after this long, retries included (default: no limit)")
     parser.add_argument("--workers", type=int, default=None, metavar="N",
                         help="worker processes of the local cluster (default 2)")
-    parser.add_argument("--epochs", type=int, default=12, help="passes over the training set (default 12)")
+    parser.add_argument("--model", choices=MODELS, default="mlp",
+                        help="mlp: 64-H-10 relu MLP on the pixels (default); cnn: two 3x3 convolutions with max "
+                             "pooling on the 8x8 images, then a dense layer")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="passes over the training set (default 12; 6 for the CNN, whose training set "
+                             "holds each image and four shifted copies)")
     parser.add_argument("--batch-size", type=int, default=64, metavar="N", help="examples per step (default 64)")
     parser.add_argument("--lr", type=float, default=0.01,
                         help="Adam's peak learning rate, decayed by a cosine schedule (default 0.01)")
-    parser.add_argument("--hidden", type=int, default=64, metavar="N", help="hidden units per layer (default 64)")
+    parser.add_argument("--hidden", type=int, default=64, metavar="N",
+                        help="hidden units per layer of the MLP (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, the init and the shuffle (default 0)")
     parser.add_argument("--train-examples", type=int, default=None, metavar="N",
                         help="use only the first N training examples (quicker, less accurate)")
@@ -77,9 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------ data and model
 
 
-def load_digits_split(seed: int, test_fraction: float = 0.25,
-                      train_examples: Optional[int] = None) -> tuple[dict, dict, dict]:
-    """Digits as float32 features standardized with the training set's statistics, a stratified split."""
+def load_digits_split(seed: int, test_fraction: float = 0.25, train_examples: Optional[int] = None,
+                      images: bool = False) -> tuple[dict, dict, dict]:
+    """Digits as float32 features standardized with the training set's statistics, a stratified split.
+
+    `images` (for the CNN): one mean and scale for all pixels, so a shifted image means the
+    same thing, and every training image also shifted by a pixel in the four directions."""
     try:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
@@ -90,9 +105,17 @@ def load_digits_split(seed: int, test_fraction: float = 0.25,
         digits.data, digits.target, test_size=test_fraction, random_state=seed, stratify=digits.target)
     if train_examples is not None:
         x_train, y_train = x_train[:train_examples], y_train[:train_examples]
-    mean = x_train.mean(axis=0)
-    std = x_train.std(axis=0)
-    std[std == 0] = 1.0  # pixels that are always blank in the training set
+    if images:
+        side = int(round(digits.data.shape[1] ** 0.5))
+        framed = np.pad(x_train.reshape(-1, side, side), ((0, 0), (1, 1), (1, 1)))
+        shifted = [np.roll(framed, step, axis=axis)[:, 1:-1, 1:-1].reshape(len(x_train), -1)
+                   for step in (-1, 1) for axis in (1, 2)]
+        x_train, y_train = np.concatenate([x_train, *shifted]), np.tile(y_train, 1 + len(shifted))
+        mean, std = np.full(x_train.shape[1], x_train.mean()), np.full(x_train.shape[1], x_train.std())
+    else:
+        mean = x_train.mean(axis=0)
+        std = x_train.std(axis=0)
+        std[std == 0] = 1.0  # pixels that are always blank in the training set
     standardize = lambda x: ((x - mean) / std).astype(np.float32)  # noqa: E731
     train = {"x": standardize(x_train), "y": y_train.astype(np.int64)}
     test = {"x": standardize(x_test), "y": y_test.astype(np.int64)}
@@ -116,6 +139,39 @@ def build_mlp(features: int, hidden: int, classes: int, l2: float = 1e-4) -> Gra
     return g
 
 
+def build_cnn(features: int, classes: int, channels: tuple[int, int] = CNN_CHANNELS, l2: float = 1e-4) -> Graph:
+    """conv 3x3 -> relu -> max pool 2, twice, then dense: on the features seen as a square
+    one-channel image (the same inputs as the MLP, so the same data and checkpoints work)."""
+    import gradpool as gp
+
+    side = int(round(features ** 0.5))
+    if side * side != features or side % 4:
+        raise DemoError(f"the CNN needs square images with a side divisible by 4, got {features} features")
+    c1, c2 = channels
+    g = gp.Graph("digits_cnn")
+    x = g.input("x", (features,))
+    y = g.input("y", (), dtype="int64")
+    K1, b1 = g.param("K1", (c1, 1, 3, 3)), g.param("b1", (c1, 1, 1))
+    K2, b2 = g.param("K2", (c2, c1, 3, 3)), g.param("b2", (c2, 1, 1))
+    flat = c2 * (side // 4) ** 2
+    W, b = g.param("W", (flat, classes)), g.param("b", (classes,))
+    h = gp.max_pool2d(gp.relu(gp.conv2d(x.reshape(1, side, side), K1, padding=1) + b1), 2)
+    h = gp.max_pool2d(gp.relu(gp.conv2d(h, K2, padding=1) + b2), 2)
+    logits = (h.reshape(flat) @ W + b).named("logits")
+    g.set_loss(gp.softmax_cross_entropy(logits, y).mean() + l2 * ((K1 ** 2).sum() + (K2 ** 2).sum()))
+    return g
+
+
+def initial_params(graph: Graph, seed: int) -> dict[str, np.ndarray]:
+    """init_params, with conv kernels (out, in, kh, kw) He-scaled by their fan-in in * kh * kw."""
+    params = graph.init_params(seed)
+    rng = np.random.default_rng(seed)
+    for name, (shape, dtype) in graph.params.items():
+        if len(shape) == 4:
+            params[name] = rng.normal(0.0, (2.0 / np.prod(shape[1:])) ** 0.5, size=shape).astype(dtype)
+    return params
+
+
 # ------------------------------------------------------------------ backends
 
 
@@ -135,7 +191,9 @@ def open_backend(args: argparse.Namespace) -> Iterator[tuple[Any, str, Optional[
     from .cluster import LocalCluster
 
     workers = args.workers or 2
-    with LocalCluster(workers=workers) as cluster, Client(cluster.address, timeout=args.timeout) as client:
+    threads = max(1, (os.cpu_count() or 1) // workers)  # each worker its share of the cores (BLAS threads)
+    with LocalCluster(workers=workers, threads_per_worker=threads) as cluster, \
+            Client(cluster.address, timeout=args.timeout) as client:
         yield client, f"LocalCluster at {cluster.address}", live_workers(client) or workers
 
 
@@ -190,6 +248,8 @@ def plot_curves(path: Path, history: dict, title: str) -> None:
 
 
 def check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.epochs is None:
+        args.epochs = 6 if args.model == "cnn" else 12
     for name in ("epochs", "batch_size", "hidden"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -246,9 +306,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _train_and_write(args: argparse.Namespace, out: Path) -> dict[str, Any]:
-    train, test, data_info = load_digits_split(args.seed, train_examples=args.train_examples)
-    graph = build_mlp(data_info["features"], args.hidden, data_info["classes"])
-    params = graph.init_params(args.seed)
+    train, test, data_info = load_digits_split(args.seed, train_examples=args.train_examples,
+                                               images=args.model == "cnn")
+    if args.model == "cnn":
+        graph = build_cnn(data_info["features"], data_info["classes"])
+        side = int(round(data_info["features"] ** 0.5))
+        model = (f"CNN {side}x{side}x1: conv {CNN_CHANNELS[0]} 3x3, pool 2, conv {CNN_CHANNELS[1]} 3x3, pool 2, "
+                 f"dense {data_info['classes']} (relu)")
+    else:
+        graph = build_mlp(data_info["features"], args.hidden, data_info["classes"])
+        model = f"MLP {data_info['features']}-{args.hidden}-{data_info['classes']} (relu)"
+    params = initial_params(graph, args.seed)
     steps = args.epochs * -(-data_info["train_examples"] // args.batch_size)
     schedule = optim.CosineLR(args.lr, total_steps=steps, min_lr=args.lr / 20)
     optimizer = optim.Adam(params, lr=schedule)
@@ -261,10 +329,10 @@ def _train_and_write(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     speed = trainer.throughput
     report = {
-        "model": f"MLP {data_info['features']}-{args.hidden}-{data_info['classes']} (relu)",
+        "model": model,
         "backend": where, "workers": workers,
         "data": data_info,
-        "config": {"epochs": args.epochs, "batch_size": trainer.batch_size, "optimizer": "Adam",
+        "config": {"model": args.model, "epochs": args.epochs, "batch_size": trainer.batch_size, "optimizer": "Adam",
                    "lr": args.lr, "schedule": schedule.config(), "seed": args.seed, "hidden": args.hidden},
         "test_accuracy": final["accuracy"], "test_correct": final["correct"],
         "test_cross_entropy": final["cross_entropy"],

@@ -6,9 +6,12 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
+import numpy as np
+
 from gradpool.worker.engine.errors import GraphError
 
 from .graph import Expr, Operand, _matmul, _take
+from .graph import Expr, Operand, _user_origin
 
 
 def _expr(x: Operand, *others: Operand) -> Expr:
@@ -410,3 +413,55 @@ def take(x: Expr, indices: Any, axis: Optional[int] = None) -> Expr:
     """np.take with constant integer indices (a list or array, any shape; negative
     ones count from the end, repeats allowed) along an axis other than the batch axis."""
     return _take(x, indices, axis)
+# ---------------------------------------------------------------- convolution, pooling, layer norm
+
+IntOrPair = Union[int, Sequence[int]]
+
+
+def _ints(value: IntOrPair, n: int, what: str) -> tuple[int, ...]:
+    """An int or a sequence of ints as a tuple (PyTorch's convention for stride, padding...);
+    the op's shape rule checks the count, so its error carries the user's line."""
+    is_int = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)  # noqa: E731
+    values = (value,) * n if is_int(value) else tuple(value) if isinstance(value, (tuple, list)) else None
+    if values is None or not all(is_int(v) for v in values):
+        origin = _user_origin()
+        raise GraphError(f"{what} must be an int or {n} ints, got {value!r}" + (f" (at {origin})" if origin else ""))
+    return tuple(int(v) for v in values)
+
+
+def conv2d(x: Expr, w: Operand, stride: IntOrPair = 1, padding: IntOrPair = 0, dilation: IntOrPair = 1) -> Expr:
+    """PyTorch's conv2d without bias: x per example (C, H, W), w (out, C, kh, kw) -> (out, OH, OW).
+    Add a bias as a param of shape (out, 1, 1)."""
+    graph = _expr(x, w).graph
+    return graph._add("conv2d", (x, graph._lift(w, _expr(x, w).dtype)), stride=_ints(stride, 2, "stride"),
+                      padding=_ints(padding, 2, "padding"), dilation=_ints(dilation, 2, "dilation"))
+
+
+def conv1d(x: Expr, w: Operand, stride: int = 1, padding: int = 0, dilation: int = 1) -> Expr:
+    """PyTorch's conv1d without bias: x per example (C, L), w (out, C, k) -> (out, OL).
+    Add a bias as a param of shape (out, 1)."""
+    graph = _expr(x, w).graph
+    return graph._add("conv1d", (x, graph._lift(w, _expr(x, w).dtype)), stride=_ints(stride, 1, "stride"),
+                      padding=_ints(padding, 1, "padding"), dilation=_ints(dilation, 1, "dilation"))
+
+
+def max_pool2d(x: Expr, kernel: IntOrPair, stride: Optional[IntOrPair] = None, padding: IntOrPair = 0) -> Expr:
+    """Max over windows of the last two axes; stride defaults to the kernel, padding is -inf.
+    A window's gradient goes to its first maximal element, as in PyTorch."""
+    return _unary("max_pool2d", x, kernel=_ints(kernel, 2, "kernel"),
+                  stride=_ints(stride, 2, "stride") if stride is not None else (),
+                  padding=_ints(padding, 2, "padding"))
+
+
+def avg_pool2d(x: Expr, kernel: IntOrPair, stride: Optional[IntOrPair] = None, padding: IntOrPair = 0) -> Expr:
+    """Mean over windows of the last two axes; zero padding counts in the mean (PyTorch's default)."""
+    return _unary("avg_pool2d", x, kernel=_ints(kernel, 2, "kernel"),
+                  stride=_ints(stride, 2, "stride") if stride is not None else (),
+                  padding=_ints(padding, 2, "padding"))
+
+
+def layer_norm(x: Expr, axes: Union[int, Sequence[int]] = -1, eps: float = 1e-5) -> Expr:
+    """Normalize each example over `axes` (not the batch axis) to mean 0, variance 1; no affine:
+    multiply by and add params for PyTorch's elementwise_affine."""
+    return _unary("layer_norm", x, axes=_ints(axes, 1, "axes") if isinstance(axes, (int, np.integer))
+                  else tuple(int(a) for a in axes), eps=float(eps))

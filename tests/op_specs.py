@@ -131,6 +131,24 @@ SPECS.update({
     "pow_tensor": [case(Arg((3, 4), P), (3, 4)), case(Arg((3, 1), P), (4,)), case(Arg((), P), (2, 3))],
 })
 
+# Convolution, pooling, layer norm (worker/engine/ops_nn.py): stride 2, padding, dilation, non-square
+# kernels, one and several channels; pools with overlapping windows and padding.
+SPECS.update({
+    "conv2d": [case((2, 1, 5, 5), (3, 1, 3, 3)),
+               case((2, 2, 6, 5), (3, 2, 2, 3), stride=(2,), padding=(1,)),
+               case((1, 3, 7, 6), (2, 3, 3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 1)),
+               case((2, 2, 4, 4), (1, 2, 1, 1))],
+    "conv1d": [case((2, 1, 7), (3, 1, 3)),
+               case((2, 3, 9), (2, 3, 2), stride=(2,), padding=(1,), dilation=(2,))],
+    "max_pool2d": [case((2, 2, 4, 4), kernel=(2,)),
+                   case((1, 2, 5, 6), kernel=(3, 2), stride=(2, 1), padding=(1, 1)),
+                   case((2, 5, 5), kernel=(3,), stride=(1,))],
+    "avg_pool2d": [case((2, 2, 4, 4), kernel=(2,)),
+                   case((1, 2, 5, 6), kernel=(3, 2), stride=(2, 1), padding=(1, 1)),
+                   case((2, 5, 5), kernel=(3,), stride=(1,))],
+    "layer_norm": [case((3, 4)), case((2, 3, 4), axes=(1, 2)), case((2, 3, 4), axes=(-2,), eps=0.1)],
+})
+
 
 def sample(arg: Arg, rng: np.random.Generator) -> np.ndarray:
     if arg.domain in ("labels", "indices"):

@@ -149,3 +149,24 @@ def test_ctrl_c_stops_the_demo_and_its_cluster_in_order(tmp_path: Path) -> None:
     assert demo_process.returncode in (1, 130), err
     assert "could not deregister" not in err and "Traceback" not in err, err
     assert "interrupted" in err
+
+
+def test_the_cnn_demo_trains_and_its_checkpoint_reproduces_the_accuracy(tmp_path: Path, capsys) -> None:
+    """--model cnn: the same outputs, a conv net instead of the MLP, one epoch over the shifted
+    images through a LocalCluster (its workers' capped BLAS threads make that the quick path)."""
+    status = demo.main(["--model", "cnn", "--epochs", "1", "--no-progress", "--out", str(tmp_path)])
+    printed = capsys.readouterr()
+    assert status == 0, printed.err
+    assert "CNN 8x8x1: conv 16 3x3" in printed.out and "LocalCluster at" in printed.out
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["config"]["model"] == "cnn" and metrics["test_accuracy"] >= 0.9
+    assert metrics["data"]["train_examples"] == 5 * 1347  # each image and its four one-pixel shifts
+    _, test, _ = demo.load_digits_split(seed=0, images=True)
+    trainer = Trainer.from_checkpoint(tmp_path / "model.npz", progress=False)
+    assert set(trainer.graph.params) == {"K1", "b1", "K2", "b2", "W", "b"}
+    assert trainer.evaluate(test)["correct"] == metrics["test_correct"]
+
+
+def test_the_mlp_stays_the_default_model() -> None:
+    assert demo.build_parser().parse_args([]).model == "mlp"
+    assert demo.main(["--model", "resnet"]) == 2

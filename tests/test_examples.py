@@ -60,6 +60,13 @@ def test_sequence_model_learns_addition(tmp_path: Path) -> None:
     assert accuracy >= 97
 
 
+def test_digits_cnn_reaches_98_percent_on_its_own_local_cluster(tmp_path: Path) -> None:
+    out = run_example("digits_cnn.py", cwd=tmp_path)
+    assert re.search(r"epoch  6  loss [0-9.]+  test accuracy", out)
+    accuracy = float(re.search(r"^test accuracy ([0-9.]+)%", out, re.M).group(1))
+    assert accuracy >= 98
+
+
 @pytest.fixture(scope="module")
 def coordinator() -> str:
     from gradpool.cluster import LocalCluster
@@ -73,6 +80,7 @@ def coordinator() -> str:
     ("two_layer_net.py", ["--steps", "3"]),
     ("digits_mlp.py", ["--steps", "3"]),
     ("sequence.py", ["--epochs", "1"]),
+    ("digits_cnn.py", ["--steps", "3"]),
 ])
 def test_each_example_uses_a_given_coordinator(coordinator: str, name: str, args: list[str],
                                                tmp_path: Path) -> None:

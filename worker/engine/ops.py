@@ -1706,3 +1706,9 @@ register(Op("take", 1, _take_shape, lambda at, x: np.take(x, np.asarray(at.indic
             attrs={"indices": ("ints", REQUIRED), "axis": (int, REQUIRED)},
             doc="entries at constant integer `indices` (negative count from the end, repeats allowed) along "
                 "one axis other than the batch axis, as np.take; the gradient scatter-adds, so repeats accumulate"))
+# ---------------------------------------------------------------- more ops, same registry
+
+# Convolution, pooling and layer norm live in ops_nn.py, which registers into
+# REGISTRY above; importing it here (last, once every name it uses exists)
+# means whoever imports the registry sees them.
+from . import ops_nn  # noqa: E402,F401
