@@ -151,8 +151,8 @@ def build_cnn(features: int, classes: int, channels: tuple[int, int] = CNN_CHANN
     g = gp.Graph("digits_cnn")
     x = g.input("x", (features,))
     y = g.input("y", (), dtype="int64")
-    K1, b1 = g.param("K1", (c1, 1, 3, 3)), g.param("b1", (c1, 1, 1))
-    K2, b2 = g.param("K2", (c2, c1, 3, 3)), g.param("b2", (c2, 1, 1))
+    K1, b1 = g.param("K1", (c1, 1, 3, 3), init="he"), g.param("b1", (c1, 1, 1))
+    K2, b2 = g.param("K2", (c2, c1, 3, 3), init="he"), g.param("b2", (c2, 1, 1))
     flat = c2 * (side // 4) ** 2
     W, b = g.param("W", (flat, classes)), g.param("b", (classes,))
     h = gp.max_pool2d(gp.relu(gp.conv2d(x.reshape(1, side, side), K1, padding=1) + b1), 2)
@@ -160,16 +160,6 @@ def build_cnn(features: int, classes: int, channels: tuple[int, int] = CNN_CHANN
     logits = (h.reshape(flat) @ W + b).named("logits")
     g.set_loss(gp.softmax_cross_entropy(logits, y).mean() + l2 * ((K1 ** 2).sum() + (K2 ** 2).sum()))
     return g
-
-
-def initial_params(graph: Graph, seed: int) -> dict[str, np.ndarray]:
-    """init_params, with conv kernels (out, in, kh, kw) He-scaled by their fan-in in * kh * kw."""
-    params = graph.init_params(seed)
-    rng = np.random.default_rng(seed)
-    for name, (shape, dtype) in graph.params.items():
-        if len(shape) == 4:
-            params[name] = rng.normal(0.0, (2.0 / np.prod(shape[1:])) ** 0.5, size=shape).astype(dtype)
-    return params
 
 
 # ------------------------------------------------------------------ backends
@@ -316,7 +306,7 @@ def _train_and_write(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     else:
         graph = build_mlp(data_info["features"], args.hidden, data_info["classes"])
         model = f"MLP {data_info['features']}-{args.hidden}-{data_info['classes']} (relu)"
-    params = initial_params(graph, args.seed)
+    params = graph.init_params(args.seed)
     steps = args.epochs * -(-data_info["train_examples"] // args.batch_size)
     schedule = optim.CosineLR(args.lr, total_steps=steps, min_lr=args.lr / 20)
     optimizer = optim.Adam(params, lr=schedule)

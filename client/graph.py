@@ -451,7 +451,9 @@ class Graph:
 
     def param(self, name: str, shape: Sequence[int] = (), dtype: Optional[str] = None,
               init: str = "glorot") -> Expr:
-        """A trainable tensor (no batch axis); `init` says how init_params fills it."""
+        """A trainable tensor (no batch axis); `init` says how init_params fills it
+        ("glorot" and "he" read a matrix as `(in, out)`, as `x @ W` uses it, and a
+        rank-3+ weight as a convolution's `(out, in, *kernel)`)."""
         dims = _check_dims(shape, f"param {name!r}")
         if init not in INITS:
             raise GraphError(f"param {name!r}: unknown init {init!r}; choose one of {INITS}")
@@ -597,8 +599,7 @@ class Graph:
             if node.op != "param":
                 continue
             shape, init = node.shape, node.attrs.get("init", "glorot")
-            fan_in = shape[-2] if len(shape) >= 2 else (shape[0] if shape else 1)
-            fan_out = shape[-1] if shape else 1
+            fan_in, fan_out = _fans(shape)
             if init in ("glorot", "he") and len(shape) < 2:
                 value = np.zeros(shape)  # biases and scalars start at zero
             elif init == "glorot":
@@ -685,6 +686,18 @@ class Graph:
 
     def __repr__(self) -> str:
         return f"<Graph {self.name!r}: {len(self._nodes)} nodes, params {list(self.params)}, inputs {list(self.inputs)}>"
+
+
+def _fans(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(fan in, fan out) of a weight: `(in, out)` for a matrix, as `x @ W` reads
+    it; PyTorch's convolution layout `(out, in, *kernel)` from rank 3 on, each
+    tap counting (so a (16, 3, 3, 3) kernel has fan in 27, as in torch)."""
+    if len(shape) >= 3:
+        taps = math.prod(shape[2:])
+        return shape[1] * taps, shape[0] * taps
+    if len(shape) == 2:
+        return shape[0], shape[1]
+    return (shape[0] if shape else 1), (shape[0] if shape else 1)
 
 
 def _check_dims(shape: Sequence[int], what: str) -> tuple[int, ...]:

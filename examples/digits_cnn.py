@@ -45,24 +45,14 @@ def build_graph(c1: int = 16, c2: int = 32) -> gp.Graph:
     g = gp.Graph("digits_cnn")
     x = g.input("x", (1, 8, 8))
     y = g.input("y", (), dtype="int64")
-    K1, b1 = g.param("K1", (c1, 1, 3, 3)), g.param("b1", (c1, 1, 1))   # conv weights (out, in, kh, kw)
-    K2, b2 = g.param("K2", (c2, c1, 3, 3)), g.param("b2", (c2, 1, 1))  # biases broadcast over H, W
+    K1, b1 = g.param("K1", (c1, 1, 3, 3), init="he"), g.param("b1", (c1, 1, 1))   # conv weights (out, in, kh, kw)
+    K2, b2 = g.param("K2", (c2, c1, 3, 3), init="he"), g.param("b2", (c2, 1, 1))  # biases broadcast over H, W
     W, b = g.param("W", (c2 * 2 * 2, 10)), g.param("b", (10,))
     h = gp.max_pool2d(gp.relu(gp.conv2d(x, K1, padding=1) + b1), 2)   # (c1, 4, 4)
     h = gp.max_pool2d(gp.relu(gp.conv2d(h, K2, padding=1) + b2), 2)   # (c2, 2, 2)
     logits = (h.reshape(c2 * 2 * 2) @ W + b).named("logits")          # named: trainer.evaluate finds it
     g.set_loss(gp.softmax_cross_entropy(logits, y).mean() + 1e-4 * ((K1 ** 2).sum() + (K2 ** 2).sum()))
     return g
-
-
-def init_params(graph: gp.Graph, seed: int = 0) -> dict[str, np.ndarray]:
-    """init_params, with the conv kernels He-scaled by their real fan-in (in * kh * kw)."""
-    params = graph.init_params(seed)
-    rng = np.random.default_rng(seed)
-    for name, (shape, dtype) in graph.params.items():
-        if len(shape) == 4:
-            params[name] = rng.normal(0.0, math.sqrt(2.0 / np.prod(shape[1:])), size=shape).astype(dtype)
-    return params
 
 
 def main() -> int:
@@ -78,7 +68,7 @@ def main() -> int:
     train, test = load_data()
     graph = build_graph()
     total_steps = args.epochs * math.ceil(len(train["y"]) / BATCH)
-    optimizer = Adam(init_params(graph, seed=0), lr=CosineLR(args.lr, total_steps=total_steps, min_lr=args.lr / 20))
+    optimizer = Adam(graph.init_params(seed=0), lr=CosineLR(args.lr, total_steps=total_steps, min_lr=args.lr / 20))
     try:
         with gp.gradient_service(args.coordinator, workers=args.workers, local=args.local) as service:
             trainer = Trainer(graph, optimizer, backend=service, batch_size=BATCH, seed=0, progress=False)
