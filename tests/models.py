@@ -4,6 +4,7 @@ examples and a softmax MLP, each with data made from a seed."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import gradpool as gp
 
@@ -92,3 +93,29 @@ def dropout_mlp(d: int = 8, h: int = 16, classes: int = 5, rate: float = 0.3, dt
     data_loss = gp.softmax_cross_entropy(logits, y).mean()
     g.set_loss(data_loss + l2 * ((W1 ** 2).sum() + (W2 ** 2).sum()))
     return g
+
+
+# ------------------------------------------------------------------ checks shared by the sharding tests
+
+def assert_shards_sum_to_whole(graph: gp.Graph, params: dict, batch: dict, shards=range(1, 5),
+                               rtol: float = 1e-12, atol: float = 1e-12, what: str = "") -> None:
+    """Invariant 1 in one process: for every split, the shards' summed gradient
+    equals the whole batch's (to rounding: the sums run in another order)."""
+    whole_loss, whole = gp.local_gradients(graph, params, batch)
+    for k in shards:
+        loss, grads = gp.local_gradients(graph, params, batch, shards=k)
+        assert loss == pytest.approx(whole_loss, rel=rtol, abs=atol), f"{what} {k} shards: loss"
+        for name in params:
+            np.testing.assert_allclose(grads[name], whole[name], rtol=rtol, atol=atol,
+                                       err_msg=f"{what} {k} shards, param {name}")
+
+
+def assert_service_is_local_shards(result: gp.GradientsResult, graph: gp.Graph, params: dict, batch: dict,
+                                   what: str = "") -> None:
+    """The service's answer is bitwise `local_gradients(shards=k)` over as many
+    (equal-capacity) shards: the same split, summed in the same order."""
+    loss, grads = gp.local_gradients(graph, params, batch, shards=len(result.shards))
+    assert result.loss == loss, f"{what}: loss"
+    for name in grads:
+        assert result.grads[name].dtype == grads[name].dtype, f"{what}: {name}"
+        assert result.grads[name].tobytes() == grads[name].tobytes(), f"{what}: {name}, {len(result.shards)} shards"

@@ -14,6 +14,8 @@ import gradpool as gp
 from gradpool.cluster import LocalCluster
 from gradpool.worker.engine import BATCH_REDUCED, Program
 
+from models import assert_service_is_local_shards, assert_shards_sum_to_whole
+
 RNG = np.random.default_rng(13)
 X = RNG.normal(size=(5, 3, 4))
 
@@ -327,13 +329,7 @@ def test_linear_ops_carry_batch_reduced_values(op: str) -> None:
 def test_shard_sums_equal_the_whole_batch(op: str, n: int) -> None:
     graph = graph_with(op)
     params, batch = params_and_batch(graph, n)
-    whole_loss, whole = gp.local_gradients(graph, params, batch)
-    for shards in range(2, 5):
-        loss, grads = gp.local_gradients(graph, params, batch, shards=shards)
-        assert loss == pytest.approx(whole_loss, rel=1e-12, abs=1e-12)
-        for name in params:
-            np.testing.assert_allclose(grads[name], whole[name], rtol=1e-12, atol=1e-12,
-                                       err_msg=f"{op}, batch {n}, {shards} shards, param {name}")
+    assert_shards_sum_to_whole(graph, params, batch, shards=range(2, 5), what=f"{op}, batch {n},")
 
 
 def test_pad_value_on_a_batch_reduced_value_counts_once() -> None:
@@ -365,11 +361,4 @@ def test_the_service_is_bitwise_the_sharded_reference(cluster, workers: int) -> 
             params, batch = params_and_batch(graph, 7)
             result = client.gradients(graph, params, batch)
             assert len(result.shards) == workers
-            loss, grads = gp.local_gradients(graph, params, batch, shards=workers)
-            whole_loss, whole = gp.local_gradients(graph, params, batch)
-            assert result.loss == loss, op
-            assert result.loss == pytest.approx(whole_loss, rel=1e-12, abs=1e-12), op
-            for name in params:
-                assert result.grads[name].tobytes() == grads[name].tobytes(), f"{op}: {name}, {workers} workers"
-                np.testing.assert_allclose(result.grads[name], whole[name], rtol=1e-12, atol=1e-12,
-                                           err_msg=f"{op}: {name}, {workers} workers")
+            assert_service_is_local_shards(result, graph, params, batch, f"{op}, {workers} workers")

@@ -12,7 +12,7 @@ import gradpool as gp
 from gradpool.worker.engine import OrderedSum, shard_bounds
 from gradpool.worker.engine import BATCH_INDEPENDENT, BATCH_REDUCED, PER_EXAMPLE
 
-from models import batch_for, logistic_regression, params_for, softmax_mlp, two_layer_net
+from models import assert_shards_sum_to_whole, batch_for, logistic_regression, params_for, softmax_mlp, two_layer_net
 
 
 def regularized_mean_everything() -> gp.Graph:
@@ -67,13 +67,7 @@ MODELS = {
 def test_sum_over_shards_equals_whole_batch(model: str, n: int) -> None:
     graph = MODELS[model]()
     params, batch = params_for(graph), batch_for(graph, n, seed=n)
-    whole_loss, whole = gp.local_gradients(graph, params, batch)
-    for shards in range(1, 6):
-        loss, grads = gp.local_gradients(graph, params, batch, shards=shards)
-        assert loss == pytest.approx(whole_loss, rel=1e-10, abs=1e-12), f"{shards} shards"
-        for name in params:
-            np.testing.assert_allclose(grads[name], whole[name], rtol=1e-10, atol=1e-12,
-                                       err_msg=f"{model}, batch {n}, {shards} shards, param {name}")
+    assert_shards_sum_to_whole(graph, params, batch, shards=range(1, 6), rtol=1e-10, what=f"{model}, batch {n},")
 
 
 def test_regularizer_counts_once_and_mean_uses_the_global_batch() -> None:
