@@ -19,6 +19,8 @@ How conv is computed (im2col, no loop over positions or examples; see
   kh*kw kernel taps: each tap is one vectorized strided `+=`, so the Python
   loop runs over taps, never over positions.
 
+Small images (H*W <= 8 kh*kw, a small matrix) skip im2col: see `_Dense`.
+
 conv1d is conv2d with H = 1. Pooling loops over the kernel taps the same way
 (one vectorized max, compare or add per tap).
 """
