@@ -308,6 +308,7 @@ def test_conv_dense_path_agrees_with_im2col(monkeypatch, op, x_shape, w_shape, a
     np.testing.assert_allclose(dense[0], want if op == "conv2d" else want[:, :, 0], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul")  # im2col: 0 * inf
 def test_conv_with_infinite_values_stays_local_as_in_pytorch(monkeypatch) -> None:
     """An inf pixel makes only the outputs that read it non-finite (the dense
     matrix's zeros must never meet it), and an inf adjoint only the inputs
