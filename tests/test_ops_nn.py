@@ -252,3 +252,86 @@ def test_the_cnn_through_the_service_is_bitwise_the_sharded_reference(cluster, d
             assert len(result.shards) == workers
             assert all(g.dtype == np.dtype(dtype) for g in result.grads.values())
             assert_service_is_local_shards(result, graph, params, batch, f"{workers} workers")
+
+
+# ---------------------------------------------------------------- the two conv paths (dense matrix, im2col)
+
+def conv_call(op: str, wants=(True, True), **attrs):
+    from gradpool.worker.engine.ops import Attrs, Call
+    full = {"stride": (1,), "padding": (0,), "dilation": (1,)}
+    full.update({k: tuple(v) if isinstance(v, (tuple, list)) else (v,) for k, v in attrs.items()})
+    return REGISTRY[op], Call(Attrs(full), per_example=True, wants=wants)
+
+
+def both_paths(monkeypatch, op: str, x: np.ndarray, w: np.ndarray, g_scale=None, **attrs):
+    """forward, dx and dw of the conv by the dense path and by im2col."""
+    from gradpool.worker.engine import ops_nn
+    rule, call = conv_call(op, **attrs)
+    results = []
+    for limit in (ops_nn.DENSE_MAX_ELEMENTS, 0):
+        monkeypatch.setattr(ops_nn, "DENSE_MAX_ELEMENTS", limit)
+        out = rule.forward(call, x, w)
+        g = np.cos(np.arange(out.size, dtype=x.dtype)).reshape(out.shape) if g_scale is None else g_scale(out)
+        results.append((out, *rule.vjp(call, g, out, x, w)))
+    return results
+
+
+from gradpool.worker.engine import REGISTRY  # noqa: E402
+
+
+@pytest.mark.parametrize("op, x_shape, w_shape, attrs", [
+    ("conv2d", (5, 1, 8, 8), (16, 1, 3, 3), {"padding": 1}),  # the digits CNN's layers
+    ("conv2d", (5, 16, 4, 4), (32, 16, 3, 3), {"padding": 1}),
+    ("conv2d", (3, 2, 6, 5), (3, 2, 2, 3), {"stride": 2, "padding": 1}),
+    ("conv2d", (2, 3, 7, 6), (2, 3, 3, 2), {"stride": (2, 1), "padding": (1, 2), "dilation": (2, 1)}),
+    ("conv2d", (2, 2, 1, 1), (3, 2, 3, 3), {"padding": 1}),  # taps that only read padding
+    ("conv1d", (3, 3, 9), (2, 3, 2), {"stride": 2, "padding": 1, "dilation": 2}),
+])
+def test_conv_dense_path_agrees_with_im2col(monkeypatch, op, x_shape, w_shape, attrs) -> None:
+    from gradpool.worker.engine import ops_nn
+    x, w = RNG.normal(size=x_shape), RNG.normal(size=w_shape)
+    rule, call = conv_call(op, **attrs)
+    x2, w2 = (x, w) if op == "conv2d" else (x[:, :, None], w[:, :, None])
+    geometry = ops_nn._Conv(call, 2 if op == "conv2d" else 1)
+    assert ops_nn._Dense.fits(geometry, x2.shape, w2.shape)  # so the comparison below compares two paths
+    dense, im2col = both_paths(monkeypatch, op, x, w, **attrs)
+    for a, b in zip(dense, im2col):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    want = conv2d_reference(x2, w2, geometry.stride, geometry.padding, geometry.dilation)
+    np.testing.assert_allclose(dense[0], want if op == "conv2d" else want[:, :, 0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul")  # im2col: 0 * inf
+def test_conv_with_infinite_values_stays_local_as_in_pytorch(monkeypatch) -> None:
+    """An inf pixel makes only the outputs that read it non-finite (the dense
+    matrix's zeros must never meet it), and an inf adjoint only the inputs
+    under its window; float32 stays float32."""
+    x = RNG.normal(size=(2, 2, 8, 8)).astype(np.float32)
+    x[0, 1, 0, 0] = np.inf
+    w = RNG.normal(size=(4, 2, 3, 3)).astype(np.float32)
+
+    def adjoint(out: np.ndarray) -> np.ndarray:
+        g = np.ones_like(out)
+        g[1, 2, 7, 7] = np.inf
+        return g
+
+    dense, im2col = both_paths(monkeypatch, "conv2d", x, w, g_scale=adjoint, padding=1)
+    out, dx, dw = dense
+    assert out.dtype == dx.dtype == dw.dtype == np.float32
+    assert np.isfinite(out[1]).all() and np.isfinite(out[0, :, 2:, :]).all()
+    assert not np.isfinite(out[0, :, :2, :2]).any()
+    assert np.isfinite(dx[0]).all() and np.isfinite(dx[1, :, :6, :]).all()
+    assert not np.isfinite(dx[1, :, 6:, 6:]).any()
+    for a, b in zip(dense, im2col):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # dw alone takes the dense path whatever x holds: it reads only the connected entries of g.T @ x.
+    from gradpool.worker.engine import ops_nn
+    rule, call = conv_call("conv2d", wants=(False, True), padding=1)
+    g = np.ones_like(out)
+    dws = []
+    for limit in (ops_nn.DENSE_MAX_ELEMENTS, 0):
+        monkeypatch.setattr(ops_nn, "DENSE_MAX_ELEMENTS", limit)
+        dws.append(rule.vjp(call, g, out, x, w)[1])
+    np.testing.assert_allclose(dws[0], dws[1], rtol=1e-5, atol=1e-5)
+    assert np.isinf(dws[0]).sum() == 4 * 4  # the taps that read the inf pixel (two of three rows and columns)

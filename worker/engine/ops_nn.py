@@ -19,11 +19,15 @@ How conv is computed (im2col, no loop over positions or examples; see
   kh*kw kernel taps: each tap is one vectorized strided `+=`, so the Python
   loop runs over taps, never over positions.
 
+Small images (H*W <= 8 kh*kw, a small matrix) skip im2col: see `_Dense`.
+
 conv1d is conv2d with H = 1. Pooling loops over the kernel taps the same way
 (one vectorized max, compare or add per tap).
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
@@ -196,10 +200,103 @@ class _Layout:
         return np.ascontiguousarray(self._interior(image).transpose(1, 0, 2, 3))
 
 
+# ---------------------------------------------------------------- small images: the conv as one dense matrix
+
+# On small images (the 8x8 and 4x4 of a digits CNN) im2col's fixed costs
+# (the column matrix built per pass, per-tap copies, transposes, the
+# scatter-add) weigh more than its product. There the whole linear map
+# x -> conv(x, w) of one example is a small dense matrix M, (out*OH*OW) x
+# (C*H*W), that holds w's entries at the (output, input) pairs a kernel tap
+# connects and exact zeros elsewhere: forward is x (N, C*H*W) @ M.T, dx is
+# g (N, out*OH*OW) @ M, both already in the (N, C, H, W) layout, and dw sums
+# the connected entries of g.T @ x. It costs H*W / (kh*kw) times im2col's
+# multiply-adds, so it is taken only while that and M stay small.
+DENSE_MAX_ELEMENTS = 1 << 20  # entries of M (4 MiB in float32)
+DENSE_MAX_SPREAD = 8  # H*W <= 8 kh*kw
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_pairs(hw: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int], pad: tuple[int, int],
+                 dilation: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tap, output position, input position) of every connection that reads
+    real input (padding reads zeros: no entry), sorted by tap."""
+    oh, ow = (_out_size(s, k, st, p, d) for s, k, st, p, d in zip(hw, kernel, stride, pad, dilation))
+    i, j, p, q = np.meshgrid(np.arange(kernel[0]), np.arange(kernel[1]), np.arange(oh), np.arange(ow),
+                             indexing="ij")
+    rows = p * stride[0] - pad[0] + i * dilation[0]
+    cols = q * stride[1] - pad[1] + j * dilation[1]
+    real = (rows >= 0) & (rows < hw[0]) & (cols >= 0) & (cols < hw[1])
+    taps, outs, ins = (i * kernel[1] + j)[real], (p * ow + q)[real], (rows * hw[1] + cols)[real]
+    for a in (taps, outs, ins):
+        a.flags.writeable = False
+    return taps, outs, ins
+
+
+class _Dense:
+    """One conv call as the dense matrix M (see above)."""
+
+    def __init__(self, geometry: _Conv, x_shape: tuple[int, ...], w_shape: tuple[int, ...]):
+        self.n, self.c, self.h, self.w = x_shape
+        self.o, _, kh, kw = w_shape
+        self.kernel = (kh, kw)
+        self.oh, self.ow = (_out_size(s, k, st, p, d) for s, k, st, p, d in
+                            zip(x_shape[2:], self.kernel, geometry.stride, geometry.padding, geometry.dilation))
+        self.pairs = _dense_pairs((self.h, self.w), self.kernel, geometry.stride, geometry.padding,
+                                  geometry.dilation)
+
+    @staticmethod
+    def fits(geometry: _Conv, x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> bool:
+        _, c, h, w = x_shape
+        o, _, kh, kw = w_shape
+        oh, ow = (_out_size(s, k, st, p, d) for s, k, st, p, d in
+                  zip((h, w), (kh, kw), geometry.stride, geometry.padding, geometry.dilation))
+        return h * w <= DENSE_MAX_SPREAD * kh * kw and o * oh * ow * c * h * w <= DENSE_MAX_ELEMENTS
+
+    def matrix(self, w: np.ndarray) -> np.ndarray:
+        """M as (out*OH*OW, C*H*W): w's entries placed (not multiplied), zeros elsewhere."""
+        taps, outs, ins = self.pairs
+        m = np.zeros((self.o, self.oh * self.ow, self.c, self.h * self.w), dtype=w.dtype)
+        m[:, outs, :, ins] = w.reshape(self.o, self.c, -1)[:, :, taps].transpose(2, 0, 1)
+        return m.reshape(self.o * self.oh * self.ow, self.c * self.h * self.w)
+
+    def forward(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        out = np.matmul(x.reshape(self.n, -1), self.matrix(w).T)
+        return out.reshape(self.n, self.o, self.oh, self.ow)
+
+    def grad_x(self, g_rows: np.ndarray, w: np.ndarray) -> np.ndarray:
+        return np.matmul(g_rows, self.matrix(w)).reshape(self.n, self.c, self.h, self.w)
+
+    def grad_w(self, g_rows: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """Each tap's sum over the connected (output, input) pairs of g.T @ x:
+        the same terms as im2col's dw; the unconnected entries, which may hold
+        anything, are never read."""
+        taps, outs, ins = self.pairs
+        both = np.matmul(g_rows.T, x.reshape(self.n, -1))  # (out*OH*OW, C*H*W)
+        both = both.reshape(self.o, self.oh * self.ow, self.c, self.h * self.w)
+        picked = both[:, outs, :, ins].reshape(len(taps), self.o * self.c)  # (pairs, out*C)
+        tap_count = self.kernel[0] * self.kernel[1]
+        per_tap = np.zeros((tap_count, len(taps)), dtype=x.dtype)
+        per_tap[taps, np.arange(len(taps))] = 1
+        summed = np.matmul(per_tap, picked).reshape(tap_count, self.o, self.c)
+        return np.ascontiguousarray(summed.transpose(1, 2, 0)).reshape(self.o, self.c, *self.kernel)
+
+
+def _finite(a: np.ndarray) -> bool:
+    """Whether every element is finite, in one reduction (a sum is finite only
+    then; an overflowing sum just says no, which only costs speed)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(np.sum(a)))
+
+
 def _conv_forward(dims: int):
     def forward(at: Attrs, x: np.ndarray, w: np.ndarray) -> np.ndarray:
         x2, w2 = _as2d(dims, x, w)
-        layout = _Layout(_Conv(at, dims), x2.shape, w2.shape[2:])
+        geometry = _Conv(at, dims)
+        # M's zeros times an infinite input would be NaN where PyTorch's conv never reads it: im2col then
+        if _Dense.fits(geometry, x2.shape, w2.shape) and _finite(x2):
+            out = _Dense(geometry, x2.shape, w2.shape).forward(x2, w2)
+            return out if dims == 2 else out[:, :, 0, :]
+        layout = _Layout(geometry, x2.shape, w2.shape[2:])
         out = layout.output(np.matmul(w2.reshape(w2.shape[0], -1), layout.im2col(x2)))  # the one product
         return out if dims == 2 else out[:, :, 0, :]
     return forward
@@ -208,7 +305,15 @@ def _conv_forward(dims: int):
 def _conv_vjp(dims: int):
     def vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray, w: np.ndarray) -> tuple:
         x2, w2 = _as2d(dims, x, w)
-        layout = _Layout(_Conv(at, dims), x2.shape, w2.shape[2:])
+        geometry = _Conv(at, dims)
+        g2 = g if dims == 2 else g[:, :, None, :]
+        if _Dense.fits(geometry, x2.shape, w2.shape) and (not at.wants[0] or _finite(g2)):
+            dense = _Dense(geometry, x2.shape, w2.shape)
+            g_rows = g2.reshape(g2.shape[0], -1)
+            grad_x = dense.grad_x(g_rows, w2) if at.wants[0] else None
+            grad_w = dense.grad_w(g_rows, x2).reshape(w.shape) if at.wants[1] else None
+            return (grad_x if grad_x is None or dims == 2 else grad_x[:, :, 0, :]), grad_w
+        layout = _Layout(geometry, x2.shape, w2.shape[2:])
         g_cols = layout.adjoint_cols(g if dims == 2 else g[:, :, None, :])  # (O, N*L)
         grad_x = grad_w = None
         if at.wants[1]:  # im2col again: cheaper than keeping cols alive from the forward pass
