@@ -79,6 +79,7 @@ class NodeInfo:
     # output depends on.
     refusal: str = ""
     call: Optional[Call] = None  # what the op's rules see as `at`
+    scratch: tuple[int, int] = (0, 0)  # (bytes, bytes per example) of the op's temporaries (Op.scratch)
 
     def where(self) -> str:
         built = f", built at {self.origin}" if self.origin else ""
@@ -307,6 +308,9 @@ class Program:
         if shape != info.shape or dtype != info.dtype:
             raise GraphError(f"declares {fmt(info.shape)} of {info.dtype}, but its inputs "
                              f"{', '.join(fmt(p.shape) for p in parents)} give {fmt(shape)} of {dtype}")
+        if op.scratch is not None:
+            size = op.scratch(info.call, *(p.shape for p in parents)) * info.dtype.itemsize
+            info.scratch = (0, size) if is_per_example(parents[0].shape) else (size, 0)
 
     def _gradient_path(self) -> frozenset[int]:
         """Nodes that depend on a param and lead to the loss: the only ones with adjoints.
@@ -403,12 +407,14 @@ class Program:
         needed = plan.memory(examples)
         if needed <= max_bytes:
             return
-        largest = max((step.node for step in plan.forward), key=lambda node: node.bytes_for(examples))
+        scratch = lambda node: node.scratch[0] + node.scratch[1] * examples  # noqa: E731
+        largest = max((step.node for step in plan.forward), key=lambda node: node.bytes_for(examples) + scratch(node))
+        temporaries = f" plus {mib(scratch(largest))} of temporaries" if scratch(largest) else ""
         raise CapacityError(
             f"{what} needs about {mib(needed)} for its values and gradients with {examples} example(s) (a static "
             f"estimate), more than the {mib(max_bytes)} a request may use on this server "
             f"(--max-request-memory-mb); the largest value is {largest.where()}: {fmt(largest.shape)} of "
-            f"{largest.dtype}, {mib(largest.bytes_for(examples))}. Send fewer examples per request")
+            f"{largest.dtype}, {mib(largest.bytes_for(examples))}{temporaries}. Send fewer examples per request")
 
     def check_fits(self, max_bytes: int) -> None:
         """At registration: refuse a graph that cannot run even one example within
@@ -630,6 +636,7 @@ def memory_peaks(forward: Sequence[Step], backward: Sequence[Step],
         if step.op is None:
             continue
         moment = list(live)
+        add(moment, step.node.scratch)
         for k in step.cut_args:
             add(moment, nodes[step.node.inputs[k]].nbytes)
         moments.append((moment[0], moment[1]))
@@ -646,7 +653,7 @@ def memory_peaks(forward: Sequence[Step], backward: Sequence[Step],
         if g is None or step.op is None:  # unreached; or a param, whose adjoint is its gradient, still held
             continue
         add(held, g, -1)
-        moment = [live[0] + held[0] + g[0], live[1] + held[1] + g[1]]
+        moment = [live[0] + held[0] + g[0] + node.scratch[0], live[1] + held[1] + g[1] + node.scratch[1]]
         for k in step.cut_args:
             add(moment, nodes[node.inputs[k]].nbytes)
         for _, i in step.grad_inputs:
