@@ -389,3 +389,32 @@ def test_a_kernel_of_more_taps_than_the_limit_is_refused_at_registration(cluster
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "268435456 taps; the limit is 65536" in err.details()
     with pytest.raises(gp.GraphError, match="taps"):
         gp.conv2d(x, g.param("w", (1, 1, 300, 300)))
+
+
+def test_a_program_with_many_kinds_of_run_stays_within_its_footprint() -> None:
+    """Found by the fuzz (a coordinator kept 540 MB with a 256 MB graph cache): each kind of run (forward-only
+    runs are keyed by the outputs asked for) kept a Plan of about 0.55 KB a node, up to sixteen, beyond the
+    footprint the caches count. Now the Plans kept are bounded by steps as well."""
+    import tracemalloc
+
+    n = 20_000
+    graph = pb.Graph(name="chain")
+    graph.nodes.add(name="x", op="input", shape=[-1, 4], dtype=pb.FLOAT32)
+    graph.nodes.add(name="w", op="param", shape=[4], dtype=pb.FLOAT32)
+    graph.nodes.add(name="xw", op="mul", inputs=[0, 1], shape=[-1, 4], dtype=pb.FLOAT32)
+    for i in range(3, n - 1):
+        graph.nodes.add(name=f"n{i}", op="tanh", inputs=[i - 1], shape=[-1, 4], dtype=pb.FLOAT32)
+    graph.nodes.add(name="loss", op="sum", inputs=[n - 2], dtype=pb.FLOAT32)
+    graph.loss = n - 1
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        program = Program(graph)
+        program.check_memory(8, 2**40)  # the gradient run's plan
+        for i in range(16):  # sixteen forward-only runs, each asking for another output near the end
+            program.check_memory(8, 2**40, gradients=False, outputs=[f"n{n - 3 - i}"])
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    print(f"held {held / MB:.1f} MB, footprint {program.footprint / MB:.1f} MB")
+    assert held < program.footprint

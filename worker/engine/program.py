@@ -34,12 +34,18 @@ MAX_NAME_LENGTH = LIMITS.max_name_length
 # Kinds of run whose Plan is kept (forward-only runs are keyed by the outputs
 # a client asks for: without a bound, asking for ever new sets grows it).
 MAX_PLANS = 16
+# ... and at most this many Steps per node of the graph in all the kept Plans
+# (a Plan holds one per node it runs: about 0.55 KB). Found by the fuzz:
+# sixteen Plans of a 100k-node graph held 0.9 GB beyond its footprint, so the
+# graph caches' byte bounds did not hold. Two cover a worker's two kinds of
+# shard (with and without the batch-independent terms).
+PLAN_STEPS_PER_NODE = 2
 # What one checked node holds in Python objects (NodeInfo, its attrs, Call,
-# tuples, the index entry, its share of a cached Plan): tracemalloc measured
+# tuples, the index entry, its share of the cached Plans): tracemalloc measured
 # about 0.9 KB a node for a Program of a 100k-node chain and 1.4 KB with one
-# Plan; rounded up. With the consts' bytes, a Program's `footprint`, by which
-# the graph caches are bounded.
-NODE_BYTES = 2048
+# Plan, so 2 KB with two; rounded up. With the consts' bytes, a Program's
+# `footprint`, by which the graph caches are bounded.
+NODE_BYTES = 2560
 
 
 def graph_id(graph: pb.Graph) -> str:
@@ -350,7 +356,8 @@ class Program:
         live = tuple(i for i, n in enumerate(need) if n)
         with self._plans_lock:
             self._live_cache[key] = live
-            while len(self._live_cache) > MAX_PLANS * 2:
+            while len(self._live_cache) > 1 and (len(self._live_cache) > MAX_PLANS * 2 or sum(
+                    map(len, self._live_cache.values())) > PLAN_STEPS_PER_NODE * len(self.nodes)):
                 self._live_cache.popitem(last=False)
         return live
 
@@ -512,7 +519,9 @@ class Program:
         plan = Plan(forward, path, memory_peaks(forward, path, self.nodes))
         with self._plans_lock:
             self._plans[key] = plan
-            while len(self._plans) > MAX_PLANS:
+            budget = PLAN_STEPS_PER_NODE * len(self.nodes)
+            while len(self._plans) > 1 and (len(self._plans) > MAX_PLANS or
+                                            sum(len(kept.forward) for kept in self._plans.values()) > budget):
                 self._plans.popitem(last=False)
         return plan
 
