@@ -761,7 +761,7 @@ def test_fuzz_the_live_servers(target: Target):
         print(f"fuzz: {name}: RSS {start[name]['VmRSS'] / MB:.0f} -> {end[name]['VmRSS'] / MB:.0f} MB, "
               f"largest peak in one case +{peaks[name][0] / MB:.0f} MB ({peaks[name][1]})")
     assert cases >= 50, "the fuzz hardly ran"  # (a 100k-node graph takes a loaded machine 15 s of the 30)
-    assert by_code["OK"] > 0 and by_code["INVALID_ARGUMENT"] > 0 and by_code["RESOURCE_EXHAUSTED"] > 0
+    assert by_code["OK"] > 0 and by_code["INVALID_ARGUMENT"] > 0
     for name in processes:
         assert end[name]["VmRSS"] - start[name]["VmRSS"] < RSS_BOUND, name
     # Still serving, and right.
