@@ -324,3 +324,97 @@ def test_a_coordinator_keeps_graphs_by_bytes() -> None:
             with pytest.raises(gp.ServiceError) as caught:
                 client.register(const_graph(9, 2**19))  # 4 MB
             assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+# ------------------------------------------------------------------ temporaries the estimate must count (found by the fuzz)
+
+
+def padded_pool() -> gp.Graph:
+    """4,096 channels of an (8, 8) image, pooled by a 256 x 256 window padded by half of it: a (4096, 1, 1)
+    output of a 1.1 GB padded input (4 bytes of input a channel, 1 MB of values in all)."""
+    g = gp.Graph("padded-pool")
+    x = gp.broadcast_to(g.input("x", (1, 8, 8)) * g.param("w", (1,)), (4096, 8, 8))
+    g.set_loss(gp.max_pool2d(x, 256, padding=128).sum())
+    return g
+
+
+def padded_conv() -> gp.Graph:
+    """A (4, 4) output of a 3x3 conv dilated by 8192 over an image padded by 8192: a 1 GiB padded buffer."""
+    g = gp.Graph("padded-conv")
+    x = g.input("x", (1, 4, 4))
+    g.set_loss(gp.conv2d(x, g.param("w", (1, 1, 3, 3)), padding=8192, dilation=8192).sum())
+    return g
+
+
+def test_padding_that_dwarfs_a_small_output_is_counted_before_it_runs(cluster) -> None:
+    """Found by the fuzz: the estimate counted values only, so conv's and pooling's padded inputs (and
+    im2col's columns) ran uncounted: a graph of (1, 1) values asked numpy for 2 TiB (RESOURCE_EXHAUSTED
+    only because the machine lacked it; 1 GiB was simply allocated). Op.scratch now adds them."""
+    for graph in (padded_pool(), padded_conv()):
+        params = params_for(graph)
+        batch = {"x": np.ones((1, 1, 8, 8) if graph.name == "padded-pool" else (1, 1, 4, 4), np.float32)}
+        with cluster.client() as client:
+            with Measured(cluster.workers[0].pid) as on_worker, Measured(cluster.coordinator.pid) as on_coordinator:
+                with pytest.raises(gp.ServiceError) as caught:
+                    client.gradients(graph, params, batch)
+        assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED, str(caught.value)
+        assert "temporaries" in str(caught.value) and "--max-request-memory-mb" in str(caught.value)
+        assert on_worker.peak < 64 * MB and on_coordinator.peak < 64 * MB
+    # The same ops with a padding that fits still run (and agree with one process).
+    g = gp.Graph("small-padding")
+    x = g.input("x", (1, 6, 6))
+    g.set_loss(gp.max_pool2d(gp.conv2d(x, g.param("w", (2, 1, 3, 3)), padding=2, dilation=2), 4, padding=2).sum())
+    params, batch = params_for(g), {"x": np.random.default_rng(0).normal(size=(4, 1, 6, 6)).astype(np.float32)}
+    with cluster.client() as client:
+        result = client.gradients(g, params, batch)
+    loss, want = gp.local_gradients(g, params, batch)
+    assert result.loss == pytest.approx(loss) and np.allclose(result.grads["w"], want["w"], rtol=1e-5)
+
+
+
+def test_a_kernel_of_more_taps_than_the_limit_is_refused_at_registration(cluster) -> None:
+    """Found by the fuzz: pooling loops over its window's taps, so a 2**14 x 2**14 window (of an 8 x 8 image
+    padded by half the window) was 2**28 Python iterations on a worker."""
+    g = gp.Graph("many-taps")
+    x = g.input("x", (1, 8, 8))
+    g.set_loss(x.sum())
+    proto = g.to_proto()  # x, its sum; then a pool of x and its sum as the loss, by hand (the SDK refuses it)
+    node = proto.nodes.add(name="pool", op="max_pool2d", inputs=[0], shape=[-1, 1, 1, 1], dtype=pb.FLOAT32)
+    node.attrs["kernel"].ints.values.extend([2**14])
+    node.attrs["padding"].ints.values.extend([2**13])
+    proto.nodes.add(name="loss", op="sum", inputs=[2], dtype=pb.FLOAT32)
+    proto.loss = 3
+    with grpc.insecure_channel(cluster.address) as channel:
+        err = raw_call(channel, "Coordinator", "RegisterGraph", pb.RegisterGraphRequest(graph=proto).SerializeToString())
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "268435456 taps; the limit is 65536" in err.details()
+    with pytest.raises(gp.GraphError, match="taps"):
+        gp.conv2d(x, g.param("w", (1, 1, 300, 300)))
+
+
+def test_a_program_with_many_kinds_of_run_stays_within_its_footprint() -> None:
+    """Found by the fuzz (a coordinator kept 540 MB with a 256 MB graph cache): each kind of run (forward-only
+    runs are keyed by the outputs asked for) kept a Plan of about 0.55 KB a node, up to sixteen, beyond the
+    footprint the caches count. Now the Plans kept are bounded by steps as well."""
+    import tracemalloc
+
+    n = 20_000
+    graph = pb.Graph(name="chain")
+    graph.nodes.add(name="x", op="input", shape=[-1, 4], dtype=pb.FLOAT32)
+    graph.nodes.add(name="w", op="param", shape=[4], dtype=pb.FLOAT32)
+    graph.nodes.add(name="xw", op="mul", inputs=[0, 1], shape=[-1, 4], dtype=pb.FLOAT32)
+    for i in range(3, n - 1):
+        graph.nodes.add(name=f"n{i}", op="tanh", inputs=[i - 1], shape=[-1, 4], dtype=pb.FLOAT32)
+    graph.nodes.add(name="loss", op="sum", inputs=[n - 2], dtype=pb.FLOAT32)
+    graph.loss = n - 1
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        program = Program(graph)
+        program.check_memory(8, 2**40)  # the gradient run's plan
+        for i in range(16):  # sixteen forward-only runs, each asking for another output near the end
+            program.check_memory(8, 2**40, gradients=False, outputs=[f"n{n - 3 - i}"])
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    print(f"held {held / MB:.1f} MB, footprint {program.footprint / MB:.1f} MB")
+    assert held < program.footprint

@@ -110,6 +110,12 @@ class Op:
     # comparisons, one_hot), so the gradient path ends here. A node whose
     # value is not float never carries one either, whatever this says.
     passes_gradient: bool = True
+    # Temporaries forward or VJP allocate beyond the values the plan holds (conv's
+    # padded image and im2col columns, pooling's padded input), in elements of the
+    # node's dtype, per example when the first input is per-example:
+    # scratch(at, *input_shapes). The memory estimate adds them while the node's
+    # step runs; None: nothing beyond a few values of the node's own size.
+    scratch: Optional[Callable[..., int]] = None
 
     def resolve_attrs(self, given: dict) -> Attrs:
         """The node's attributes with defaults filled in; unknown or missing ones refused."""

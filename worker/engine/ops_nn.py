@@ -37,6 +37,19 @@ from .ops import REQUIRED, Attrs, Op, Shape, fmt, is_per_example, norm_axis, ref
 
 # ---------------------------------------------------------------- attribute helpers
 
+# Conv and pooling loop in Python over a kernel's taps (one vectorized copy, max or add each), so their
+# number is bounded: a 256 x 256 window (a global pool of a 256 x 256 image) is the most. Found by the
+# fuzz: a 2**14 x 2**14 pooling window of a padded 8 x 8 image kept a worker busy for hours.
+MAX_KERNEL_TAPS = 2**16
+
+
+def _check_taps(kernel: tuple[int, ...], what: str) -> None:
+    taps = 1
+    for k in kernel:
+        taps *= k
+    if taps > MAX_KERNEL_TAPS:
+        raise GraphError(f"{what}: a {fmt(tuple(kernel))} kernel has {taps} taps; the limit is {MAX_KERNEL_TAPS}")
+
 def _tuple(values: tuple, n: int, what: str, least: int) -> tuple[int, ...]:
     """An int-or-n-tuple attribute as an n-tuple (one value stands for all), each >= least."""
     values = tuple(int(v) for v in values)
@@ -105,6 +118,7 @@ def _conv_shape(dims: int):
                              f"per-example, got {fmt(w)}")
         if w[1] != x[1]:
             raise GraphError(f"{name}: x has {x[1]} channels but the weights {fmt(w)} take {w[1]}")
+        _check_taps(tuple(w[2:]), name)
         spatial = (1,) * (2 - dims) + tuple(x[2:])
         kernel = (1,) * (2 - dims) + tuple(w[2:])
         out = tuple(_out_size(s, k, st, p, d) for s, k, st, p, d in
@@ -326,11 +340,32 @@ def _conv_vjp(dims: int):
     return vjp
 
 
+def _images(x: Shape) -> int:
+    """Images in one example's value (1 for a per-example x), or in all of a value without a batch axis."""
+    return 1 if is_per_example(x) else x[0]
+
+
+def _conv_scratch(dims: int):
+    def scratch(at: Attrs, x: Shape, w: Shape) -> int:
+        """The padded image and im2col's columns, twice each (the VJP rebuilds the columns for dw while
+        dcols and col2im's padded buffer are alive), and the product's wide (O, L) columns, twice: with a
+        large padding and dilation these dwarf the output."""
+        x2 = (1, x[1], 1, x[2]) if dims == 1 else (1, *x[1:])
+        kernel = (1, w[2]) if dims == 1 else tuple(w[2:])
+        layout = _Layout(_Conv(at, dims), x2, kernel)
+        padded = layout.c * (layout.hp * layout.wp + layout.tail)
+        cols = layout.c * kernel[0] * kernel[1] * layout.length
+        return _images(x) * 2 * (padded + cols + w[0] * layout.length)
+    return scratch
+
+
 _CONV_ATTRS = {"stride": ("ints", (1,)), "padding": ("ints", (0,)), "dilation": ("ints", (1,))}
 register(Op("conv2d", 2, _conv_shape(2), _conv_forward(2), _conv_vjp(2), linear_in="each", attrs=_CONV_ATTRS,
+            scratch=_conv_scratch(2),
             doc="2-D cross-correlation as PyTorch's conv2d (no bias): x (batch, C, H, W), w (out, C, kh, kw); "
                 "stride, padding (zeros) and dilation are 1 or 2 ints"))
 register(Op("conv1d", 2, _conv_shape(1), _conv_forward(1), _conv_vjp(1), linear_in="each", attrs=_CONV_ATTRS,
+            scratch=_conv_scratch(1),
             doc="1-D cross-correlation as PyTorch's conv1d (no bias): x (batch, C, L), w (out, C, k)"))
 
 
@@ -341,6 +376,7 @@ class _Pool:
         self.kernel = _tuple(at.kernel, 2, f"{name} kernel", 1)
         self.stride = _tuple(at.stride, 2, f"{name} stride", 1) if at.stride else self.kernel
         self.padding = _tuple(at.padding, 2, f"{name} padding", 0)
+        _check_taps(self.kernel, name)
         if any(2 * p > k for p, k in zip(self.padding, self.kernel)):
             raise GraphError(f"{name}: padding {self.padding} must be at most half the kernel {self.kernel} "
                              "(as in PyTorch), so that every window holds real input")
@@ -435,11 +471,23 @@ def _avg_pool_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray) -> t
     return (_crop_last2(grad, pool.padding),)
 
 
+def _pool_scratch(at: Attrs, x: Shape) -> int:
+    """The padded input and its gradient (a window as large as the image, padded by half of it, keeps the
+    output small and the padded input not)."""
+    pool = _Pool(at, "pool")
+    lead = 1
+    for d in x[1 if is_per_example(x) else 0:-2]:
+        lead *= d
+    return 2 * lead * (x[-2] + 2 * pool.padding[0]) * (x[-1] + 2 * pool.padding[1])
+
+
 _POOL_ATTRS = {"kernel": ("ints", REQUIRED), "stride": ("ints", ()), "padding": ("ints", (0,))}
 register(Op("max_pool2d", 1, _pool_shape("max_pool2d"), _max_pool_forward, _max_pool_vjp, attrs=_POOL_ATTRS,
+            scratch=_pool_scratch,
             doc="max over kh x kw windows of the last two axes; stride defaults to the kernel, padding is -inf; "
                 "a window's gradient goes to its first maximal element (row-major), as in PyTorch"))
 register(Op("avg_pool2d", 1, _pool_shape("avg_pool2d"), _avg_pool_forward, _avg_pool_vjp, linear_in="all",
+            scratch=_pool_scratch,
             attrs=_POOL_ATTRS,
             doc="mean over kh x kw windows of the last two axes; zero padding counts in the mean "
                 "(PyTorch's count_include_pad=True)"))

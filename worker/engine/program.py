@@ -34,12 +34,18 @@ MAX_NAME_LENGTH = LIMITS.max_name_length
 # Kinds of run whose Plan is kept (forward-only runs are keyed by the outputs
 # a client asks for: without a bound, asking for ever new sets grows it).
 MAX_PLANS = 16
+# ... and at most this many Steps per node of the graph in all the kept Plans
+# (a Plan holds one per node it runs: about 0.55 KB). Found by the fuzz:
+# sixteen Plans of a 100k-node graph held 0.9 GB beyond its footprint, so the
+# graph caches' byte bounds did not hold. Two cover a worker's two kinds of
+# shard (with and without the batch-independent terms).
+PLAN_STEPS_PER_NODE = 2
 # What one checked node holds in Python objects (NodeInfo, its attrs, Call,
-# tuples, the index entry, its share of a cached Plan): tracemalloc measured
+# tuples, the index entry, its share of the cached Plans): tracemalloc measured
 # about 0.9 KB a node for a Program of a 100k-node chain and 1.4 KB with one
-# Plan; rounded up. With the consts' bytes, a Program's `footprint`, by which
-# the graph caches are bounded.
-NODE_BYTES = 2048
+# Plan, so 2 KB with two; rounded up. With the consts' bytes, a Program's
+# `footprint`, by which the graph caches are bounded.
+NODE_BYTES = 2560
 
 
 def graph_id(graph: pb.Graph) -> str:
@@ -79,6 +85,7 @@ class NodeInfo:
     # output depends on.
     refusal: str = ""
     call: Optional[Call] = None  # what the op's rules see as `at`
+    scratch: tuple[int, int] = (0, 0)  # (bytes, bytes per example) of the op's temporaries (Op.scratch)
 
     def where(self) -> str:
         built = f", built at {self.origin}" if self.origin else ""
@@ -307,6 +314,9 @@ class Program:
         if shape != info.shape or dtype != info.dtype:
             raise GraphError(f"declares {fmt(info.shape)} of {info.dtype}, but its inputs "
                              f"{', '.join(fmt(p.shape) for p in parents)} give {fmt(shape)} of {dtype}")
+        if op.scratch is not None:
+            size = op.scratch(info.call, *(p.shape for p in parents)) * info.dtype.itemsize
+            info.scratch = (0, size) if is_per_example(parents[0].shape) else (size, 0)
 
     def _gradient_path(self) -> frozenset[int]:
         """Nodes that depend on a param and lead to the loss: the only ones with adjoints.
@@ -346,7 +356,8 @@ class Program:
         live = tuple(i for i, n in enumerate(need) if n)
         with self._plans_lock:
             self._live_cache[key] = live
-            while len(self._live_cache) > MAX_PLANS * 2:
+            while len(self._live_cache) > 1 and (len(self._live_cache) > MAX_PLANS * 2 or sum(
+                    map(len, self._live_cache.values())) > PLAN_STEPS_PER_NODE * len(self.nodes)):
                 self._live_cache.popitem(last=False)
         return live
 
@@ -403,12 +414,14 @@ class Program:
         needed = plan.memory(examples)
         if needed <= max_bytes:
             return
-        largest = max((step.node for step in plan.forward), key=lambda node: node.bytes_for(examples))
+        scratch = lambda node: node.scratch[0] + node.scratch[1] * examples  # noqa: E731
+        largest = max((step.node for step in plan.forward), key=lambda node: node.bytes_for(examples) + scratch(node))
+        temporaries = f" plus {mib(scratch(largest))} of temporaries" if scratch(largest) else ""
         raise CapacityError(
             f"{what} needs about {mib(needed)} for its values and gradients with {examples} example(s) (a static "
             f"estimate), more than the {mib(max_bytes)} a request may use on this server "
             f"(--max-request-memory-mb); the largest value is {largest.where()}: {fmt(largest.shape)} of "
-            f"{largest.dtype}, {mib(largest.bytes_for(examples))}. Send fewer examples per request")
+            f"{largest.dtype}, {mib(largest.bytes_for(examples))}{temporaries}. Send fewer examples per request")
 
     def check_fits(self, max_bytes: int) -> None:
         """At registration: refuse a graph that cannot run even one example within
@@ -506,7 +519,9 @@ class Program:
         plan = Plan(forward, path, memory_peaks(forward, path, self.nodes))
         with self._plans_lock:
             self._plans[key] = plan
-            while len(self._plans) > MAX_PLANS:
+            budget = PLAN_STEPS_PER_NODE * len(self.nodes)
+            while len(self._plans) > 1 and (len(self._plans) > MAX_PLANS or
+                                            sum(len(kept.forward) for kept in self._plans.values()) > budget):
                 self._plans.popitem(last=False)
         return plan
 
@@ -630,6 +645,7 @@ def memory_peaks(forward: Sequence[Step], backward: Sequence[Step],
         if step.op is None:
             continue
         moment = list(live)
+        add(moment, step.node.scratch)
         for k in step.cut_args:
             add(moment, nodes[step.node.inputs[k]].nbytes)
         moments.append((moment[0], moment[1]))
@@ -646,7 +662,7 @@ def memory_peaks(forward: Sequence[Step], backward: Sequence[Step],
         if g is None or step.op is None:  # unreached; or a param, whose adjoint is its gradient, still held
             continue
         add(held, g, -1)
-        moment = [live[0] + held[0] + g[0], live[1] + held[1] + g[1]]
+        moment = [live[0] + held[0] + g[0] + node.scratch[0], live[1] + held[1] + g[1] + node.scratch[1]]
         for k in step.cut_args:
             add(moment, nodes[node.inputs[k]].nbytes)
         for _, i in step.grad_inputs:
