@@ -373,3 +373,27 @@ def test_negative_and_positive_axes_agree(label: str, function) -> None:
         if callable(reference) and short not in ("abs", "round", "pow"):
             argument = [data, data] if first == "xs" else data
             np.testing.assert_allclose(got["a"], reference(argument, axis=positive, **extra), rtol=1e-12)
+
+
+def test_the_sdk_and_the_servers_agree_on_int_list_attributes() -> None:
+    """Indexing with a list becomes `take` with the indices as an attribute: a
+    long one passes the servers' wire check as it passes the SDK, and one past
+    the limit is refused by the SDK too, not only once it reaches a server."""
+    from gradpool.protos import gradpool_pb2 as pb
+    from gradpool.worker import wire
+    from gradpool.worker.engine.limits import LIMITS
+
+    g = gp.Graph(dtype="float64")
+    x = g.input("x", (300,))
+    picked = x[:, list(range(0, 300, 2))]  # 150 indices
+    g.set_loss(picked.sum())
+    wire.check_sizes(g.to_proto().SerializeToString(), pb.Graph.DESCRIPTOR)
+    loss, _ = gp.local_gradients(g, {}, {"x": np.ones((2, 300))})
+    assert loss == 300.0
+    proto = g.to_proto()
+    node = next(n for n in proto.nodes if n.op == "take")
+    node.attrs["indices"].ints.values.extend([0] * LIMITS.max_attr_ints)
+    with pytest.raises(gp.GraphError, match=f"at most {LIMITS.max_attr_ints}"):
+        gp.Graph.from_proto(proto)
+    with pytest.raises(gp.InputError, match=f"{LIMITS.max_attr_ints}"):
+        wire.check_sizes(proto.SerializeToString(), pb.Graph.DESCRIPTOR)

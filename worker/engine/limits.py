@@ -25,7 +25,7 @@ class Limits:
     max_nodes: int = 100_000
     max_node_inputs: int = 1_024  # inputs of one node (concat, add_n)
     max_node_attrs: int = 32  # attributes of one node
-    max_attr_ints: int = 64  # values of one int-list attribute (axes, perm, shape targets)
+    max_attr_ints: int = 65_536  # values of one int-list attribute (axes, perm, shape targets, take's indices)
     max_rank: int = 8  # dims of any shape: nodes, consts, wire tensors, dataset arrays
     max_dim: int = 2**31 - 1  # one dim of a declared shape
     max_tensor_elements: int = 2**31  # elements of one declared shape (per example) or const

@@ -168,6 +168,9 @@ def _attr_value(kind: object, value: pb.AttrValue, what: str) -> object:
     if kind is bool and which == "b":
         return bool(value.b)
     if kind == "ints" and which == "ints":
+        if len(value.ints.values) > LIMITS.max_attr_ints:  # the servers refuse it on the wire: so does the SDK
+            raise GraphError(f"{what}: {len(value.ints.values)} values; an int-list attribute holds at most "
+                             f"{LIMITS.max_attr_ints}")
         return tuple(int(v) for v in value.ints.values)
     if kind is str and which == "s":
         return value.s
