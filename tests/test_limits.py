@@ -143,7 +143,7 @@ def test_a_graph_of_ten_million_nodes_is_refused_before_it_is_parsed(cluster) ->
     node = field(2, field(1, b"n"))
     graph = field(1, b"many") + node * 10_000_000
     results = attack(cluster, graph)
-    assert_refused_cheaply(results, f"10000000 nodes; the limit is {LIMITS.max_nodes}")
+    assert_refused_cheaply(results, f"more than {LIMITS.max_nodes} nodes; the limit is {LIMITS.max_nodes}")
     still_serves(cluster)
 
 
@@ -397,7 +397,7 @@ def test_a_program_with_many_kinds_of_run_stays_within_its_footprint() -> None:
     footprint the caches count. Now the Plans kept are bounded by steps as well."""
     import tracemalloc
 
-    n = 20_000
+    n = 3_000  # the footprint and the plans both grow with n: their ratio is what is tested
     graph = pb.Graph(name="chain")
     graph.nodes.add(name="x", op="input", shape=[-1, 4], dtype=pb.FLOAT32)
     graph.nodes.add(name="w", op="param", shape=[4], dtype=pb.FLOAT32)

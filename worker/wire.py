@@ -705,14 +705,15 @@ def _fields_fast(view: memoryview) -> Iterator[tuple[int, int, Union[int, memory
 
 def _check_message(view: memoryview, descriptor: Descriptor, budget: _Budget, where: str) -> None:
     table, limited = _table(descriptor)
-    if limited:  # count repeated messages (nodes) first: a huge list is refused before any of it is read
+    if limited:  # count repeated messages (nodes) first: a huge list is refused before any of it is read,
+        # and as soon as the count passes the limit (10M nodes cost a scan of 100k, not 10M)
+        limits = {number: (budget.counts.get(name, budget.limits.max_tensors), name) for number, name in limited}
         counts: dict[int, int] = {}
         for number, wire_type, _ in _fields_fast(view):
-            counts[number] = counts.get(number, 0) + 1
-        for number, name in limited:
-            limit = budget.counts.get(name, budget.limits.max_tensors)
-            if counts.get(number, 0) > limit:
-                budget.refuse(where, f"{counts[number]} {_WORDS.get(name, table[number][0])}; the limit is {limit}")
+            count = counts[number] = counts.get(number, 0) + 1
+            if number in limits and count > limits[number][0]:
+                limit, name = limits[number]
+                budget.refuse(where, f"more than {limit} {_WORDS.get(name, table[number][0])}; the limit is {limit}")
     seen: dict[object, int] = {}  # field number -> values so far; ("elements", number) -> a shape's product
     for number, wire_type, value in _fields_fast(view):
         entry = table.get(number)
