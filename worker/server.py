@@ -451,12 +451,13 @@ class RunningWorker:
         self.health.enter_graceful_shutdown()  # type: ignore[attr-defined]
         if self.link is not None:
             self.link.stop(deregister=True)
-        busy = self.servicer.in_flight()
+        answered, busy = self.servicer.shards_served, self.servicer.in_flight()
         self.server.stop(grace).wait()
-        if busy:
+        if busy or self.servicer.shards_served != answered:
             # The last answers are written but may still be in flight: exiting at
             # once can reset the connection under them (seen in CI), and the
-            # coordinator would redo a shard that was done.
+            # coordinator would redo a shard that was done. That includes a
+            # shard that had arrived but not yet started when the stop began.
             time.sleep(LINGER_SECONDS)
 
 
