@@ -6,12 +6,9 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-import numpy as np
-
 from gradpool.worker.engine.errors import GraphError
 
-from .graph import Expr, Operand, _matmul, _take
-from .graph import Expr, Operand, _user_origin
+from .graph import Expr, Operand, _matmul, _take, _user_origin
 
 
 def _expr(x: Operand, *others: Operand) -> Expr:
