@@ -90,6 +90,18 @@ def test_the_image_dependency_layer_installs_what_pyproject_declares() -> None:
         assert result.stdout.split("\n")[:-1] == want
 
 
+def stop_all(processes: list[subprocess.Popen]) -> None:
+    """Terminate the services in reverse start order; kill any that linger."""
+    for proc in reversed(processes):
+        proc.terminate()
+    for proc in processes:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def free_port() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -176,14 +188,7 @@ def test_compose_services_run_as_written(tmp_path: Path) -> None:
         assert result.returncode == 0, result.stderr
         assert "accuracy" in result.stdout and (tmp_path / "metrics.json").exists()
     finally:
-        for proc in reversed(processes):
-            proc.terminate()
-        for proc in processes:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_all(processes)
 
 
 def test_health_probe_fails_for_a_dead_address() -> None:
@@ -253,11 +258,4 @@ def test_compose_with_tls_and_tokens_runs_as_written(tmp_path: Path) -> None:
             loss, _ = client.gradients(graph, params, batch)
         assert loss == pytest.approx(gp.local_gradients(graph, params, batch)[0], rel=1e-10)
     finally:
-        for proc in reversed(processes):
-            proc.terminate()
-        for proc in processes:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_all(processes)
