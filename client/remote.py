@@ -30,6 +30,7 @@ from gradpool.worker import wire
 from gradpool.worker.engine.errors import GradpoolError, GraphError, InputError, ShardingError
 from gradpool.worker.engine.tensors import EXACT, fill_tensor
 from gradpool.worker.engine.tensors import wire_dtype as parse_wire_dtype
+from gradpool.worker.malloc import keep_freed_bytes_from_env, keep_freed_memory
 from gradpool.worker.rpc import (BUSY_DETAILS, DEFAULT_MAX_MESSAGE_MB, MISSING_DATASET, TlsConfig, auth_metadata, channel_options,
                                  method_path, open_channel, rpc_error_kind, with_port)
 from gradpool.worker.streams import PROTOBUF_LIMIT_BYTES, STREAM_THRESHOLD_BYTES, call_streamed
@@ -396,6 +397,12 @@ class Client:
     inf beyond 65504 and loses gradients below about 6e-8. Inputs always
     travel exact; `forward` ignores it. `gradients(..., wire_dtype=)`
     overrides it for one call (None: exact).
+
+    Creating a client lets this process keep up to 512 MB of freed memory
+    for reuse (GRADPOOL_KEEP_FREED_MB; 0 turns it off), as the servers do:
+    sending a large batch then fills warm pages instead of page-faulting
+    fresh ones, which took most of the client's CPU on a 13 MB request (see
+    gradpool/worker/malloc.py).
     """
 
     def __init__(self, address: str, token: Optional[str] = None,
@@ -404,6 +411,7 @@ class Client:
                  stream_threshold_mb: float = STREAM_THRESHOLD_BYTES / 2**20, wire_dtype: Optional[str] = None,
                  tls: "TlsConfig | bool | str | os.PathLike[str] | None" = None):
         self._wire_dtype = parse_wire_dtype(wire_dtype)  # an InputError now, not at the first step
+        keep_freed_memory(keep_freed_bytes_from_env())
         self.wire_dtype = wire_dtype
         self.address = address = with_port(address)
         self.timeout = timeout

@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 
 from gradpool.worker.datasets import DEFAULT_DATASET_CACHE_BYTES
 from gradpool.worker.engine.limits import LIMITS, MB
+from gradpool.worker.malloc import DEFAULT_KEEP_FREED_MB
 from gradpool.worker.rpc import (DEFAULT_MAX_MESSAGE_MB, ServerTls, TlsConfig, add_memory_flags,
                                  add_observability_flags, add_server_tls_arguments, env_default,
                                  message_limit_bytes, server_tls)
@@ -37,6 +38,7 @@ class CoordinatorConfig(ServerTls):
     max_graphs: int = 256
     graph_cache_mb: float = LIMITS.graph_cache_bytes / MB
     max_request_memory_mb: float = LIMITS.max_request_memory_bytes / MB
+    keep_freed_mb: float = DEFAULT_KEEP_FREED_MB
     dataset_cache_mb: float = DEFAULT_DATASET_CACHE_BYTES / 2**20
     stream_threshold_mb: float = STREAM_THRESHOLD_BYTES / 2**20
     max_shard_mb: float = 0.0
@@ -145,7 +147,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "gradpool coord
                      f"({args.lease_seconds})")
     if (not args.request_timeout_seconds > 0 or args.max_graphs < 1 or args.threads < 1
             or not args.dataset_cache_mb > 0 or not args.stream_threshold_mb > 0 or args.max_concurrent_requests < 1
-            or args.max_shard_mb < 0 or not args.graph_cache_mb > 0 or not args.max_request_memory_mb > 0):
+            or args.max_shard_mb < 0 or not args.graph_cache_mb > 0 or not args.max_request_memory_mb > 0 or args.keep_freed_mb < 0):
         parser.error("--request-timeout-seconds, --max-graphs, --dataset-cache-mb, --graph-cache-mb, "
                      "--max-request-memory-mb and --threads must be positive")
     try:

@@ -33,6 +33,7 @@ from gradpool.worker.datasets import DEFAULT_DATASET_CACHE_BYTES, DatasetStore, 
 from gradpool.worker.engine import Program, graph_id
 from gradpool.worker.engine.errors import GradpoolError, GraphError
 from gradpool.worker.engine.limits import LIMITS, MB
+from gradpool.worker.malloc import DEFAULT_KEEP_FREED_MB
 from gradpool.worker.observability import (BYTES_IN, BYTES_OUT, DATASET_BYTES, DATASETS, EXAMPLES, GRAPHS,
                                            REQUEST_ID_HEADER, call_context)
 from gradpool.worker.engine.tensors import wire_dtype_field
@@ -355,6 +356,7 @@ class WorkerConfig(ServerTls):
     max_graphs: int = 64
     graph_cache_mb: float = LIMITS.graph_cache_bytes / MB
     max_request_memory_mb: float = LIMITS.max_request_memory_bytes / MB
+    keep_freed_mb: float = DEFAULT_KEEP_FREED_MB
     dataset_cache_mb: float = DEFAULT_DATASET_CACHE_BYTES / 2**20
     threads: int = 8
     max_concurrent_shards: int = 16
@@ -426,7 +428,7 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "gradpool worke
         parser.error(f"--capacity must be positive and at most {MAX_CAPACITY:g}, got {args.capacity}")
     server_tls(args.tls_cert, args.tls_key, args.tls_ca, args.mtls, parser.error)
     if (args.max_graphs < 1 or args.threads < 1 or not args.dataset_cache_mb > 0 or args.max_concurrent_shards < 1
-            or not args.graph_cache_mb > 0 or not args.max_request_memory_mb > 0):
+            or not args.graph_cache_mb > 0 or not args.max_request_memory_mb > 0 or args.keep_freed_mb < 0):
         parser.error("--max-graphs, --threads, --dataset-cache-mb, --graph-cache-mb and --max-request-memory-mb "
                      "must be positive")
     try:
