@@ -45,12 +45,14 @@ class NamedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Frame(_message.Message):
-    __slots__ = ("total_bytes", "data")
+    __slots__ = ("total_bytes", "data", "header_bytes")
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    HEADER_BYTES_FIELD_NUMBER: _ClassVar[int]
     total_bytes: int
     data: bytes
-    def __init__(self, total_bytes: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    header_bytes: int
+    def __init__(self, total_bytes: _Optional[int] = ..., data: _Optional[bytes] = ..., header_bytes: _Optional[int] = ...) -> None: ...
 
 class IntList(_message.Message):
     __slots__ = ("values",)

@@ -11,6 +11,7 @@ the result is bitwise the same whatever order the workers answer in.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import random
 import threading
@@ -58,7 +59,7 @@ from gradpool.worker.rpc import (
     translate_errors,
     warn_about_tokens,
 )
-from gradpool.worker.streams import PROTOBUF_LIMIT_BYTES, from_frames, to_frames
+from gradpool.worker.streams import PROTOBUF_LIMIT_BYTES, ArrivingMessage, to_frames
 
 from .config import CoordinatorConfig, parse_args
 from .fanout import (
@@ -70,6 +71,7 @@ from .fanout import (
     plan,
     shard_requests,
 )
+from .incoming import ArrivingRequest
 from .registry import WorkerRegistry
 
 log = logging.getLogger("gradpool.coordinator")
@@ -138,6 +140,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.datasets = DatasetStore(int(config.dataset_cache_mb * 2**20))
         self.max_stream_bytes = PROTOBUF_LIMIT_BYTES
         self.max_request_memory = int(config.max_request_memory_mb * 2**20)
+        # One thread reads each streamed request while its handler plans and sends shards.
+        self._stream_readers = futures.ThreadPoolExecutor(config.max_concurrent_requests,
+                                                          thread_name_prefix="request-stream")
         self.totals = Totals()
         self._totals_lock = threading.Lock()
         self._metadata = auth_metadata(config.to_workers_token)
@@ -166,8 +171,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     @translate_errors
     def ComputeGradientsStream(self, request_iterator: Iterator[bytes],
                                context: grpc.ServicerContext) -> Iterator[bytes]:
-        request = self._received(from_frames(request_iterator, self.max_stream_bytes))
-        return to_frames(self._sent(self._compute_gradients(request, context)))
+        return to_frames(self._sent(self._compute_gradients(self._arriving(request_iterator), context)))
 
     @translate_errors
     def Evaluate(self, request: bytes, context: grpc.ServicerContext) -> bytes:
@@ -175,8 +179,17 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     @translate_errors
     def EvaluateStream(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        request = self._received(from_frames(request_iterator, self.max_stream_bytes))
-        return to_frames(self._sent(self._evaluate(request, context)))
+        return to_frames(self._sent(self._evaluate(self._arriving(request_iterator, evaluate=True), context)))
+
+    def _arriving(self, frames: Iterator[bytes], evaluate: bool = False) -> "bytes | bytearray | ArrivingRequest":
+        """A streamed request: read while it arrives when its sender promised
+        the order (incoming.py), else once it is all in."""
+        message = ArrivingMessage.start(frames, self.max_stream_bytes, self._stream_readers)
+        if not message.header_bytes:
+            message.finish()
+            return self._received(b"".join(message.pieces(0, message.total)))
+        BYTES_IN.labels("coordinator").inc(message.total)
+        return ArrivingRequest(message, evaluate)
 
     @staticmethod
     def _received(data: "bytes | bytearray") -> "bytes | bytearray":
@@ -184,35 +197,43 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return data
 
     @staticmethod
+    def _read(data: "bytes | bytearray | ArrivingRequest", evaluate: bool = False) -> wire.RequestView:
+        return data.header() if isinstance(data, ArrivingRequest) else wire.read_request(data, evaluate)
+
+    @staticmethod
     def _sent(parts: wire.Parts) -> wire.Parts:
         BYTES_OUT.labels("coordinator").inc(parts.size)
         return parts
 
-    def _compute_gradients(self, data: "bytes | bytearray", context: grpc.ServicerContext) -> wire.Parts:
+    def _compute_gradients(self, data: "bytes | bytearray | ArrivingRequest",
+                           context: grpc.ServicerContext) -> wire.Parts:
         started = time.perf_counter()
-        request = wire.read_request(data)
+        arriving = data if isinstance(data, ArrivingRequest) else None
+        request = self._read(data)
         with self._tally() as tally, call_context(request.request_id, request.graph_id) as request_id:
             wire_dtype = wire_dtype_field(request.wire_dtype)
             record = self._graph(request.graph_id)
             program = record.program
             program.signature.check_wire_params(request.params)  # float params may come compact
             seed = program.check_seed(request.seed)  # a graph with dropout needs one
-            batch = self._batch(program, request)
+            batch = self._batch(program, request, arriving=arriving)
             program.check_memory(batch.examples, self.max_request_memory)  # before any worker computes
             shards = self._shards(record, request.param_fields, batch, wire_dtype=wire_dtype, seed=seed)
             total = OrderedSum(len(shards))
-            with self._fan_out(shards, record, batch.dataset, context, request_id,
-                               gradient_problem(program, wire_dtype)) as results:
+            with self._fan_out(shards, record, batch, context, request_id,
+                               gradient_problem(program, wire_dtype), arriving) as results:
                 for shard, response in results:
                     total.add(shard.index, response.loss, self._shard_grads(program, response))
+            self._arrived_well(program, request, arriving)
             assert total.grads is not None
             tally.examples = batch.examples
             return wire.gradients_response(total.loss, total.grads, batch.examples, [s.stats() for s in shards],
                                            time.perf_counter() - started, wire_dtype)
 
-    def _evaluate(self, data: "bytes | bytearray", context: grpc.ServicerContext) -> wire.Parts:
+    def _evaluate(self, data: "bytes | bytearray | ArrivingRequest", context: grpc.ServicerContext) -> wire.Parts:
         started = time.perf_counter()
-        request = wire.read_request(data, evaluate=True)
+        arriving = data if isinstance(data, ArrivingRequest) else None
+        request = self._read(data, evaluate=True)
         with self._tally() as tally, call_context(request.request_id, request.graph_id) as request_id:
             record = self._graph(request.graph_id)
             program = record.program
@@ -220,15 +241,16 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             program.check_outputs(outputs)
             needed_inputs, needed_params = program.sources_for(outputs)
             program.signature.check_wire_params(request.params, needed_params)
-            batch = self._batch(program, request, needed_inputs)
+            batch = self._batch(program, request, needed_inputs, arriving)
             program.check_memory(batch.examples, self.max_request_memory, gradients=False, outputs=outputs)
             shards = self._shards(record, request.param_fields, batch, mode=pb.ShardRequest.FORWARD,
                                   outputs=outputs)
             pieces: list[Optional[wire.ResultView]] = [None] * len(shards)
-            with self._fan_out(shards, record, batch.dataset, context, request_id,
-                               output_problem(program, outputs)) as results:
+            with self._fan_out(shards, record, batch, context, request_id,
+                               output_problem(program, outputs), arriving) as results:
                 for shard, response in results:
                     pieces[shard.index] = response
+            self._arrived_well(program, request, arriving, needed_inputs)
             tally.examples = batch.examples
             return wire.evaluate_response(self._concat_outputs(program, outputs, shards, pieces), batch.examples,
                                           [s.stats() for s in shards], time.perf_counter() - started)
@@ -323,9 +345,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                              "uploaded, evicted, or the coordinator restarted): upload it again", MISSING_DATASET)
         return dataset
 
-    def _batch(self, program: Program, request: wire.RequestView, required: Optional[set[str]] = None) -> Batch:
+    def _batch(self, program: Program, request: wire.RequestView, required: Optional[set[str]] = None,
+               arriving: Optional[ArrivingRequest] = None) -> Batch:
         """The request's examples: inline inputs (checked, bytes kept to slice)
-        or rows of a resident dataset (checked against the graph, indices in range)."""
+        or rows of a resident dataset (checked against the graph, indices in range).
+        A request still arriving has its inputs read up to the last one needed."""
+        if arriving is not None:
+            request.inputs = arriving.read_inputs(set(program.inputs) if required is None else set(required))
         if request.rows is None:
             examples, inputs = program.signature.check_wire_inputs(request.inputs, required)
             return Batch(examples, inputs=inputs)
@@ -353,24 +379,42 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         requests = shard_requests(record.graph_id, params, batch, [(a, b) for _, a, b in assignment], mode, outputs,
                                   wire_dtype, seed)
         fraction = self.config.audit_fraction
-        return [Shard(i, start, stop, request, worker, audit=fraction > 0 and self._audit_draw.random() < fraction)
-                for i, ((worker, start, stop), request) in enumerate(zip(assignment, requests))]
+        return [Shard(i, start, stop, make_request, worker,
+                      audit=fraction > 0 and self._audit_draw.random() < fraction)
+                for i, ((worker, start, stop), make_request) in enumerate(zip(assignment, requests))]
+
+    @staticmethod
+    def _arrived_well(program: Program, request: wire.RequestView, arriving: Optional[ArrivingRequest],
+                      required: Optional[set[str]] = None) -> None:
+        """A streamed request ended as declared, and the inputs that came after
+        the ones its shards needed are no unknown or repeated ones."""
+        if arriving is None:
+            return
+        names = [name for name, _ in arriving.finish()]
+        if request.rows is not None and names:
+            raise InputError("send the batch as inputs or as dataset rows, not both")
+        if request.rows is None:
+            program.signature.check_names(names, "input", required)
 
     @contextlib.contextmanager
-    def _fan_out(self, shards: list[Shard], record: GraphRecord, dataset: Optional[Dataset],
-                 context: grpc.ServicerContext, request_id: str, check: Callable[[Shard, wire.ResultView], str]
-                 ) -> Iterator[Iterator[tuple[Shard, wire.ResultView]]]:
+    def _fan_out(self, shards: list[Shard], record: GraphRecord, batch: Batch,
+                 context: grpc.ServicerContext, request_id: str, check: Callable[[Shard, wire.ResultView], str],
+                 arriving: Optional[ArrivingRequest] = None) -> Iterator[Iterator[tuple[Shard, wire.ResultView]]]:
         """The shard results as they arrive, under the client's deadline (or
         ours); a failed shard becomes the request's status, and leaving the
-        block for any reason cancels what is still running."""
+        block for any reason cancels what is still running. A request still
+        arriving has each shard sent once its rows are in."""
         remaining = context.time_remaining()
         limit = self.config.request_timeout_seconds
         timeout = limit if remaining is None or remaining > limit else remaining
         log.debug("request %s: %d shard(s), %.1fs to go", request_id or "-", len(shards), timeout)
         metadata = self._metadata + (((REQUEST_ID_HEADER, request_id),) if request_id else ())
-        with FanOut(shards, record, self.registry, time.monotonic() + timeout, metadata, dataset,
+        arrived_rows = None if arriving is None else functools.partial(arriving.rows, batch.inputs, batch.examples)
+        with FanOut(shards, record, self.registry, time.monotonic() + timeout, metadata, batch.dataset,
                     int(self.config.stream_threshold_mb * 2**20), check,
-                    result_difference(self.config.audit_tolerance)) as fan:
+                    result_difference(self.config.audit_tolerance), arrived_rows) as fan:
+            if arriving is not None:
+                arriving.message.on_progress = fan.wake
             context.add_callback(fan.cancel)  # the client went away
             try:
                 yield fan.results()

@@ -34,6 +34,7 @@ worker to audit it is served unaudited (counted as skipped).
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import logging
 import queue
 import time
@@ -71,6 +72,8 @@ HEDGE_FLOOR = 1.0
 WORKER_FAILURES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.RESOURCE_EXHAUSTED,
                    grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.ABORTED,
                    grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.DATA_LOSS)
+# Put in the queue of finished attempts when more of a streamed request arrived.
+WAKE: tuple = ("more rows arrived",)
 # Streamed shards block a thread each for their transfer (unary ones do not).
 STREAM_EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="shard-stream")
 
@@ -108,8 +111,11 @@ class Shard:
     index: int
     start: int
     stop: int
-    request: Parts  # a ShardRequest, worker-independent (views of the client's bytes)
+    # Its ShardRequest, worker-independent (views of the client's bytes), made
+    # when first sent: a streamed request's rows may not be in before.
+    make_request: Callable[[], Parts]
     worker: WorkerEntry  # where it runs now; at the end, who served it
+    request: Optional[Parts] = None
     attempts: int = 0  # sends, to any worker
     first_sent: float = 0.0
     seconds: float = 0.0
@@ -185,14 +191,15 @@ def plan(pool: Sequence[WorkerEntry], examples: int, row_bytes: int = 0,
 def shard_requests(graph_id: str, param_fields: Sequence[memoryview], batch: Batch,
                    bounds: Sequence[tuple[int, int]], mode: int = pb.ShardRequest.GRADIENTS,
                    outputs: Sequence[str] = (), wire_dtype: int = pb.DTYPE_UNSPECIFIED,
-                   seed: Optional[int] = None) -> list[Parts]:
-    """One ShardRequest per (start, stop), none of them copying a tensor yet:
-    inline inputs are cut by row stride from the client's bytes, params are the
-    client's own fields (compact or not, as they came), and a resident
-    dataset's shard is its slice of the indices. The bytes are joined once,
-    when a shard is sent. `wire_dtype`: the encoding the gradients come back in.
-    Every shard carries the request's `seed` and its `start` as its example
-    offset, so a retried or pipelined shard draws its own examples' masks."""
+                   seed: Optional[int] = None) -> list[Callable[[], Parts]]:
+    """Makers of one ShardRequest per (start, stop), none of them copying a
+    tensor: inline inputs are cut by row stride from the client's bytes (once
+    the shard's rows are in, for a streamed request), params are the client's
+    own fields (compact or not, as they came), and a resident dataset's shard
+    is its slice of the indices. The bytes are joined once, when a shard is
+    sent. `wire_dtype`: the encoding the gradients come back in. Every shard
+    carries the request's `seed` and its `start` as its example offset, so a
+    retried or pipelined shard draws its own examples' masks."""
     requests = []
     for index, (start, stop) in enumerate(bounds):
         header = pb.ShardRequest(graph_id=graph_id, global_batch=batch.examples,
@@ -204,7 +211,7 @@ def shard_requests(graph_id: str, param_fields: Sequence[memoryview], batch: Bat
             assert batch.indices is not None
             header.rows.dataset_id = batch.dataset.dataset_id
             fill_tensor(header.rows.indices, batch.indices[start:stop])
-        requests.append(wire.shard_request(header, batch.inputs, (start, stop), param_fields))
+        requests.append(functools.partial(wire.shard_request, header, batch.inputs, (start, stop), param_fields))
     return requests
 
 
@@ -229,7 +236,11 @@ class FanOut:
     check: Callable[[Shard, wire.ResultView], str] = lambda shard, response: ""
     # How two results of an audited shard differ ("" when they agree).
     compare: Callable[[wire.ResultView, wire.ResultView], str] = lambda a, b: ""
-    _done: "queue.SimpleQueue[tuple[Shard, Attempt]]" = field(default_factory=queue.SimpleQueue)
+    # How many of the batch's first rows are in (a streamed request still
+    # arriving; `wake` when more come): a shard is sent once all its rows
+    # are. None: all are in.
+    arrived_rows: Optional[Callable[[], int]] = None
+    _done: "queue.SimpleQueue[tuple]" = field(default_factory=queue.SimpleQueue)
     _finished_seconds: list[float] = field(default_factory=list)
     _cancelled: bool = False
 
@@ -246,15 +257,21 @@ class FanOut:
                 if attempt.future is not None:
                     attempt.future.cancel()  # type: ignore[attr-defined]
 
+    def wake(self) -> None:
+        """More rows arrived (called from the thread reading the request)."""
+        self._done.put(WAKE)
+
     def results(self) -> Iterator[tuple[Shard, wire.ResultView]]:
         """(shard, response) in arrival order, each shard once; raises ShardFailed
         when a shard cannot be computed anywhere."""
-        for shard in self.shards:
-            shard.first_sent = time.perf_counter()
-            self._send(shard, shard.worker)
+        unsent = list(self.shards)
+        self._send_arrived(unsent)
         pending = len(self.shards)
         while pending:
             item = self._next_done()
+            if item is WAKE:
+                self._send_arrived(unsent)
+                continue
             if item is None:  # no answer for a while: look for stragglers and workers gone
                 self._hedge_stragglers()
                 continue
@@ -281,6 +298,14 @@ class FanOut:
             shard.seconds = time.perf_counter() - shard.first_sent
             pending -= 1
             yield shard, response
+
+    def _send_arrived(self, unsent: list[Shard]) -> None:
+        """Send, in order, the shards whose rows are all in."""
+        rows = self.arrived_rows() if unsent and self.arrived_rows is not None else None
+        while unsent and (rows is None or unsent[0].stop <= rows):
+            shard = unsent.pop(0)
+            shard.first_sent = time.perf_counter()
+            self._send(shard, shard.worker)
 
     def _response(self, shard: Shard, attempt: Attempt) -> Optional[wire.ResultView]:
         """The attempt's checked response, or None after handling its failure."""
@@ -431,7 +456,7 @@ class FanOut:
     def _remaining(self) -> float:
         return self.deadline - time.monotonic()
 
-    def _next_done(self) -> Optional[tuple[Shard, Attempt]]:
+    def _next_done(self) -> Optional[tuple]:
         """The next finished attempt; None after a short wait (time to check for stragglers)."""
         remaining = self._remaining()
         if remaining <= -5.0:  # every call carries the deadline; this is a safety net
@@ -457,6 +482,8 @@ class FanOut:
                 raise
             self._on_failure(shard, attempt, failure.code, failure.details, failure.kind)
             return
+        if shard.request is None:
+            shard.request = shard.make_request()
         shard.attempts += 1
         worker.acquire()
         try:

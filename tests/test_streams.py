@@ -3,6 +3,8 @@ limit, and every malformed stream refused while the servers keep serving."""
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import numpy as np
 import pytest
@@ -164,3 +166,103 @@ def test_pipelined_shards_split_a_workers_share_and_stay_exact() -> None:
     assert first.loss == total.loss and np.array_equal(first.grads["W"], total.grads["W"])
     assert again.loss == first.loss and np.array_equal(again.grads["W"], first.grads["W"])
     np.testing.assert_allclose(first.grads["W"], grads["W"], rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------- requests read while they arrive
+
+def streamed_request(graph: gp.Graph, params: dict, batch: dict, extra: "Parts | None" = None,
+                     header_bytes: "int | None" = None) -> list[pb.Frame]:
+    """A GradientsRequest's frames as the SDK writes them (header first, then the
+    inputs, smallest first), optionally with more fields after and another header size."""
+    _, body = request_parts("", params, batch, "r1")
+    message = with_graph_id(graph.graph_id, body)
+    if extra is not None:
+        message.extend(extra)
+    if header_bytes is not None:
+        message.header_bytes = header_bytes
+    return [pb.Frame.FromString(f) for f in message.frames(256 * 1024)]
+
+
+def test_the_sdk_promises_the_order_and_puts_the_inputs_last_smallest_first() -> None:
+    graph = wide_model()
+    batch = {"x": np.ones((50, 1024), np.float32), "y": np.zeros(50, np.int64)}
+    frames = streamed_request(graph, graph.init_params(0), batch)
+    message = b"".join(f.data for f in frames)
+    header = frames[0].header_bytes
+    assert 0 < header < len(message) and frames[0].total_bytes == len(message)
+    assert not any(f.header_bytes for f in frames[1:])
+    head, rest = pb.GradientsRequest.FromString(message[:header]), pb.GradientsRequest.FromString(message[header:])
+    assert head.graph_id == graph.graph_id and head.request_id == "r1" and len(head.params) == 1 and not head.inputs
+    assert [i.name for i in rest.inputs] == ["y", "x"] and not rest.params and not rest.graph_id
+
+
+def test_shards_start_while_the_rest_of_the_request_still_arrives(cluster) -> None:
+    """The client stops sending before the last rows: the shards whose rows are
+    in are computed meanwhile (a worker serves one), and the result is still
+    bitwise the in-process sum over the same shard bounds."""
+    import threading
+    graph = wide_model()
+    params = graph.init_params(0)
+    rng = np.random.default_rng(1)
+    batch = {"x": rng.normal(size=(600, 1024)).astype(np.float32), "y": rng.integers(0, 2048, 600)}
+    with gp.Client(cluster.address, timeout=120, max_message_mb=MESSAGE_MB) as service:
+        service.register(graph)
+        served_before = sum(w.shards_served for w in service.status().workers)
+        frames = streamed_request(graph, params, batch)
+        resume, computed_while_paused = threading.Event(), []
+
+        def client_stream():
+            yield from frames[:-2]  # the last 0.5 MB of x held back: the first shards' rows are in
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not computed_while_paused:
+                if sum(w.shards_served for w in service.status().workers) > served_before:
+                    computed_while_paused.append(True)
+                time.sleep(0.05)
+            resume.wait(0)
+            yield from frames[-2:]
+
+        with grpc.insecure_channel(cluster.address, options=[("grpc.max_receive_message_length", 2**24)]) as channel:
+            answer = pb.GradientsResponse.FromString(b"".join(
+                f.data for f in pb_grpc.CoordinatorStub(channel).ComputeGradientsStream(client_stream(), timeout=60)))
+    assert computed_while_paused, "no shard was computed before the whole request had arrived"
+    bounds = [(s.start, s.start + s.examples) for s in answer.shards]
+    program, total = graph.program(), gp.worker.engine.OrderedSum(len(bounds))
+    for index, (start, stop) in enumerate(bounds):
+        part = program.run(params, {k: v[start:stop] for k, v in batch.items()}, global_batch=600,
+                           include_batch_independent=index == 0)
+        total.add(index, part.loss, part.grads)
+    grad = np.frombuffer(answer.grads[0].tensor.data, np.float32).reshape(1024, 2048)
+    assert answer.loss == total.loss and np.array_equal(grad, total.grads["W"])
+
+
+def test_a_request_that_breaks_its_promise_of_order_is_refused_and_the_coordinator_serves_on(cluster) -> None:
+    graph = wide_model()
+    params = graph.init_params(0)
+    batch = {"x": np.ones((300, 1024), np.float32), "y": np.zeros(300, np.int64)}
+    with gp.Client(cluster.address, timeout=60, max_message_mb=MESSAGE_MB) as service:
+        service.register(graph)
+    good = streamed_request(graph, params, batch)
+    total = good[0].total_bytes
+    cases = {
+        "inputs inside the header_bytes": streamed_request(graph, params, batch, header_bytes=total),
+        "field 4 after the header_bytes": streamed_request(graph, params, batch,
+                                                           extra=Parts().bytes_field(4, b"late id")),
+        "unknown input(s) ['z']": streamed_request(graph, params, batch, extra=Parts().named_tensor(
+            3, "z", np.zeros(300, np.float32))),
+        "input 'y' given twice": streamed_request(graph, params, batch, extra=Parts().named_tensor(
+            3, "y", np.zeros(300, np.int64))),
+        "ended after": good[:-1],  # cut off in the rows of x, after the first shards went out
+        "declares a header of": [pb.Frame(total_bytes=total, header_bytes=total + 1, data=good[0].data),
+                                 *good[1:]],
+    }
+    with grpc.insecure_channel(cluster.address, options=[("grpc.max_receive_message_length", 2**24)]) as channel:
+        stub = pb_grpc.CoordinatorStub(channel)
+        for expected, frames in cases.items():
+            with pytest.raises(grpc.RpcError) as caught:
+                list(stub.ComputeGradientsStream(iter(frames), timeout=60))
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (expected, caught.value.details())
+            assert expected in caught.value.details(), (expected, caught.value.details())
+        answer = pb.GradientsResponse.FromString(b"".join(
+            f.data for f in stub.ComputeGradientsStream(iter(good), timeout=60)))
+    loss, _ = gp.local_gradients(graph, params, batch)
+    assert abs(answer.loss - loss) < 1e-6

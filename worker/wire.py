@@ -43,6 +43,7 @@ from .engine.tensors import (DTYPE_TO_PROTO, EXACT, MAX_RANK, PROTO_TO_DTYPE, WI
                              compact, expand)
 
 if TYPE_CHECKING:
+    from .streams import Region
     from .engine.signature import Signature as SignatureLike
     from .engine.signature import WireInput as WireInputLike
 
@@ -186,6 +187,11 @@ def read_tensor(buf: memoryview, what: str) -> TensorView:
             data = value  # type: ignore[assignment]
         if len(shape) > MAX_RANK:
             raise InputError(f"{what}: invalid shape: more than {MAX_RANK} dims")
+    return tensor_view(proto_dtype, shape, data, what)
+
+
+def tensor_view(proto_dtype: int, shape: Sequence[int], data: "memoryview | Region", what: str) -> TensorView:
+    """A TensorView of checked dtype and shape, whose data has exactly the bytes they need."""
     if proto_dtype in PROTO_TO_DTYPE:
         dtype = PROTO_TO_DTYPE[proto_dtype]
     elif proto_dtype in WIRE_STORAGE:  # a compact float param or gradient; what may be compact is the reader's check
@@ -198,7 +204,7 @@ def read_tensor(buf: memoryview, what: str) -> TensorView:
     if needed != len(data):
         name = WIRE_DTYPES.get(proto_dtype) or dtype
         raise InputError(f"{what}: shape {tuple(shape)} of {name} needs {needed} bytes, got {len(data)}")
-    return TensorView(dtype, proto_dtype, tuple(shape), data)
+    return TensorView(dtype, proto_dtype, tuple(shape), data)  # type: ignore[arg-type]
 
 
 def read_named(buf: memoryview, what: str) -> tuple[str, TensorView]:
@@ -230,6 +236,10 @@ class Parts:
     def __init__(self) -> None:
         self.parts: list[Buffer] = []
         self.size = 0
+        # Bytes before the streamable tail (a request's inputs, written last
+        # by `request_parts`), which a stream's first Frame declares as
+        # `header_bytes`; None: no such promise.
+        self.header_bytes: Optional[int] = None
 
     def raw(self, data: Buffer) -> "Parts":
         view = _view(data) if isinstance(data, memoryview) else data
@@ -279,6 +289,8 @@ class Parts:
         return self.message_field(number, Parts().bytes_field(1, name.encode()).message_field(2, tensor))
 
     def extend(self, other: "Parts") -> "Parts":
+        if other.header_bytes is not None:
+            self.header_bytes = self.size + other.header_bytes
         self.parts.extend(other.parts)
         self.size += other.size
         return self
@@ -288,7 +300,8 @@ class Parts:
 
     def frames(self, frame_bytes: int) -> Iterator[bytes]:
         """The message as serialized `Frame`s of at most `frame_bytes` data each,
-        the first declaring the total; no copy of the whole message is made."""
+        the first declaring the total (and `header_bytes`, when set); no copy
+        of the whole message is made."""
         first, pending, pending_size = True, [], 0
         for part in self.parts:
             view = _view(part)
@@ -298,15 +311,17 @@ class Parts:
                 pending_size += take
                 view = view[take:]
                 if pending_size == frame_bytes:
-                    yield _frame(pending, pending_size, self.size if first else None)
+                    yield _frame(pending, pending_size, self.size if first else None, self.header_bytes)
                     first, pending, pending_size = False, [], 0
         if pending or first:
-            yield _frame(pending, pending_size, self.size if first else None)
+            yield _frame(pending, pending_size, self.size if first else None, self.header_bytes)
 
 
-def _frame(pieces: Sequence[Buffer], size: int, total: Optional[int]) -> bytes:
-    header = (key(1, VARINT) + varint(total) if total else b"") + key(2, LEN) + varint(size)
-    return b"".join([header, *pieces])
+def _frame(pieces: Sequence[Buffer], size: int, total: Optional[int], header_bytes: Optional[int] = None) -> bytes:
+    header = key(1, VARINT) + varint(total) if total else b""
+    if total and header_bytes:
+        header += key(3, VARINT) + varint(header_bytes)
+    return b"".join([header, key(2, LEN), varint(size), *pieces])
 
 
 def named_arrays(parts: Parts, number: int, arrays: Mapping[str, np.ndarray], wire: int = EXACT) -> Parts:
@@ -390,7 +405,6 @@ def request_parts(graph_id: str, params: Mapping[str, np.ndarray], inputs: Mappi
     numbers = EVALUATE_REQUEST if outputs is not None else GRADIENTS_REQUEST
     body = Parts()
     named_arrays(body, 2, params, wire_dtype)
-    named_arrays(body, 3, inputs)
     for name in outputs or ():
         body.bytes_field(4, name.encode())
     body.bytes_field(numbers["request_id"], request_id.encode())
@@ -399,6 +413,11 @@ def request_parts(graph_id: str, params: Mapping[str, np.ndarray], inputs: Mappi
     body.varint_field(GRADIENTS_REQUEST["wire_dtype"], wire_dtype)  # nothing when EXACT
     if seed is not None:  # an optional field: present even when 0
         body.raw(key(GRADIENTS_REQUEST["seed"], VARINT) + varint(seed))
+    # The inputs last, the largest last of all (Frame.header_bytes): streamed,
+    # every shard's rows of the small ones are in early, and the big one's
+    # rows arrive in order, so the coordinator can start shards as they come.
+    body.header_bytes = body.size
+    named_arrays(body, 3, dict(sorted(inputs.items(), key=lambda item: np.asarray(item[1]).nbytes)))
     return Parts().bytes_field(1, graph_id.encode()), body
 
 
@@ -416,10 +435,16 @@ def shard_request(header: pb.ShardRequest, inputs: Sequence["WireInputLike"], ro
     start, stop = rows
     for item in inputs:
         parts.named_raw(3, item.name, item.dtype, (stop - start, *item.row_shape),
-                        [item.data[start * item.row_bytes:stop * item.row_bytes]])
+                        byte_pieces(item.data, start * item.row_bytes, stop * item.row_bytes))
     for whole in param_fields:
         parts.raw(whole)
     return parts
+
+
+def byte_pieces(data: "memoryview | Region", start: int, stop: int) -> list:
+    """Bytes [start, stop) of a received tensor: a view of the message, or the
+    views of the frames they arrived in (a streamed request's Region)."""
+    return [data[start:stop]] if isinstance(data, memoryview) else data.pieces(start, stop)
 
 
 @dataclass
@@ -586,7 +611,7 @@ def _check_field_numbers() -> None:
         "EvaluateResponse": EVALUATE_RESPONSE,
         "NamedTensor": {"name": 1, "tensor": 2},
         "Tensor": {"dtype": 1, "shape": 2, "data": 3},
-        "Frame": {"total_bytes": 1, "data": 2},
+        "Frame": {"total_bytes": 1, "data": 2, "header_bytes": 3},
     }
     for message, numbers in expected.items():
         actual = {f.name: f.number for f in getattr(pb, message).DESCRIPTOR.fields}
