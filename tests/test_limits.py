@@ -26,7 +26,8 @@ MB = 2**20
 # What an attacked server may grow by, at its peak, while refusing: the
 # message itself is held by gRPC and once as bytes (50 MB attacks).
 PEAK_BOUND = 192 * MB
-# What it may still hold after (allocators keep freed buffers for reuse).
+# What it may still hold after (allocators keep freed buffers for reuse; the
+# servers below keep at most 64 MB so, --keep-freed-mb).
 KEPT_BOUND = 128 * MB
 
 
@@ -98,8 +99,9 @@ def sum_graph() -> tuple[pb.Graph, int]:
 @pytest.fixture(scope="module")
 def cluster():
     """Open mode (no tokens), so that a worker's LoadGraph can be called directly too."""
-    with LocalCluster(workers=1, coordinator_args=["--max-request-memory-mb", "256"],
-                      worker_args=["--max-request-memory-mb", "256"]) as running:
+    keep = ["--keep-freed-mb", "64"]
+    with LocalCluster(workers=1, coordinator_args=["--max-request-memory-mb", "256", *keep],
+                      worker_args=["--max-request-memory-mb", "256", *keep]) as running:
         yield running
 
 
