@@ -26,8 +26,11 @@ MB = 2**20
 # What an attacked server may grow by, at its peak, while refusing: the
 # message itself is held by gRPC and once as bytes (50 MB attacks).
 PEAK_BOUND = 192 * MB
-# What it may still hold after (allocators keep freed buffers for reuse; the
-# servers below keep at most 64 MB so, --keep-freed-mb).
+# What it may still hold after (allocators keep some freed buffers for reuse;
+# the servers below run with glibc's own policy, --keep-freed-mb 0, so that
+# what is measured is what the attack made them hold, not what they keep on
+# purpose: with the default 512, a server's resident size stays near its
+# peak instead).
 KEPT_BOUND = 128 * MB
 
 
@@ -99,7 +102,7 @@ def sum_graph() -> tuple[pb.Graph, int]:
 @pytest.fixture(scope="module")
 def cluster():
     """Open mode (no tokens), so that a worker's LoadGraph can be called directly too."""
-    keep = ["--keep-freed-mb", "64"]
+    keep = ["--keep-freed-mb", "0"]
     with LocalCluster(workers=1, coordinator_args=["--max-request-memory-mb", "256", *keep],
                       worker_args=["--max-request-memory-mb", "256", *keep]) as running:
         yield running
