@@ -9,9 +9,9 @@ ms. A step of the service makes several message-sized buffers per hop (the
 joined request, the bytes gRPC receives, numpy's temporaries), so at batch
 4096 page faults were about half the CPU the client and coordinator spent on
 a step, and a fifth of a worker's. Pinning the threshold at its maximum (32
-MB) and letting up to `max_bytes` of freed memory stay in the heap makes
-those buffers reuse warm pages; the cost is that a process's resident size
-shrinks more slowly after a large request.
+MB) and letting up to `max_bytes` of freed memory stay at the top of each
+malloc heap (every thread arena has its own) makes those buffers reuse warm
+pages; the cost is that a process's resident size stays near its peak.
 
 Linux with glibc only; elsewhere nothing changes (and the function says so).
 """

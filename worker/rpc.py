@@ -669,9 +669,10 @@ def add_memory_flags(add: Callable[..., Any]) -> None:
              "value; so is a graph that cannot run one example within it (env GRADPOOL_MAX_REQUEST_MEMORY_MB, "
              "default %(default)s)")
     add("--keep-freed-mb", type=float, default=env_default("GRADPOOL_KEEP_FREED_MB", DEFAULT_KEEP_FREED_MB),
-        help="freed memory the process keeps for reuse, in MB (glibc's malloc: message-sized buffers then reuse "
-             "warm pages instead of page-faulting fresh ones, about 4x faster to fill; see worker/malloc.py); 0 "
-             "leaves malloc's defaults (env GRADPOOL_KEEP_FREED_MB, default %(default)s)")
+        help="freed memory each malloc heap keeps for reuse, in MB (glibc: message-sized buffers then reuse warm "
+             "pages instead of page-faulting fresh ones, about 4x faster to fill, and resident size stays near its "
+             "peak; see worker/malloc.py); 0 leaves malloc's own policy (env GRADPOOL_KEEP_FREED_MB, default "
+             "%(default)s)")
 
 
 def run_main(serve: Callable[[Any], None], config: Any, logger: logging.Logger) -> int:
