@@ -187,6 +187,10 @@ def _attr_value(kind: object, value: pb.AttrValue, what: str) -> object:
 class Program:
     """A graph checked and classified once, run many times (one per shard)."""
 
+    # Whether a step may write its output into a dead temporary (Op.forward_into).
+    # Tests turn it off, before the first run, to compare the numbers bitwise.
+    reuse_buffers = True
+
     def __init__(self, graph: pb.Graph):
         if not isinstance(graph, pb.Graph):
             raise GraphError(f"expected a gradpool Graph message, got {type(graph).__name__}")
@@ -526,7 +530,7 @@ class Program:
             node = self.nodes[j]
             op = None if node.op in SOURCES else get_op(node.op)
             reuse = -1
-            if op is not None and op.forward_into is not None:
+            if op is not None and op.forward_into is not None and self.reuse_buffers:
                 reuse = next((k for k, i in enumerate(node.inputs) if (j, k) not in cut and i not in keep
                               and first_use[i] == last_use[i] == j and self._reusable(self.nodes[i], node)), -1)
             reads = op.vjp_reads if op is not None else "all"
