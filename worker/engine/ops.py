@@ -22,6 +22,7 @@ for random ops `at.node`, `at.seed`, `at.offset`, `at.training`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -116,6 +117,20 @@ class Op:
     # scratch(at, *input_shapes). The memory estimate adds them while the node's
     # step runs; None: nothing beyond a few values of the node's own size.
     scratch: Optional[Callable[..., int]] = None
+    # What the VJP reads besides g: "all" (inputs and output), "inputs", "output"
+    # or "none". The engine keeps a value for the backward pass only if some VJP
+    # reads it, frees the others once the forward pass is done with them, and
+    # passes None for what the op says it does not read.
+    vjp_reads: str = "all"
+    # True: forward always returns a new array that shares memory with nothing
+    # else (not an input, not a view, not a cached array), so the engine may let
+    # a later step overwrite it once nothing else reads it.
+    fresh: bool = False
+    # forward_into(at, out, *xs): forward written into `out`, a buffer of the
+    # output's shape and dtype that may be one of xs (a dead temporary the
+    # engine hands over); it must give bitwise what forward gives (the same
+    # ufuncs), and such an op must be `fresh`.
+    forward_into: Optional[Callable[..., np.ndarray]] = None
 
     def resolve_attrs(self, given: dict) -> Attrs:
         """The node's attributes with defaults filled in; unknown or missing ones refused."""
@@ -136,6 +151,7 @@ class Op:
 
 REQUIRED = object()
 REGISTRY: dict[str, Op] = {}
+VJP_READS = ("all", "inputs", "output", "none")
 
 
 def register(op: Op) -> Op:
@@ -145,6 +161,10 @@ def register(op: Op) -> Op:
         raise ValueError(f"op {op.name!r}: attribute names {sorted(CONTEXT_NAMES)} are the call's context")
     if op.dtype is None:
         object.__setattr__(op, "dtype", same_float_dtype)
+    if op.vjp_reads not in VJP_READS:
+        raise ValueError(f"op {op.name!r}: vjp_reads must be one of {VJP_READS}, got {op.vjp_reads!r}")
+    if op.forward_into is not None and not op.fresh:
+        raise ValueError(f"op {op.name!r}: an op with forward_into must be fresh (its forward returns a new array)")
     REGISTRY[op.name] = op
     return op
 
@@ -221,22 +241,30 @@ def elementwise_shape(at: Attrs, *shapes: Shape) -> Shape:
     return broadcast(*shapes) if len(shapes) > 1 else shapes[0]
 
 
-def unary(name: str, forward: Callable, vjp: Optional[Callable], doc: str, linear: bool = False, **attrs) -> Op:
+def unary(name: str, forward: Callable, vjp: Optional[Callable], doc: str, linear: bool = False, *,
+          vjp_reads: str = "all", into: Optional[Callable] = None, fresh: bool = False, **attrs) -> Op:
+    """An elementwise op of one input; `into` is its forward_into (which makes it fresh)."""
     return register(Op(name, 1, elementwise_shape, forward, vjp,
-                       linear_in="all" if linear else "none", attrs=attrs, doc=doc))
+                       linear_in="all" if linear else "none", attrs=attrs, doc=doc, vjp_reads=vjp_reads,
+                       fresh=fresh or into is not None, forward_into=into))
 
 
-def binary(name: str, forward: Callable, vjp: Callable, doc: str, linear_in: str = "none") -> Op:
-    return register(Op(name, 2, elementwise_shape, forward, vjp, linear_in=linear_in, doc=doc))
+def binary(name: str, forward: Callable, vjp: Callable, doc: str, linear_in: str = "none", *,
+           vjp_reads: str = "all", into: Optional[Callable] = None) -> Op:
+    return register(Op(name, 2, elementwise_shape, forward, vjp, linear_in=linear_in, doc=doc,
+                       vjp_reads=vjp_reads, fresh=into is not None, forward_into=into))
 
 
 # ---------------------------------------------------------------- elementwise
 
-binary("add", lambda at, a, b: a + b, lambda at, g, out, a, b: (g, g), "a + b", "all")
+binary("add", lambda at, a, b: a + b, lambda at, g, out, a, b: (g, g), "a + b", "all",
+       vjp_reads="none", into=lambda at, out, a, b: np.add(a, b, out=out))
 binary("sub", lambda at, a, b: a - b,
-       lambda at, g, out, a, b: (g, -g if at.wants[1] else None), "a - b", "all")
+       lambda at, g, out, a, b: (g, -g if at.wants[1] else None), "a - b", "all",
+       vjp_reads="none", into=lambda at, out, a, b: np.subtract(a, b, out=out))
 binary("mul", lambda at, a, b: a * b,
-       lambda at, g, out, a, b: (g * b if at.wants[0] else None, g * a if at.wants[1] else None), "a * b", "each")
+       lambda at, g, out, a, b: (g * b if at.wants[0] else None, g * a if at.wants[1] else None), "a * b", "each",
+       vjp_reads="inputs", into=lambda at, out, a, b: np.multiply(a, b, out=out))
 
 
 def _div_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple:
@@ -249,7 +277,8 @@ def _div_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, a: np.ndarray, b: np.nda
     return (g_over_b if at.wants[0] else None), grad_b
 
 
-binary("div", lambda at, a, b: a / b, _div_vjp, "a / b", "first")
+binary("div", lambda at, a, b: a / b, _div_vjp, "a / b", "first",
+       into=lambda at, out, a, b: np.divide(a, b, out=out))
 
 
 def _pick(a: np.ndarray, b: np.ndarray, first: bool) -> np.ndarray:
@@ -285,7 +314,8 @@ def _tanh_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray) -> tuple
     return (_scaled(g, t),)
 
 
-unary("neg", lambda at, x: -x, lambda at, g, out, x: (-g,), "-x", linear=True)
+unary("neg", lambda at, x: -x, lambda at, g, out, x: (-g,), "-x", linear=True,
+      vjp_reads="none", into=lambda at, out, x: np.negative(x, out=out))
 def _pow_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray) -> tuple:
     """exponent * x^(exponent - 1); for exponent 0 the gradient is 0 everywhere,
     x = 0 included (not 0 * 0^-1 = NaN), as torch.pow gives."""
@@ -297,10 +327,14 @@ def _pow_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray) -> tuple:
 unary("pow", lambda at, x: x ** x.dtype.type(at.exponent), _pow_vjp,
       "x ** exponent (a constant); at x = 0 the gradient is exponent * 0^(exponent - 1) "
       "(0 for exponent 0 or above 1, 1 for exponent 1, infinite otherwise), as torch.pow", exponent=(float, REQUIRED))
-unary("exp", lambda at, x: np.exp(x), lambda at, g, out, x: (g * out,), "e ** x")
-unary("log", lambda at, x: np.log(x), lambda at, g, out, x: (g / x,), "natural log")
-unary("sqrt", lambda at, x: np.sqrt(x), lambda at, g, out, x: (g * out.dtype.type(0.5) / out,), "square root")
-unary("square", lambda at, x: np.square(x), _square_vjp, "x ** 2")
+unary("exp", lambda at, x: np.exp(x), lambda at, g, out, x: (g * out,), "e ** x",
+      vjp_reads="output", into=lambda at, out, x: np.exp(x, out=out))
+unary("log", lambda at, x: np.log(x), lambda at, g, out, x: (g / x,), "natural log",
+      vjp_reads="inputs", into=lambda at, out, x: np.log(x, out=out))
+unary("sqrt", lambda at, x: np.sqrt(x), lambda at, g, out, x: (g * out.dtype.type(0.5) / out,), "square root",
+      vjp_reads="output", into=lambda at, out, x: np.sqrt(x, out=out))
+unary("square", lambda at, x: np.square(x), _square_vjp, "x ** 2",
+      vjp_reads="inputs", into=lambda at, out, x: np.square(x, out=out))
 unary("abs", lambda at, x: np.abs(x), lambda at, g, out, x: (g * np.sign(x),), "|x|")
 
 
@@ -308,8 +342,9 @@ unary("abs", lambda at, x: np.abs(x), lambda at, g, out, x: (g * np.sign(x),), "
 # each; np.logaddexp, which they used to go through, is a scalar loop about
 # 20x slower than np.exp.
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    """1 / (1 + e^-x) in a fresh array, accurate to a few ulps on both tails.
+def _sigmoid(x: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """1 / (1 + e^-x) in a fresh array (or in `out`, which may be x), accurate
+    to a few ulps on both tails.
 
     For x below about -88 (float32) or -709 (float64) e^-x overflows to inf
     and the result is 0, which is the true value rounded (it is below the
@@ -317,7 +352,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     0.5 tanh(x / 2) + 0.5 is a little faster but rounds sigmoid(x) to 0 from
     x = -17 (float32) on, which would make log(sigmoid(x)) -inf there.
     """
-    t = np.negative(x, out=np.empty_like(x))
+    t = np.negative(x, out=np.empty_like(x) if out is None else out)
     with np.errstate(over="ignore"):
         np.exp(t, out=t)
     t += 1
@@ -360,15 +395,20 @@ def _softplus_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, x: np.ndarray) -> t
 
 
 unary("sigmoid", lambda at, x: _sigmoid(x), _sigmoid_vjp,
-      "logistic function; its derivative reuses the output: s(1 - s)")
-unary("tanh", lambda at, x: np.tanh(x), _tanh_vjp, "tanh; derivative 1 - tanh^2")
-unary("relu", lambda at, x: np.maximum(x, 0), lambda at, g, out, x: (_scaled(g, (x > 0).astype(x.dtype)),),
-      "max(x, 0)")
+      "logistic function; its derivative reuses the output: s(1 - s)",
+      vjp_reads="output", into=lambda at, out, x: _sigmoid(x, out))
+unary("tanh", lambda at, x: np.tanh(x), _tanh_vjp, "tanh; derivative 1 - tanh^2",
+      vjp_reads="output", into=lambda at, out, x: np.tanh(x, out=out))
+# relu's VJP reads its output: out > 0 exactly where x > 0, NaN and -0 alike.
+# (The mask is cast to floats first: numpy's float-times-bool loop casts in
+# buffered chunks and is half again slower than the cast and a float multiply.)
+unary("relu", lambda at, x: np.maximum(x, 0), lambda at, g, out, x: (_scaled(g, (out > 0).astype(out.dtype)),),
+      "max(x, 0); gradient 0 at x = 0", vjp_reads="output", into=lambda at, out, x: np.maximum(x, 0, out=out))
 unary("leaky_relu", lambda at, x: np.where(x > 0, x, x * x.dtype.type(at.alpha)),
       lambda at, g, out, x: (g * np.where(x > 0, x.dtype.type(1), x.dtype.type(at.alpha)),),
       "x if x > 0 else alpha * x", alpha=(float, 0.01))
 unary("softplus", lambda at, x: _softplus(x), _softplus_vjp,
-      "log(1 + e^x); derivative sigmoid(x) = 1 - e^-out")
+      "log(1 + e^x); derivative sigmoid(x) = 1 - e^-out", vjp_reads="output", fresh=True)
 
 
 # ---------------------------------------------------------------- linear algebra
@@ -393,7 +433,8 @@ def _matmul_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, a: np.ndarray, b: np.
 
 
 register(Op("matmul", 2, _matmul_shape, lambda at, a, b: np.matmul(a, b), _matmul_vjp,
-            linear_in="each", doc="matrix product, 2-D or batched (leading axes broadcast)"))
+            linear_in="each", doc="matrix product, 2-D or batched (leading axes broadcast)",
+            vjp_reads="inputs", fresh=True))
 
 
 def _perm(at: Attrs, rank: int) -> tuple[int, ...]:
@@ -440,9 +481,15 @@ def _axes(at: Attrs, rank: int) -> tuple[int, ...]:
     is given empty (numpy's axis=()), so an SDK's `axis=()` is the identity.
     (Graphs built before this distinction stored `axis=()` as an empty list,
     which then meant all axes; the SDK always wrote axis=None out in full.)"""
-    if at.axes is None:
+    return _normalized_axes(at.axes, rank)
+
+
+@functools.lru_cache(maxsize=1024)
+def _normalized_axes(axes: Optional[tuple[int, ...]], rank: int) -> tuple[int, ...]:
+    """Worked out once per (axes, rank): reductions ask for them per run, forward and backward."""
+    if axes is None:
         return tuple(range(rank))
-    return tuple(sorted({norm_axis(a, rank, "reduction") for a in at.axes}))
+    return tuple(sorted({norm_axis(a, rank, "reduction") for a in axes}))
 
 
 def _reduce_shape(at: Attrs, x: Shape) -> Shape:
@@ -469,14 +516,17 @@ def _mean_count(at: Attrs, x: np.ndarray) -> int:
 
 
 _REDUCE_ATTRS = {"axes": ("ints", None), "keepdims": (bool, False)}
-register(Op("sum", 1, _reduce_shape, lambda at, x: np.sum(x, axis=_axes(at, x.ndim), keepdims=at.keepdims),
+# np.add.reduce is what np.sum calls for an array, without its Python wrapper (a few us a call).
+register(Op("sum", 1, _reduce_shape, lambda at, x: np.add.reduce(x, axis=_axes(at, x.ndim), keepdims=at.keepdims),
             lambda at, g, out, x: (_reduce_vjp_grad(at, g, x),),
-            linear_in="all", attrs=_REDUCE_ATTRS, doc="sum over `axes` (all when absent, none when empty)"))
+            linear_in="all", attrs=_REDUCE_ATTRS, doc="sum over `axes` (all when absent, none when empty)",
+            vjp_reads="inputs", fresh=True))
 register(Op("mean", 1, _reduce_shape,
             lambda at, x: np.sum(x, axis=_axes(at, x.ndim), keepdims=at.keepdims) / x.dtype.type(_mean_count(at, x)),
             lambda at, g, out, x: (_reduce_vjp_grad(at, g / x.dtype.type(_mean_count(at, x)), x),),
             linear_in="all", attrs=_REDUCE_ATTRS, needs_batch=True,
-            doc="mean over `axes`; over the batch axis it divides by the global batch size"))
+            doc="mean over `axes`; over the batch axis it divides by the global batch size",
+            vjp_reads="inputs", fresh=True))
 
 
 def _axis_shape(name: str) -> Callable[[Attrs, Shape], Shape]:
@@ -632,6 +682,7 @@ def _xent_vjp(at: Attrs, g: np.ndarray, out: np.ndarray, logits: np.ndarray, lab
 
 
 register(Op("softmax_cross_entropy", 2, _xent_shape, _xent_forward, _xent_vjp, dtype=_xent_dtype, indexes=(1, 0, -1),
+            vjp_reads="inputs", fresh=True,
             doc="per-example -log softmax(logits)[label], from logits and integer labels"))
 
 

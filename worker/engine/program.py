@@ -114,6 +114,12 @@ class Step:
     cut_args: frozenset[int]  # argument positions fed zeros (cut edges)
     free: tuple[int, ...]  # values nothing later reads: dropped after this step
     grad_inputs: tuple[tuple[int, int], ...]  # (position, input) that take an adjoint from this node
+    # The argument position whose buffer the op's forward_into writes into (a
+    # dead temporary, see `Program._reusable`); -1: forward into a new array.
+    reuse: int = -1
+    vjp_inputs: bool = True  # the VJP reads the inputs' values (else it gets None for them)
+    vjp_output: bool = True  # ... and the output's
+    contextual: bool = False  # the op reads the run's context (needs_batch, needs_seed): see `Program._call`
 
 
 @dataclass(frozen=True)
@@ -180,6 +186,10 @@ def _attr_value(kind: object, value: pb.AttrValue, what: str) -> object:
 
 class Program:
     """A graph checked and classified once, run many times (one per shard)."""
+
+    # Whether a step may write its output into a dead temporary (Op.forward_into).
+    # Tests turn it off, before the first run, to compare the numbers bitwise.
+    reuse_buffers = True
 
     def __init__(self, graph: pb.Graph):
         if not isinstance(graph, pb.Graph):
@@ -477,13 +487,13 @@ class Program:
         plan = self._plan(output_ids, cut, backward)
         if max_memory is not None:
             self._check_plan_memory(plan, examples, max_memory, f"a shard of {examples} example(s)")
-        values = self._forward(plan, params, inputs, context, stop)
+        values, shapes = self._forward(plan, params, inputs, context, stop)
         result_outputs = {name: np.array(values[self.index[name]]) for name in outputs} if not gradients else {}
         loss = float(values[self.loss]) if backward else 0.0
         grads: dict[str, np.ndarray] = {}
         if gradients:
             if backward:
-                grads = self._backward(plan, values, context, stop)
+                grads = self._backward(plan, values, shapes, context, stop)
             for name, value in params.items():
                 if name not in grads:
                     grads[name] = np.zeros_like(value)
@@ -499,24 +509,37 @@ class Program:
             return plan
         live = self._live(output_ids + ((self.loss,) if backward else ()), cut)
         keep = set(output_ids) | {self.loss}
-        if backward:  # values the backward pass will read: its nodes and their inputs
+        if backward:  # values the backward pass will read: what each VJP says it reads (Op.vjp_reads)
             for j in live:
-                if j in self._grad_set and self.nodes[j].op not in SOURCES:
-                    keep.add(j)
-                    keep.update(self.nodes[j].inputs)
+                node = self.nodes[j]
+                if j in self._grad_set and node.op not in SOURCES:
+                    reads = get_op(node.op).vjp_reads
+                    if reads in ("all", "output"):
+                        keep.add(j)
+                    if reads in ("all", "inputs"):
+                        keep.update(i for k, i in enumerate(node.inputs) if (j, k) not in cut)
+        first_use: dict[int, int] = {}
         last_use: dict[int, int] = {}
         for j in live:
             for k, i in enumerate(self.nodes[j].inputs):
                 if (j, k) not in cut:
+                    first_use.setdefault(i, j)
                     last_use[i] = j
         steps = {}
         for j in live:
             node = self.nodes[j]
-            steps[j] = Step(node, None if node.op in SOURCES else get_op(node.op),
-                            frozenset(k for k in range(len(node.inputs)) if (j, k) in cut),
+            op = None if node.op in SOURCES else get_op(node.op)
+            reuse = -1
+            if op is not None and op.forward_into is not None and self.reuse_buffers:
+                reuse = next((k for k, i in enumerate(node.inputs) if (j, k) not in cut and i not in keep
+                              and first_use[i] == last_use[i] == j and self._reusable(self.nodes[i], node)), -1)
+            reads = op.vjp_reads if op is not None else "all"
+            steps[j] = Step(node, op, frozenset(k for k in range(len(node.inputs)) if (j, k) in cut),
                             tuple(i for i in dict.fromkeys(node.inputs) if last_use.get(i) == j and i not in keep),
                             tuple((k, i) for k, i in enumerate(node.inputs)
-                                  if i in self._grad_set and (j, k) not in cut))
+                                  if i in self._grad_set and (j, k) not in cut), reuse,
+                            reads in ("all", "inputs"), reads in ("all", "output"),
+                            op is not None and (op.needs_batch or op.needs_seed))
         path = tuple(steps[j] for j in reversed(live) if j in self._grad_set) if backward else ()
         forward = tuple(steps[j] for j in live)
         plan = Plan(forward, path, memory_peaks(forward, path, self.nodes))
@@ -527,6 +550,17 @@ class Program:
                                             sum(len(kept.forward) for kept in self._plans.values()) > budget):
                 self._plans.popitem(last=False)
         return plan
+
+    @staticmethod
+    def _reusable(value: NodeInfo, into: NodeInfo) -> bool:
+        """Whether `into`'s step may write its output into `value`'s buffer, given
+        that nothing else reads `value` (the caller checks: no other step, not
+        the backward pass, not a requested output). Only a `fresh` op's value
+        qualifies (or one such a step wrote into, which is as exclusive): a
+        source is the caller's or the program's, and another op's value may be
+        a view of a value still alive."""
+        return (value.op not in SOURCES and get_op(value.op).fresh and value.shape == into.shape
+                and value.dtype == into.dtype)
 
     def _args(self, step: Step, values: list) -> list[np.ndarray]:
         inputs = step.node.inputs
@@ -546,26 +580,40 @@ class Program:
         return call
 
     def _forward(self, plan: Plan, params: Mapping[str, np.ndarray], inputs: Mapping[str, np.ndarray],
-                 context: RunContext, stop: Optional[threading.Event] = None) -> list:
+                 context: RunContext, stop: Optional[threading.Event] = None) -> tuple[list, list]:
+        """The values of the plan's nodes (those the plan keeps; the others
+        dropped as the run goes) and the shapes of all, which the backward
+        pass needs also for values it no longer holds."""
         values: list = [None] * len(self.nodes)
+        shapes: list = [None] * len(self.nodes)
+        # (This loop and _backward's run per node per shard: the checks and
+        # calls that do not depend on the run are worked out in the Plan.)
         for step in plan.forward:
             node = step.node
-            if step.op is None:
-                values[node.index] = (inputs[node.name] if node.op == "input" else
-                                      params[node.name] if node.op == "param" else node.value)
+            op = step.op
+            if op is None:
+                value = values[node.index] = (inputs[node.name] if node.op == "input" else
+                                              params[node.name] if node.op == "param" else node.value)
+                shapes[node.index] = value.shape
                 continue
             if stop is not None and stop.is_set():
                 raise Cancelled(f"stopped before {node.where()}: the caller gave up")
+            args = self._args(step, values) if step.cut_args else [values[i] for i in node.inputs]
+            call = self._call(step, context) if step.contextual else node.call
             try:
-                out = step.op.forward(self._call(step, context), *self._args(step, values))
+                if step.reuse >= 0:
+                    out = op.forward_into(call, args[step.reuse], *args)
+                else:
+                    out = op.forward(call, *args)
             except GradpoolError as err:
                 raise type(err)(f"{node.where()}: {err}") from None
-            values[node.index] = np.asarray(out, dtype=node.dtype)
+            value = values[node.index] = np.asarray(out, dtype=node.dtype)
+            shapes[node.index] = value.shape
             for i in step.free:
                 values[i] = None
-        return values
+        return values, shapes
 
-    def _backward(self, plan: Plan, values: list, context: RunContext,
+    def _backward(self, plan: Plan, values: list, shapes: list, context: RunContext,
                   stop: Optional[threading.Event] = None) -> dict[str, np.ndarray]:
         adjoints: dict[int, np.ndarray] = {self.loss: np.ones((), self.nodes[self.loss].dtype)}
         grads: dict[str, np.ndarray] = {}
@@ -582,20 +630,26 @@ class Program:
             if g is None:
                 continue
             if step.op is None:  # a param: its gradient
-                grads[node.name] = g if g.shape == values[j].shape else np.broadcast_to(g, values[j].shape).copy()
+                grads[node.name] = g if g.shape == shapes[j] else np.broadcast_to(g, shapes[j]).copy()
                 continue
             if stop is not None and stop.is_set():
                 raise Cancelled(f"stopped at the gradient of {node.where()}: the caller gave up")
-            args = self._args(step, values)
-            input_grads = step.op.vjp(self._call(step, context), g, values[j], *args)
-            if len(input_grads) != len(node.inputs):
+            # What the VJP does not read (Op.vjp_reads) the plan may have dropped: it gets None.
+            inputs = node.inputs
+            args = (self._args(step, values) if step.cut_args else [values[i] for i in inputs]) \
+                if step.vjp_inputs else [None] * len(inputs)
+            input_grads = step.op.vjp(self._call(step, context) if step.contextual else node.call, g,
+                                      values[j] if step.vjp_output else None, *args)
+            if len(input_grads) != len(inputs):
                 raise GraphError(f"{node.where()}: gradient rule returned {len(input_grads)} values for "
-                                 f"{len(node.inputs)} inputs")
+                                 f"{len(inputs)} inputs")
             for k, i in step.grad_inputs:
                 grad = input_grads[k]
                 if grad is None:
                     continue
-                grad = unbroadcast(np.asarray(grad, dtype=args[k].dtype), args[k].shape, node)
+                grad = np.asarray(grad, dtype=self.nodes[i].dtype)
+                if grad.shape != shapes[i]:
+                    grad = unbroadcast(grad, shapes[i], node)
                 if i not in adjoints:
                     adjoints[i] = grad
                 elif i in owned:
@@ -627,7 +681,8 @@ def memory_peaks(forward: Sequence[Step], backward: Sequence[Step],
     """The run's memory, as (bytes, bytes per example), at every moment that
     could be its peak, walking the plan as `_forward` and `_backward` run it:
     sources (held by the request or the program) throughout, each op's value
-    from its step until the plan drops it, cut arguments' zeros while their
+    from its step until the plan drops it (a step that writes into a dead
+    input's buffer takes that buffer over), cut arguments' zeros while their
     step runs, and in the backward pass each adjoint until its node's step,
     the VJP's results (the broadcast shape at most) while they are summed in,
     and the params' gradients to the end. Only the moments no other one beats
@@ -643,10 +698,14 @@ def memory_peaks(forward: Sequence[Step], backward: Sequence[Step],
         return (max(a[0], b[0]), max(a[1], b[1]))
 
     sources = {step.node.index for step in forward if step.op is None}
+    held_values: set[int] = set()  # op values alive: the backward pass drops these
     for step in forward:
-        add(live, step.node.nbytes)
+        reused = step.node.inputs[step.reuse] if step.reuse >= 0 else None
+        if reused is None:
+            add(live, step.node.nbytes)
         if step.op is None:
             continue
+        held_values.add(step.node.index)
         moment = list(live)
         add(moment, step.node.scratch)
         for k in step.cut_args:
@@ -654,7 +713,9 @@ def memory_peaks(forward: Sequence[Step], backward: Sequence[Step],
         moments.append((moment[0], moment[1]))
         for i in step.free:
             if i not in sources:
-                add(live, nodes[i].nbytes, -1)
+                held_values.discard(i)
+                if i != reused:
+                    add(live, nodes[i].nbytes, -1)
     # The loss's adjoint first (backward starts at the loss), then each node's
     # until its step; params' gradients from their step to the end.
     adjoints: dict[int, tuple[int, int]] = {backward[0].node.index: backward[0].node.nbytes} if backward else {}
@@ -674,7 +735,8 @@ def memory_peaks(forward: Sequence[Step], backward: Sequence[Step],
                 adjoints[i] = nodes[i].nbytes
                 add(held, nodes[i].nbytes)
         moments.append((moment[0], moment[1]))
-        if node.index not in sources:
+        if node.index in held_values:
+            held_values.discard(node.index)
             add(live, node.nbytes, -1)
     return _frontier(moments)
 
