@@ -33,7 +33,7 @@ from gradpool.worker.engine.tensors import wire_dtype as parse_wire_dtype
 from gradpool.worker.malloc import keep_freed_bytes_from_env, keep_freed_memory
 from gradpool.worker.rpc import (BUSY_DETAILS, DEFAULT_MAX_MESSAGE_MB, MISSING_DATASET, TlsConfig, auth_metadata, channel_options,
                                  method_path, open_channel, rpc_error_kind, with_port)
-from gradpool.worker.streams import PROTOBUF_LIMIT_BYTES, STREAM_THRESHOLD_BYTES, call_streamed
+from gradpool.worker.streams import PROTOBUF_LIMIT_BYTES, REQUEST_STREAM_THRESHOLD_BYTES, call_streamed
 
 from .data import DatasetRef, DatasetRows
 from .graph import Graph
@@ -182,7 +182,7 @@ class CoordinatorRpc:
     """The Coordinator stub with typed methods, retries and error translation."""
 
     def __init__(self, channel: grpc.Channel, address: str, token: Optional[str] = None,
-                 retry: RetryPolicy = RetryPolicy(), stream_threshold: int = STREAM_THRESHOLD_BYTES):
+                 retry: RetryPolicy = RetryPolicy(), stream_threshold: int = REQUEST_STREAM_THRESHOLD_BYTES):
         self.address = address
         self.retry = retry
         self.stream_threshold = stream_threshold
@@ -408,7 +408,7 @@ class Client:
     def __init__(self, address: str, token: Optional[str] = None,
                  timeout: Optional[float] = DEFAULT_TIMEOUT_SECONDS, *,
                  max_message_mb: float = DEFAULT_MAX_MESSAGE_MB, retry: RetryPolicy = RetryPolicy(),
-                 stream_threshold_mb: float = STREAM_THRESHOLD_BYTES / 2**20, wire_dtype: Optional[str] = None,
+                 stream_threshold_mb: float = REQUEST_STREAM_THRESHOLD_BYTES / 2**20, wire_dtype: Optional[str] = None,
                  tls: "TlsConfig | bool | str | os.PathLike[str] | None" = None):
         self._wire_dtype = parse_wire_dtype(wire_dtype)  # an InputError now, not at the first step
         keep_freed_memory(keep_freed_bytes_from_env())
