@@ -333,14 +333,14 @@ def test_a_busy_coordinator_refuses_fast_and_the_sdk_retries() -> None:
     probes and worker registration are served (counted with the work, a
     worker's heartbeats were refused until its lease lapsed and its shard was
     lost), and the worker stays in the pool throughout."""
-    graph, batch = deep_model(), data(3000)
+    graph, batch = deep_model(), data(12000)  # about 1 s of work: well past the 0.3 s below
     params = graph.init_params(0)
     with cluster(workers=1, coordinator_args=["--max-concurrent-requests", "1", "--lease-seconds", "1",
                                               "--heartbeat-seconds", "0.2"]) as running, \
             running.client(timeout=120) as service:
         ref = service.upload(batch)
         service.gradients(graph, params, ref.take(np.arange(10)))
-        thread, box = in_background(lambda: service.gradients(graph, params, ref.take(np.arange(3000))))
+        thread, box = in_background(lambda: service.gradients(graph, params, ref.take(np.arange(12000))))
         time.sleep(0.3)  # the slow request holds the one slot
         with grpc.insecure_channel(running.address) as channel:
             with pytest.raises(grpc.RpcError) as caught:
