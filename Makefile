@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test compose-test protos bench bench-service bench-engine bench-transfer clean
+.PHONY: setup demo test compose-test protos bench bench-service bench-engine bench-transfer bench-overlap clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,13 +29,16 @@ protos: setup
 	$(BIN)/python scripts/gen_protos.py
 
 # Every benchmark; each prints ratios against a baseline measured in the same run.
-bench: bench-service bench-transfer bench-engine
+bench: bench-service bench-transfer bench-overlap bench-engine
 
 bench-service: setup
 	$(BIN)/python bench/service.py
 
 bench-transfer: setup
 	$(BIN)/python bench/transfer.py
+
+bench-overlap: setup
+	$(BIN)/python bench/overlap.py
 
 # The engine vs hand-written numpy backprop (and PyTorch CPU, when installed:
 # $(BIN)/pip install -e '.[bench]').
