@@ -277,16 +277,23 @@ class Parts:
         return self.named_raw(number, name, DTYPE_TO_PROTO[dtype], shape, [_view(memoryview(flat))])
 
     def named_raw(self, number: int, name: str, proto_dtype: int, shape: Sequence[int],
-                  pieces: Sequence[Buffer]) -> "Parts":
-        """A NamedTensor field whose data is `pieces` one after the other (rows of several shards, say)."""
+                  pieces: Sequence[Buffer], align: bool = False) -> "Parts":
+        """A NamedTensor field whose data is `pieces` one after the other (rows
+        of several shards, say). With `align`, the data starts at a multiple of
+        DATA_ALIGNMENT bytes from the start of this message (Tensor.padding)."""
         header = key(1, VARINT) + varint(proto_dtype)
         if shape:
             packed = b"".join(varint(d) for d in shape)
             header += key(2, LEN) + varint(len(packed)) + packed
-        tensor = Parts().raw(header).raw(key(3, LEN) + varint(sum(len(p) for p in pieces)))
+        name_field = key(1, LEN) + varint(len(name.encode())) + name.encode()
+        size = sum(len(p) for p in pieces)
+        data_key = key(3, LEN) + varint(size)
+        if align:
+            header += _padding(self.size + len(key(number, LEN)), name_field, header, data_key, size)
+        tensor = Parts().raw(header).raw(data_key)
         for piece in pieces:
             tensor.raw(piece)
-        return self.message_field(number, Parts().bytes_field(1, name.encode()).message_field(2, tensor))
+        return self.message_field(number, Parts().raw(name_field).message_field(2, tensor))
 
     def extend(self, other: "Parts") -> "Parts":
         if other.header_bytes is not None:
@@ -315,6 +322,26 @@ class Parts:
                     first, pending, pending_size = False, [], 0
         if pending or first:
             yield _frame(pending, pending_size, self.size if first else None, self.header_bytes)
+
+
+# Where a shard's input data starts in its ShardRequest (Tensor.padding): the
+# received buffer's own start is at least this aligned (malloc), so the
+# worker's numpy views of it are aligned for every dtype.
+DATA_ALIGNMENT = 16
+
+
+def _padding(at: int, name_field: bytes, header: bytes, data_key: bytes, data_size: int) -> bytes:
+    """The Tensor.padding field (or nothing) that puts the data of a NamedTensor
+    whose field's length prefix starts at offset `at` on a multiple of DATA_ALIGNMENT."""
+    for pad in [0, *range(2, 2 * DATA_ALIGNMENT + 2)]:  # a padding field is 2 bytes at least
+        padding = key(4, LEN) + varint(pad - 2) + bytes(pad - 2) if pad else b""
+        tensor_size = len(header) + len(padding) + len(data_key) + data_size
+        inner = len(name_field) + len(key(2, LEN)) + len(varint(tensor_size)) + tensor_size
+        offset = (at + len(varint(inner)) + len(name_field) + len(key(2, LEN)) + len(varint(tensor_size))
+                  + len(header) + len(padding) + len(data_key))
+        if offset % DATA_ALIGNMENT == 0:
+            return padding
+    raise AssertionError("no padding aligns the data")  # unreachable: offsets step by one from 2 bytes on
 
 
 def _frame(pieces: Sequence[Buffer], size: int, total: Optional[int], header_bytes: Optional[int] = None) -> bytes:
@@ -435,7 +462,7 @@ def shard_request(header: pb.ShardRequest, inputs: Sequence["WireInputLike"], ro
     start, stop = rows
     for item in inputs:
         parts.named_raw(3, item.name, item.dtype, (stop - start, *item.row_shape),
-                        byte_pieces(item.data, start * item.row_bytes, stop * item.row_bytes))
+                        byte_pieces(item.data, start * item.row_bytes, stop * item.row_bytes), align=True)
     for whole in param_fields:
         parts.raw(whole)
     return parts
@@ -610,7 +637,7 @@ def _check_field_numbers() -> None:
         "GradientsResponse": GRADIENTS_RESPONSE,
         "EvaluateResponse": EVALUATE_RESPONSE,
         "NamedTensor": {"name": 1, "tensor": 2},
-        "Tensor": {"dtype": 1, "shape": 2, "data": 3},
+        "Tensor": {"dtype": 1, "shape": 2, "data": 3, "padding": 4},
         "Frame": {"total_bytes": 1, "data": 2, "header_bytes": 3},
     }
     for message, numbers in expected.items():
