@@ -93,19 +93,43 @@ def walk(buf: Buffer) -> Iterator[tuple[int, int, Union[int, memoryview], memory
     """(field number, wire type, value, the whole field): values are ints for
     varint/fixed fields and memoryviews for LEN fields."""
     view = _view(buf)
+    for number, wire_type, value, start, end in _scan(view):
+        yield number, wire_type, value, view[start:end]
+
+
+def fields(buf: Buffer) -> Iterator[tuple[int, int, Union[int, memoryview]]]:
+    """(field number, wire type, value) of every field, in order."""
+    for number, wire_type, value, _, _ in _scan(_view(buf)):
+        yield number, wire_type, value
+
+
+def _scan(view: memoryview) -> Iterator[tuple[int, int, Union[int, memoryview], int, int]]:
+    """(number, wire type, value, field start, field end) of every field; one-byte
+    tags and lengths (most of them) are read inline: this runs for every
+    tensor of every request and response."""
     pos, end = 0, len(view)
     while pos < end:
         start = pos
-        tag, pos = _read_varint(view, pos)
-        number, wire_type = tag >> 3, tag & 7
+        tag = view[pos]
+        if tag < 0x80:
+            pos += 1
+        else:
+            tag, pos = _read_varint(view, pos)
+        wire_type = tag & 7
         value: Union[int, memoryview]
-        if wire_type == VARINT:
-            value, pos = _read_varint(view, pos)
-        elif wire_type == LEN:
-            length, pos = _read_varint(view, pos)
+        if wire_type == LEN:
+            if pos < end and view[pos] < 0x80:
+                length, pos = view[pos], pos + 1
+            else:
+                length, pos = _read_varint(view, pos)
             if pos + length > end:
                 raise InputError("malformed message: a field runs past the end")
             value, pos = view[pos:pos + length], pos + length
+        elif wire_type == VARINT:
+            if pos < end and view[pos] < 0x80:
+                value, pos = view[pos], pos + 1
+            else:
+                value, pos = _read_varint(view, pos)
         elif wire_type in (FIXED64, FIXED32):
             size = 8 if wire_type == FIXED64 else 4
             if pos + size > end:
@@ -113,13 +137,7 @@ def walk(buf: Buffer) -> Iterator[tuple[int, int, Union[int, memoryview], memory
             value, pos = int.from_bytes(view[pos:pos + size], "little"), pos + size
         else:
             raise InputError(f"malformed message: wire type {wire_type}")
-        yield number, wire_type, value, view[start:pos]
-
-
-def fields(buf: Buffer) -> Iterator[tuple[int, int, Union[int, memoryview]]]:
-    """(field number, wire type, value) of every field, in order."""
-    for number, wire_type, value, _ in walk(buf):
-        yield number, wire_type, value
+        yield tag >> 3, wire_type, value, start, pos
 
 
 def as_double(bits: int) -> float:
