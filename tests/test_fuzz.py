@@ -2,7 +2,7 @@
 processes, with client and worker tokens) get hypothesis-made graphs,
 tensors, attributes, shapes, frame streams, dataset uploads and worker
 registrations through raw gRPC stubs (the SDK's own checks never see them),
-for GRADPOOL_FUZZ_SECONDS (30 by default; set it higher for a longer run).
+for GRADPOOL_FUZZ_SECONDS (20 by default; set it higher for a longer run).
 
 Besides malformed input, the memory and compute bombs of the security
 issue: small graphs that run with large values (broadcasts, tile, pad,
@@ -53,7 +53,7 @@ from gradpool.worker.streams import FRAME_BYTES
 
 from models import batch_for, logistic_regression, params_for, softmax_mlp
 
-BUDGET_SECONDS = float(os.environ.get("GRADPOOL_FUZZ_SECONDS", "30"))
+BUDGET_SECONDS = float(os.environ.get("GRADPOOL_FUZZ_SECONDS", "20"))
 CALL_TIMEOUT = 60.0  # a call that takes longer is a hang (checking a 100k-node graph takes seconds)
 MB = 2**20
 # The servers' caps in this run: small, so that what a request may legitimately use stays well under the
