@@ -421,6 +421,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             except ShardFailed as failure:
                 log.warning("request %s failed: %s", request_id or "-", failure)
                 raise failure.status() from None
+            finally:
+                if arriving is not None:  # no cycle (message -> fan -> shards -> message) holds the frames
+                    arriving.message.on_progress = lambda: None
 
     @staticmethod
     def _shard_grads(program: Program, response: wire.ResultView) -> dict:

@@ -249,6 +249,11 @@ class FanOut:
 
     def __exit__(self, *exc: object) -> None:
         self.cancel()
+        # Let go of the request's bytes now: the shards stay reachable from the
+        # calls' callbacks (a cycle) until the garbage collector runs.
+        for shard in self.shards:
+            shard.request, shard.make_request = None, wire.Parts
+        self.arrived_rows = None
 
     def cancel(self) -> None:
         self._cancelled = True  # the caller left, or the request failed: no more retries

@@ -67,8 +67,9 @@ class ArrivingRequest:
     def rows(self, inputs: Sequence[WireInput], examples: int) -> int:
         """How many of the batch's first rows are in, for every input; the
         stream's error if it failed."""
-        if self.message.done and self.message.error is not None:
-            raise self.message.error
+        failure = self.message.error if self.message.done else None
+        if failure is not None:
+            raise failure
         ready = examples
         for item in inputs:
             if item.row_bytes and isinstance(item.data, Region):

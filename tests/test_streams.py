@@ -289,3 +289,44 @@ def test_a_shards_input_data_starts_aligned_in_its_message() -> None:
                 np.testing.assert_array_equal(tensor.array(), arrays[name][rows[0]:rows[1]])
             parsed = pb.ShardRequest.FromString(message)
             assert [i.name for i in parsed.inputs] == list(arrays) and parsed.seed == n
+
+
+class _EndedCall:
+    """The servicer context of a call whose client already went away."""
+
+    def __init__(self, active: bool) -> None:
+        self.active, self.status = active, None
+
+    def is_active(self) -> bool:
+        return self.active
+
+    def set_trailing_metadata(self, metadata) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+    def abort(self, code, message) -> None:  # type: ignore[no-untyped-def]
+        self.status = (code, message)
+
+
+def test_a_request_stream_ending_under_its_handler_is_a_quiet_cancel(caplog: pytest.LogCaptureFixture) -> None:
+    """A streamed shard the coordinator cancels (its client's stream broke off)
+    makes the worker's request iterator raise: CANCELLED, and no error logged
+    with a traceback; the same RpcError while the call is still live is a bug."""
+    from gradpool.worker.rpc import translate_errors
+
+    class Servicer:
+        @translate_errors
+        def RunShardStream(self, request_iterator, context):  # type: ignore[no-untyped-def]
+            return from_frames(request_iterator, 2**20)
+
+    def broken():
+        yield frame(b"abc", total=10)
+        raise grpc.RpcError()
+
+    ended, live = _EndedCall(active=False), _EndedCall(active=True)
+    with caplog.at_level("DEBUG", logger="gradpool.rpc"):
+        Servicer().RunShardStream(broken(), ended)
+    assert ended.status[0] == grpc.StatusCode.CANCELLED and "still arriving" in ended.status[1]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    with caplog.at_level("ERROR", logger="gradpool.rpc"):
+        Servicer().RunShardStream(broken(), live)
+    assert live.status[0] == grpc.StatusCode.INTERNAL and [r for r in caplog.records if r.levelname == "ERROR"]

@@ -621,6 +621,13 @@ def translate_errors(method: Callable) -> Callable:
             code, message = grpc.StatusCode.CANCELLED, str(err)
         except GradpoolError as err:
             code, message, kind = grpc.StatusCode.INVALID_ARGUMENT, str(err), error_kind(err)
+        except grpc.RpcError as err:
+            if context.is_active():  # an outgoing call's failure nobody handled: a bug
+                log.exception("%s failed", method.__name__)
+                code, message = grpc.StatusCode.INTERNAL, f"{method.__name__} failed: {type(err).__name__}"
+            else:  # its request stream ended under it: the caller cancelled, or the deadline passed
+                log.debug("%s: the call ended while its request was still arriving", method.__name__)
+                code, message = grpc.StatusCode.CANCELLED, "the call ended while its request was still arriving"
         except MemoryError as err:  # past the static estimate (numpy's own temporaries): too big for us, not a bug
             log.warning("%s ran out of memory: %s", method.__name__, err)
             code, message = (grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -124,7 +124,10 @@ class ArrivingMessage:
         self._changed = threading.Condition()
         self.received = 0
         self.done = False
-        self.error: Optional[BaseException] = None
+        # Why it failed, kept as (kind, message) and raised afresh where asked:
+        # a stored exception's traceback would hold this message (and its
+        # frames) in a reference cycle.
+        self._failure: Optional[tuple[type, str]] = None
         self.on_progress: Callable[[], None] = lambda: None
         self._first = threading.Event()
 
@@ -158,19 +161,26 @@ class ArrivingMessage:
                 self._first.set()
                 self.on_progress()
             self._tally.end()
-        except BaseException as err:  # a broken rule, or the RPC ended (cancelled) mid-stream
-            self.error = err if isinstance(err, GradpoolError) else InputError(
-                f"the request stream broke off after {self.received} bytes ({type(err).__name__})")
+        except GradpoolError as err:  # a broken rule
+            self._failure = (type(err), str(err))
+        except BaseException as err:  # the RPC ended (cancelled) mid-stream
+            self._failure = (InputError, f"the request stream broke off after {self.received} bytes "
+                                         f"({type(err).__name__})")
         with self._changed:
             self.done = True
             self._changed.notify_all()
         self._first.set()
         self.on_progress()
 
+    @property
+    def error(self) -> Optional[GradpoolError]:
+        """Why the stream failed (a new exception each time), or None."""
+        return None if self._failure is None else self._failure[0](self._failure[1])
+
     def _wait_first(self) -> None:
         self._first.wait()
-        if self.error is not None and self._tally.total is None:
-            raise self.error
+        if self._failure is not None and self._tally.total is None:
+            raise self.error  # type: ignore[misc]
 
     def wait(self, end: int) -> None:
         """Block until bytes [0, end) are in; the stream's error if it fails first."""
@@ -186,8 +196,8 @@ class ArrivingMessage:
         with self._changed:
             while not self.done:
                 self._changed.wait()
-        if self.error is not None:
-            raise self.error
+        if self._failure is not None:
+            raise self.error  # type: ignore[misc]
 
     def pieces(self, start: int, stop: int) -> list[memoryview]:
         """Bytes [start, stop) (arrived) as views of the frames they came in."""
