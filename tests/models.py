@@ -8,6 +8,8 @@ import pytest
 
 import gradpool as gp
 
+from op_specs import Case, sample
+
 LAMBDA = 0.1
 
 
@@ -119,3 +121,28 @@ def assert_service_is_local_shards(result: gp.GradientsResult, graph: gp.Graph, 
     for name in grads:
         assert result.grads[name].dtype == grads[name].dtype, f"{what}: {name}"
         assert result.grads[name].tobytes() == grads[name].tobytes(), f"{what}: {name}, {len(result.shards)} shards"
+
+
+def op_graph(op: str, spec: Case, seed: int, dtype: str = "float64",
+          temporaries: bool = False) -> tuple[gp.Graph, dict[str, np.ndarray]]:
+    """loss = sum(op(args...) * random weights); float args are params, so their
+    gradients come back, integer args (labels, indices) are consts. With
+    `temporaries`, each float arg is `param * 1` (exact): a value of the
+    engine's own that only this op reads, which it may write into."""
+    rng = np.random.default_rng(seed)
+    graph = gp.Graph(op)
+    args, params = [], {}
+    for k, arg in enumerate(spec.args):
+        value = sample(arg, rng)
+        if value.dtype.kind in "ib":
+            args.append(graph.const(value))
+        else:
+            param = graph.param(f"a{k}", arg.shape, dtype=dtype)
+            args.append(param * graph.const(np.ones(arg.shape, dtype)) if temporaries else param)
+            params[f"a{k}"] = value.astype(dtype)
+    out = graph._add(op, args, **spec.attrs)
+    if out.dtype != dtype:  # bool, integer or other-float outputs: weighed as `dtype`
+        out = gp.cast(out, dtype)
+    weights = graph.const(rng.normal(size=tuple(out.shape)).astype(dtype))
+    graph.set_loss((out * weights).sum())
+    return graph, params

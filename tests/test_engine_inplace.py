@@ -13,6 +13,7 @@ from gradpool.worker.engine.ops import VJP_READS
 from gradpool.worker.engine.program import Program
 
 from op_specs import SPECS, Case, sample
+from models import op_graph
 
 SEED = 20240607
 CASES = [(op, i, c) for op, cases in sorted(SPECS.items()) for i, c in enumerate(cases) if REGISTRY[op].vjp is not None]
@@ -26,28 +27,6 @@ def frozen(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         value.flags.writeable = False
         out[name] = value
     return out
-
-
-def through_temporaries(op: str, spec: Case, seed: int, dtype: str) -> tuple[gp.Graph, dict[str, np.ndarray]]:
-    """loss = sum(op(t...) * weights), each float argument t a temporary (param * 1, exact)
-    read by the op alone: what an op may write into, and whose output the weighing may."""
-    rng = np.random.default_rng(seed)
-    graph = gp.Graph(op)
-    args, params = [], {}
-    for k, arg in enumerate(spec.args):
-        value = sample(arg, rng)
-        if value.dtype.kind in "ib":
-            args.append(graph.const(value))
-        else:
-            param = graph.param(f"a{k}", arg.shape, dtype=dtype)
-            params[f"a{k}"] = value.astype(dtype)
-            args.append(param * graph.const(np.ones(arg.shape, dtype)))
-    out = graph._add(op, args, **spec.attrs)
-    if out.dtype != dtype:
-        out = gp.cast(out, dtype)
-    weights = graph.const(rng.normal(size=tuple(out.shape)).astype(dtype))
-    graph.set_loss((out * weights).sum())
-    return graph, params
 
 
 def run(graph: gp.Graph, params: dict[str, np.ndarray], batch: dict[str, np.ndarray], reuse: bool,
@@ -86,7 +65,7 @@ def test_reusing_buffers_changes_no_bit_and_writes_no_callers_array(op: str, ind
     them (and into the op's output) gives bitwise the run into new arrays, the params
     (read-only here) untouched. Ops that say their VJP reads less get None for the rest,
     so a rule that read more would fail here."""
-    graph, params = through_temporaries(op, spec, seed=index, dtype=dtype)
+    graph, params = op_graph(op, spec, seed=index, dtype=dtype, temporaries=True)
     program, reused = run(graph, params, {}, reuse=True, seed=SEED)
     _, fresh = run(graph, params, {}, reuse=False, seed=SEED)
     same_bits(reused, fresh)

@@ -8,7 +8,8 @@ import pytest
 import gradpool as gp
 from gradpool.worker.engine import REGISTRY
 
-from op_specs import SPECS, Case, sample
+from models import op_graph
+from op_specs import SPECS, Case
 
 SEED = 20240607  # fixes random ops' masks (dropout), so each case is a deterministic function
 # Forward-only ops (argmax) have no gradient to check; their specs are exercised by
@@ -25,27 +26,6 @@ def test_every_registered_op_has_a_gradcheck_spec() -> None:
     assert not stale, f"specs for ops that are not registered: {stale}"
 
 
-def build(op: str, spec: Case, seed: int, dtype: str = "float64") -> tuple[gp.Graph, dict[str, np.ndarray]]:
-    """loss = sum(op(args...) * random weights); float args are params, so their
-    gradients come back, integer args (labels, indices) are consts."""
-    rng = np.random.default_rng(seed)
-    graph = gp.Graph(op)
-    args, params = [], {}
-    for k, arg in enumerate(spec.args):
-        value = sample(arg, rng)
-        if value.dtype.kind in "ib":
-            args.append(graph.const(value))
-        else:
-            args.append(graph.param(f"a{k}", arg.shape, dtype=dtype))
-            params[f"a{k}"] = value.astype(dtype)
-    out = graph._add(op, args, **spec.attrs)
-    if out.dtype != dtype:  # bool, integer or other-float outputs: weighed as `dtype`
-        out = gp.cast(out, dtype)
-    weights = graph.const(rng.normal(size=tuple(out.shape)).astype(dtype))
-    graph.set_loss((out * weights).sum())
-    return graph, params
-
-
 def numeric_gradient(graph: gp.Graph, params: dict[str, np.ndarray], name: str, eps: float = 1e-6) -> np.ndarray:
     grad = np.zeros_like(params[name])
     for idx in np.ndindex(params[name].shape):
@@ -60,7 +40,7 @@ def numeric_gradient(graph: gp.Graph, params: dict[str, np.ndarray], name: str, 
 
 @pytest.mark.parametrize("op,i,spec", CASES, ids=[f"{op}-{i}" for op, i, _ in CASES])
 def test_vjp_matches_central_differences(op: str, i: int, spec: Case) -> None:
-    graph, params = build(op, spec, seed=i)
+    graph, params = op_graph(op, spec, seed=i)
     _, grads = gp.local_gradients(graph, params, {}, seed=SEED)
     assert set(grads) == set(params)
     for name in params:
@@ -75,7 +55,7 @@ def test_vjp_matches_central_differences(op: str, i: int, spec: Case) -> None:
 @pytest.mark.parametrize("op", ["sigmoid", "softplus", "tanh", "exp", "mul", "matmul", "softmax_cross_entropy",
                                 "erf", "gelu", "silu", "elu", "where", "clip", "take_along_axis", "pow_tensor", "dropout"])
 def test_float32_stays_float32(op: str) -> None:
-    graph, params = build(op, SPECS[op][0], seed=0, dtype="float32")
+    graph, params = op_graph(op, SPECS[op][0], seed=0, dtype="float32")
     loss, grads = gp.local_gradients(graph, params, {}, seed=SEED)
     assert isinstance(loss, float)
     assert all(g.dtype == np.float32 for g in grads.values())

@@ -40,8 +40,10 @@ def faults_per_round(mode: str) -> float:
     return float(out.stdout)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc; elsewhere the setting is a no-op")
 def test_kept_memory_serves_big_buffers_without_page_faults() -> None:
+    if not sys.platform.startswith("linux"):  # no glibc: nothing to tune, and the function says so
+        assert keep_freed_memory() is False
+        return
     pages = 14 * 2**20 // 4096
     assert faults_per_round("default") > pages / 4  # fresh mappings: a fault per page
     assert faults_per_round("tuned") < pages / 100  # the same warm pages again

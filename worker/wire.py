@@ -741,51 +741,19 @@ def check_sizes(buf: Buffer, descriptor: Descriptor, limits: Limits = LIMITS,
     _check_message(_view(buf), descriptor, _Budget(limits, error), "")
 
 
-def _fields_fast(view: memoryview) -> Iterator[tuple[int, int, Union[int, memoryview, None]]]:
-    """(number, wire type, value) like `fields`, with one-byte tags and lengths
-    read inline and no slice of the whole field (the scan's hot loop)."""
-    pos, end = 0, len(view)
-    while pos < end:
-        tag = view[pos]
-        if tag < 0x80:
-            pos += 1
-        else:
-            tag, pos = _read_varint(view, pos)
-        wire_type = tag & 7
-        if wire_type == LEN:
-            if pos < end and view[pos] < 0x80:
-                length, pos = view[pos], pos + 1
-            else:
-                length, pos = _read_varint(view, pos)
-            if pos + length > end:
-                raise InputError("malformed message: a field runs past the end")
-            yield tag >> 3, LEN, view[pos:pos + length]
-            pos += length
-        elif wire_type == VARINT:
-            value, pos = _read_varint(view, pos)
-            yield tag >> 3, VARINT, value
-        elif wire_type in (FIXED64, FIXED32):
-            pos += 8 if wire_type == FIXED64 else 4
-            if pos > end:
-                raise InputError("malformed message: a field runs past the end")
-            yield tag >> 3, wire_type, None
-        else:
-            raise InputError(f"malformed message: wire type {wire_type}")
-
-
 def _check_message(view: memoryview, descriptor: Descriptor, budget: _Budget, where: str) -> None:
     table, limited = _table(descriptor)
     if limited:  # count repeated messages (nodes) first: a huge list is refused before any of it is read,
         # and as soon as the count passes the limit (10M nodes cost a scan of 100k, not 10M)
         limits = {number: (budget.counts.get(name, budget.limits.max_tensors), name) for number, name in limited}
         counts: dict[int, int] = {}
-        for number, wire_type, _ in _fields_fast(view):
+        for number, wire_type, _, _, _ in _scan(view):
             count = counts[number] = counts.get(number, 0) + 1
             if number in limits and count > limits[number][0]:
                 limit, name = limits[number]
                 budget.refuse(where, f"more than {limit} {_WORDS.get(name, table[number][0])}; the limit is {limit}")
     seen: dict[object, int] = {}  # field number -> values so far; ("elements", number) -> a shape's product
-    for number, wire_type, value in _fields_fast(view):
+    for number, wire_type, value, _, _ in _scan(view):
         entry = table.get(number)
         if entry is None:
             continue  # unknown: protobuf keeps its bytes, nothing more
