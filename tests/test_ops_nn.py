@@ -13,9 +13,8 @@ import gradpool as gp
 from gradpool.cluster import LocalCluster
 
 from op_specs import SPECS
-from test_gradcheck import build
 
-from models import assert_service_is_local_shards, assert_shards_sum_to_whole
+from models import assert_service_is_local_shards, assert_shards_sum_to_whole, op_graph
 
 NN_OPS = ("conv2d", "conv1d", "max_pool2d", "avg_pool2d", "layer_norm")
 
@@ -162,7 +161,7 @@ def test_layer_norm_of_a_constant_example_is_zero_with_a_finite_gradient() -> No
 @pytest.mark.parametrize("op", NN_OPS)
 def test_float32_stays_float32(op: str) -> None:
     for i, spec in enumerate(SPECS[op]):
-        graph, params = build(op, spec, seed=i, dtype="float32")
+        graph, params = op_graph(op, spec, seed=i, dtype="float32")
         out = graph.program().nodes[-4]  # the op's node: then weights const, mul, sum
         assert out.op == op and out.dtype == np.float32
         loss, grads = gp.local_gradients(graph, params, {})
